@@ -1,0 +1,131 @@
+"""Resolve a `pretrained=` value to something open_clip can load, failing fast when offline.
+
+A value is one of:
+* ``None`` -- random initialisation;
+* an open_clip pretrained tag (``laion2b_s34b_b88k``) -- fetched from the HF hub by open_clip;
+* a local file path (``/w/model.safetensors``, ``file:///w/model.bin``);
+* an fsspec URL (``s3://bucket/model.safetensors``) -- copied once into a local cache dir.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import urllib.parse
+from pathlib import Path
+
+import open_clip
+
+log = logging.getLogger(__name__)
+
+OFFLINE_HELP = (
+    "Offline options: pass pretrained=None for random initialisation, or pretrained=<path or URL> "
+    "to a weights file you already have (a local path, file://, or an fsspec URL such as s3://bucket/w.safetensors)."
+)
+
+
+def _is_url(value: str) -> bool:
+    scheme = urllib.parse.urlparse(value).scheme
+    return len(scheme) > 1  # a Windows drive letter is not a scheme
+
+
+def _weights_cache_dir() -> Path:
+    root = os.environ.get("SPAR_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "spar")
+    return Path(root) / "weights"
+
+
+def _fetch_url(url: str) -> str:
+    """Copy a remote weights file to the local cache (keyed by URL) and return its local path."""
+    import fsspec  # only needed for remote weights; keeps the library import light
+
+    if url.startswith("file://"):
+        return urllib.parse.urlparse(url).path
+    name = Path(urllib.parse.urlparse(url).path).name or "weights.bin"
+    key = hashlib.sha256(url.encode()).hexdigest()[:16]
+    local = _weights_cache_dir() / key / name
+    if local.is_file():
+        return str(local)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_name(local.name + f".part{os.getpid()}")
+    log.info("fetching weights %s -> %s", url, local)
+    with fsspec.open(url, "rb") as src, open(tmp, "wb") as dst:
+        while chunk := src.read(16 << 20):
+            dst.write(chunk)
+    os.replace(tmp, local)  # atomic: concurrent fetchers never see a partial file
+    return str(local)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    parsed = urllib.parse.urlparse(endpoint)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _cached_hub_file(hf_hub: str) -> str | None:
+    """Local path of a tag's weights if the HF cache already holds them."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    repo, filename = os.path.split(hf_hub)
+    for name in ([filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]):
+        found = try_to_load_from_cache(repo, name)
+        if isinstance(found, str):
+            return found
+    return None
+
+
+def resolve_pretrained(model_name: str, pretrained: str | None) -> str | None:
+    """Turn `pretrained` into a tag or a local file that `open_clip.create_model` loads without waiting.
+
+    Raises ``RuntimeError`` at once (no minute of HTTP retries) when a tag must be downloaded but the
+    hub cannot be reached, naming both offline options.
+    """
+    if pretrained is None or pretrained == "":
+        return None
+    pretrained = str(pretrained)
+    tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
+    if tag_cfg:
+        if "file" in tag_cfg:
+            return pretrained
+        hf_hub = tag_cfg.get("hf_hub", "")
+        cached = _cached_hub_file(hf_hub) if hf_hub else None
+        if cached:
+            return cached
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        if offline or not _hub_reachable():
+            raise RuntimeError(
+                f"Cannot fetch open_clip weights '{model_name}' / '{pretrained}': the Hugging Face hub is "
+                f"{'disabled (HF_HUB_OFFLINE)' if offline else 'unreachable'} and the weights are not cached. "
+                + OFFLINE_HELP
+            )
+        return pretrained
+    if _is_url(pretrained):
+        return _fetch_url(pretrained)
+    if os.path.isfile(pretrained):
+        return pretrained
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    raise FileNotFoundError(
+        f"pretrained={pretrained!r} is neither an open_clip tag of {model_name} (known: {tags}) nor an "
+        f"existing file. " + OFFLINE_HELP
+    )
+
+
+def weights_identity(model_name: str, pretrained: str | None) -> dict:
+    """What identifies the weights, for fingerprints: the tag, or the sha256 of the file."""
+    if pretrained is None or pretrained == "":
+        return {"kind": "random", "value": None}
+    if open_clip.get_pretrained_cfg(model_name, str(pretrained)):
+        return {"kind": "tag", "value": str(pretrained)}
+    local = _fetch_url(pretrained) if _is_url(pretrained) else pretrained
+    digest = hashlib.sha256()
+    with open(local, "rb") as f:
+        while chunk := f.read(16 << 20):
+            digest.update(chunk)
+    return {"kind": "file", "value": f"sha256:{digest.hexdigest()}"}

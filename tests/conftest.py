@@ -1,0 +1,34 @@
+"""Test environment: everything local, offline and on loopback (see shared STACK notes)."""
+import os
+
+# Before ray / deepspeed / boto are imported anywhere.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray nodes on 127.0.0.1
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded at test time
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+TEST_BACKBONES = ["maskclip-test", "siglip2-test"]
+
+
+@pytest.fixture(scope="session")
+def tiny_backbones():
+    """The tiny random-initialised flavours, built once."""
+    import spar
+
+    return {name: spar.load_backbone(name, pretrained=None) for name in TEST_BACKBONES}
+
+
+@pytest.fixture(scope="session")
+def vitb16():
+    """Random-initialised ViT-B/16 with the MaskCLIP head (the paper's default architecture)."""
+    import spar
+
+    return spar.load_backbone("maskclip", pretrained=None)
