@@ -1,0 +1,203 @@
+"""Throughput measurements, every ratio measured side by side in one run (these machines are noisy).
+
+Modes (``python jobs/benchmark.py <mode> key=value ...``):
+
+* ``teacher``  windows/s and images/s of the sliding-window teacher, the share of wall time outside
+               the ViT forwards, the machine's GEMM ceiling in the same dtype, and model-FLOP
+               utilisation against it.
+* ``speedup``  single pass vs sliding window at one resolution (the paper: ~52x on GPU).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import spar
+from pipeline import storage
+from pipeline.config import check
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(kw_only=True)
+class TeacherBench:
+    """`benchmark.py teacher`: sliding-window teacher throughput and MFU."""
+
+    backbone: str = "maskclip"  # registry name
+    pretrained: Optional[str] = None  # weights do not change speed; random init needs no download
+    height: int = 1024  # image size (multiples of the patch)
+    width: int = 2048
+    images: int = 1  # images per teacher call
+    stride: int = 24
+    crop: Optional[int] = None  # default: the backbone's window
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (autocast of the ViT)
+    window_batch: int = 64  # windows per ViT forward
+    repeats: int = 1  # timed repetitions (median reported)
+    device: str = "auto"  # auto | cpu | cuda
+    out: Optional[str] = None  # optional JSON result path or URL
+
+    def __post_init__(self):
+        check(self.dtype in DTYPES, f"dtype must be one of {list(DTYPES)}")
+        check(self.repeats >= 1 and self.images >= 1, "repeats and images must be >= 1")
+
+
+@dataclass(kw_only=True)
+class SpeedupBench:
+    """`benchmark.py speedup`: single pass vs sliding-window teacher at one resolution."""
+
+    backbone: str = "maskclip"
+    pretrained: Optional[str] = None
+    height: int = 1024
+    width: int = 2048
+    stride: int = 24
+    dtype: str = "float32"
+    window_batch: int = 64
+    repeats: int = 1
+    device: str = "auto"
+    out: Optional[str] = None
+
+    def __post_init__(self):
+        check(self.dtype in DTYPES, f"dtype must be one of {list(DTYPES)}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall seconds of one call, GPU work included."""
+    _sync(device)
+    t = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast context for `dtype`, or a no-op for float32."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def gemm_ceiling(device: torch.device, dtype: torch.dtype | None, n: int | None = None) -> float:
+    """FLOP/s of a large square matmul in `dtype` on `device` (best of several)."""
+    n = n or (8192 if device.type == "cuda" else 2048)
+    dt = dtype or torch.float32
+    a = torch.randn(n, n, device=device, dtype=dt)
+    b = torch.randn(n, n, device=device, dtype=dt)
+    a @ b  # warm-up
+    best = min(timed(lambda: a @ b, device) for _ in range(5 if device.type == "cpu" else 20))
+    return 2 * n ** 3 / best
+
+
+def model_flops(fn: Callable[[], object]) -> int:
+    """FLOPs (matmul, conv, attention) of one call, counted by torch's FlopCounterMode."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def bench_teacher(cfg: TeacherBench) -> dict:
+    """Measure the teacher and the bare ViT forwards on the same windows, interleaved."""
+    device = resolve_device(cfg.device)
+    amp = DTYPES[cfg.dtype]
+    bb = spar.load_backbone(cfg.backbone, pretrained=cfg.pretrained, device=device)
+    crop = cfg.crop or bb.window
+    x = torch.randn(cfg.images, 3, cfg.height, cfg.width, device=device)
+    windows = cfg.images * spar.count_windows(cfg.height, cfg.width, crop, cfg.stride)
+    chunk = torch.randn(min(cfg.window_batch, windows), 3, crop, crop, device=device)
+    full, rest = divmod(windows, cfg.window_batch)
+
+    def vit_only():
+        with torch.no_grad(), autocast(device, amp):
+            for _ in range(full):
+                bb.dense(chunk)
+            if rest:
+                bb.dense(chunk[:rest])
+
+    def teacher():
+        spar.sliding_window_features(bb, x, crop, cfg.stride, cfg.window_batch, amp)
+
+    with torch.no_grad(), autocast(device, amp):
+        flops_per_window = model_flops(lambda: bb.dense(chunk[:1]))
+        bb.dense(chunk)  # warm-up (kernels, allocator)
+    ceiling = gemm_ceiling(device, amp)
+    t_teacher, t_vit = [], []
+    for _ in range(cfg.repeats):
+        t_teacher.append(timed(teacher, device))
+        t_vit.append(timed(vit_only, device))
+    tt, tv = statistics.median(t_teacher), statistics.median(t_vit)
+    achieved = flops_per_window * windows / tt
+    return {
+        "mode": "teacher", "backbone": cfg.backbone, "device": _device_name(device), "dtype": cfg.dtype,
+        "threads": torch.get_num_threads(), "image": [cfg.height, cfg.width], "images": cfg.images,
+        "crop": crop, "stride": cfg.stride, "window_batch": cfg.window_batch, "windows": windows,
+        "teacher_s": tt, "vit_only_s": tv, "windows_per_s": windows / tt, "images_per_s": cfg.images / tt,
+        "outside_vit_share": max(0.0, (tt - tv) / tt), "gflop_per_window": flops_per_window / 1e9,
+        "model_tflops": achieved / 1e12, "gemm_ceiling_tflops": ceiling / 1e12, "mfu": achieved / ceiling,
+    }
+
+
+def bench_speedup(cfg: SpeedupBench) -> dict:
+    """Single-pass vs sliding-window wall time on the same image."""
+    device = resolve_device(cfg.device)
+    amp = DTYPES[cfg.dtype]
+    bb = spar.load_backbone(cfg.backbone, pretrained=cfg.pretrained, device=device)
+    x = torch.randn(1, 3, cfg.height, cfg.width, device=device)
+
+    def single():
+        with torch.no_grad(), autocast(device, amp):
+            bb.dense(x)
+
+    def sliding():
+        spar.sliding_window_features(bb, x, None, cfg.stride, cfg.window_batch, amp)
+
+    single()  # warm-up
+    t_single, t_sliding = [], []
+    for _ in range(cfg.repeats):
+        t_single.append(timed(single, device))
+        t_sliding.append(timed(sliding, device))
+    ts, tw = statistics.median(t_single), statistics.median(t_sliding)
+    return {
+        "mode": "speedup", "backbone": cfg.backbone, "device": _device_name(device), "dtype": cfg.dtype,
+        "threads": torch.get_num_threads(), "image": [cfg.height, cfg.width], "stride": cfg.stride,
+        "windows": spar.count_windows(cfg.height, cfg.width, bb.window, cfg.stride),
+        "single_pass_s": ts, "sliding_window_s": tw, "speedup": tw / ts,
+    }
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def report(result: dict, out: str | None) -> None:
+    """Print a result as aligned lines and optionally save it as JSON."""
+    width = max(map(len, result))
+    for k, v in result.items():
+        shown = f"{v:.4g}" if isinstance(v, float) else v
+        print(f"{k:<{width}}  {shown}")
+    if out:
+        storage.write_text(out, json.dumps(result, indent=2))
+
+
+MODES = {"teacher": (TeacherBench, bench_teacher), "speedup": (SpeedupBench, bench_speedup)}

@@ -1,0 +1,83 @@
+"""Typed job configs: a dataclass schema, merged with an optional YAML preset and CLI dotlist.
+
+    cfg = parse_config(CacheConfig, ["extended", "stride=32", "output=s3://b/cache"])
+
+Unknown keys and ill-typed values are errors (OmegaConf struct mode), never silently ignored.
+A preset is a YAML path (local or fsspec URL) or the name of a file in `pipeline/presets/`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+PRESET_DIR = Path(__file__).parent / "presets"
+_SECRET_KEY = re.compile(r"(secret|token|password|passwd|credential|session|private|signature|^key$|access_key)", re.I)
+
+
+class ConfigError(ValueError):
+    """A config that cannot be parsed or fails its checks; the message says which key."""
+
+
+def _load_preset(arg: str):
+    path = Path(arg)
+    if not path.suffix and (PRESET_DIR / f"{arg}.yaml").is_file():
+        path = PRESET_DIR / f"{arg}.yaml"
+    if path.is_file():
+        return OmegaConf.load(path)
+    if "://" in arg:
+        from pipeline import storage
+
+        return OmegaConf.create(storage.read_text(arg))
+    known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    raise ConfigError(f"argument {arg!r} is neither key=value, a YAML file, nor a preset ({known})")
+
+
+def parse_config(schema: type[T], argv: Sequence[str] | None = None) -> T:
+    """Schema defaults <- presets (in order) <- ``key=value`` overrides -> a checked `schema` instance."""
+    argv = list(argv or [])
+    presets = [a for a in argv if "=" not in a]
+    overrides = [a for a in argv if "=" in a]
+    try:
+        cfg = OmegaConf.structured(schema)
+        for preset in presets:
+            cfg = OmegaConf.merge(cfg, _load_preset(preset))
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(str(e).splitlines()[0] + f" (full key: {getattr(e, 'full_key', '?')})") from None
+    except (ValueError, TypeError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(str(e)) from None
+
+
+def redact(value: Any) -> Any:
+    """A copy with every value under a secret-looking key replaced by ``"<redacted>"``."""
+    if isinstance(value, dict):
+        return {k: ("<redacted>" if _SECRET_KEY.search(str(k)) and v not in (None, "") else redact(v))
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain, secret-free dict of a config dataclass (for YAML, JSON and fingerprints)."""
+    return redact(dataclasses.asdict(cfg))
+
+
+def to_yaml(cfg: Any) -> str:
+    """The resolved, secret-free config as YAML."""
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
+
+
+def check(condition: bool, message: str) -> None:
+    """Raise `ConfigError(message)` unless `condition` (for schema ``__post_init__`` checks)."""
+    if not condition:
+        raise ConfigError(message)
