@@ -1,0 +1,282 @@
+"""The teacher-cache job: Ray Data streams sources -> augment -> teacher actors -> shard writers.
+
+    read + decode + augment + PNG   CPU tasks            (pipeline.augment.augment_row)
+    sliding-window teacher          actor pool, 1 GPU each (pipeline.teacher_actor.TeacherActor)
+    shard + manifest commit         CPU tasks            (write_batch -> pipeline.shards.commit_shard)
+
+Re-running the same command resumes: committed (key, view) pairs are not recomputed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+import spar
+from pipeline import __version__, shards, sources, storage
+from pipeline.augment import AugmentConfig, augment_row
+from pipeline.cache import FORMAT, FingerprintMismatch, fingerprint_diff, fingerprint_digest, strip_url_secrets
+from pipeline.config import check, to_dict, to_yaml
+from pipeline.encode import ENCODINGS, IMAGE_EXT, META_EXT, SCALE_EXT, TARGET_EXT
+from pipeline.teacher_actor import AMP_DTYPES, TeacherActor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class TeacherConfig:
+    """Teacher actors: placement and batching."""
+
+    num_actors: int = 0  # actor pool size; 0 = one per GPU in the cluster (1 on a CPU-only cluster)
+    num_gpus: float = -1.0  # GPUs per actor; -1 = 1 when the cluster has GPUs, else 0
+    num_cpus: float = -1.0  # CPUs per actor; -1 = 1 with GPUs, else 0.5 (whole CPUs deadlock small hosts)
+    threads: Optional[int] = None  # torch threads of a CPU actor (default: all cores)
+    batch_images: int = 2  # images per actor call; their windows share ViT batches
+    window_batch: int = 64  # windows per ViT forward (bounds activation memory)
+    amp_dtype: str = "float32"  # float32 (the reference) | bfloat16 | float16 -- part of the fingerprint
+    device: str = "auto"  # auto | cpu | cuda
+
+    def __post_init__(self):
+        check(self.amp_dtype in AMP_DTYPES, f"teacher.amp_dtype must be one of {list(AMP_DTYPES)}")
+        check(self.batch_images >= 1 and self.window_batch >= 1, "teacher batch sizes must be >= 1")
+
+
+@dataclass(kw_only=True)
+class CacheConfig:
+    """`jobs/cache_teacher.py`: cache sliding-window teacher targets as WebDataset shards."""
+
+    source: str = sources.BUILTIN  # folder / fsspec prefix / .txt or .parquet list / tars / builtin:samples
+    output: str = "out/cache"  # local dir or fsspec URL of the cache
+    backbone: str = "maskclip"  # spar registry name
+    pretrained: Optional[str] = "default"  # open_clip tag ("default" = the backbone's), file/URL, or null
+    init_seed: int = 0  # seed of a random init (pretrained=null)
+    crop: Optional[int] = None  # teacher window; default the backbone's pre-training size
+    stride: int = 24  # teacher stride in pixels
+    seed: int = 0  # augmentation seed: views are a function of (seed, key, view)
+    views: int = 1  # augmented views per source image
+    encoding: str = "float16"  # target encoding: float16 | float32 | int8 (per-token scales)
+    shard_size: int = 32  # max samples per shard tar
+    limit: Optional[int] = None  # only the first N source images (sorted by URI)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    max_pixels: int = 100_000_000  # decompression-bomb cap on source pixels
+    min_source_side: int = 32  # sources with a shorter side are recorded as too small
+    max_aspect: float = 10.0  # sources more elongated than this are recorded (memory bound)
+    max_failed_fraction: float = 0.05  # exit non-zero if more of this run's inputs fail
+    png_compress_level: int = 1  # 0-9: PNG is lossless at every level; 1 is fast
+    read_cpus: float = 1.0  # CPUs per read/augment task
+    write_cpus: float = 0.5  # CPUs per shard-writer task
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for output/source protocol
+    ray_address: Optional[str] = None  # attach here; default RAY_ADDRESS or a new local cluster
+    num_cpus: Optional[int] = None  # CPUs of a local cluster this job starts
+
+    def __post_init__(self):
+        spar.get_spec(self.backbone)
+        check(self.encoding in ENCODINGS, f"encoding must be one of {ENCODINGS}")
+        check(self.views >= 1, "views must be >= 1")
+        check(self.shard_size >= 1, "shard_size must be >= 1")
+        check(self.stride >= 1, "stride must be >= 1")
+        check(0 <= self.max_failed_fraction <= 1, "max_failed_fraction must be in [0, 1]")
+        check(self.limit is None or self.limit >= 1, "limit must be >= 1")
+        crop = self.crop or spar.get_spec(self.backbone).window
+        check(self.augment.min_side >= crop, f"augment.min_side {self.augment.min_side} < teacher crop {crop}")
+        if self.pretrained == "default":
+            self.pretrained = spar.get_spec(self.backbone).default_pretrained
+
+
+class TooManyFailures(RuntimeError):
+    """More inputs failed than `max_failed_fraction` allows (the cache keeps what succeeded)."""
+
+
+def build_fingerprint(cfg: CacheConfig) -> dict:
+    """The teacher's identity: everything that changes what a target contains."""
+    from spar.weights import weights_identity
+
+    spec = spar.get_spec(cfg.backbone)
+    weights = weights_identity(spec.model_name, cfg.pretrained)
+    if weights["kind"] == "file":
+        weights["uri"] = strip_url_secrets(cfg.pretrained)
+    if weights["kind"] == "random":
+        weights["init_seed"] = cfg.init_seed
+    crop = cfg.crop or spec.window
+    fp = {
+        "format": FORMAT, "backbone": spec.name, "model_name": spec.model_name, "weights": weights,
+        "patch_size": spec.patch_size, "dim": spec.dim, "crop": crop, "stride": cfg.stride,
+        "upsample_factor": spar.upsample_factor(spec.patch_size, cfg.stride),
+        "normalization": {"mean": list(spec.mean), "std": list(spec.std)},
+        "compute_dtype": cfg.teacher.amp_dtype, "encoding": cfg.encoding, "image_format": "png",
+        "augmentation": {"seed": cfg.seed, **to_dict(cfg.augment)},
+        "project_version": __version__,
+    }
+    fp["fingerprint"] = fingerprint_digest(fp)
+    return fp
+
+
+def claim_output(cfg: CacheConfig) -> dict:
+    """Write the fingerprint into a new output, or check it against an existing one."""
+    fp = build_fingerprint(cfg)
+    path = storage.join(cfg.output, "teacher.json")
+    if storage.exists(path):
+        old = shards.read_json(path)
+        if old.get("fingerprint") != fp["fingerprint"]:
+            diff = "\n  ".join(fingerprint_diff(old, fp)) or "(fingerprint digest differs)"
+            raise FingerprintMismatch(
+                f"{cfg.output} holds a cache made with different teacher settings; refusing to mix them:\n  "
+                f"{diff}\nUse another output, or the original settings to resume or extend it.")
+        return old
+    shards.write_json(path, fp)
+    return fp
+
+
+def work_items(cfg: CacheConfig, done: set[str]) -> tuple[list[dict], int, bool]:
+    """(items to compute, source images listed, whether items are tars to expand)."""
+    kind = sources.source_kind(cfg.source)
+    if kind == "tars":
+        tars = sources.list_tars(cfg.source)
+        return [{"tar": t} for t in tars], -1, True
+    listed = sources.list_source(cfg.source)[: cfg.limit]
+    items = [{"key": it.key, "sample_key": f"{it.key}_v{v}", "source": it.uri, "view": v}
+             for it in listed for v in range(cfg.views)]
+    return [it for it in items if it["sample_key"] not in done], len(listed), False
+
+
+def expand_tar(row: dict, *, views: int, done: Any) -> list[dict]:
+    """Ray Data flat_map: one tar -> its image members x views that are not committed yet."""
+    import ray
+
+    done_keys = ray.get(done) if isinstance(done, ray.ObjectRef) else done
+    wanted = {}
+    for item in sources.list_tar_members(row["tar"]):
+        for v in range(views):
+            if f"{item.key}_v{v}" not in done_keys:
+                wanted.setdefault(item.member, []).append((item, v))
+    out = []
+    for member, data in sources.read_tar_members(row["tar"], set(wanted)):
+        for item, v in wanted[member]:
+            out.append({"key": item.key, "sample_key": f"{item.key}_v{v}", "source": item.uri, "view": v,
+                        "data": data})
+    return out
+
+
+def write_batch(batch: dict[str, np.ndarray], *, output: str, storage_options: dict) -> dict[str, np.ndarray]:
+    """Ray Data stage: commit one shard (and record errors) from a batch of teacher outputs."""
+    _configure_storage(output, storage_options)
+    samples, rows, errors = [], [], []
+    for i in range(len(batch["sample_key"])):
+        key, source = str(batch["sample_key"][i]), str(batch["source"][i])
+        if batch["error"][i]:
+            errors.append({"key": key, "source": strip_url_secrets(source), "reason": str(batch["error"][i])})
+            continue
+        members = {"__key__": key, IMAGE_EXT: batch[IMAGE_EXT][i], TARGET_EXT: batch[TARGET_EXT][i],
+                   META_EXT: batch[META_EXT][i]}
+        if len(batch[SCALE_EXT][i]):
+            members[SCALE_EXT] = batch[SCALE_EXT][i]
+        meta = json.loads(members[META_EXT])
+        samples.append(members)
+        rows.append({"key": key, "source": strip_url_secrets(source), "view": int(batch["view"][i]),
+                     "height": meta["image_size"][0], "width": meta["image_size"][1], "grid_h": meta["grid"][0],
+                     "grid_w": meta["grid"][1], "target_bytes": len(members[TARGET_EXT]),
+                     "target_checksum": meta["target_checksum"], "windows": meta["windows"]})
+    shards.write_errors(output, errors)
+    shard = shards.commit_shard(output, samples, rows) if samples else {"shard": "", "bytes": 0, "skipped": False}
+    return {"shard": np.array([shard["shard"]]), "samples": np.array([len(samples)]),
+            "errors": np.array([len(errors)]), "bytes": np.array([shard["bytes"]]),
+            "windows": np.array([int(np.sum(batch["windows"]))]), "skipped": np.array([shard["skipped"]])}
+
+
+def _configure_storage(url: str, options: dict) -> None:
+    if options:
+        storage.configure(storage.protocol(url), options)
+
+
+def build_dataset(cfg: CacheConfig, items: list[dict], is_tars: bool, done: set[str], fp: dict):
+    """The streaming Ray Data pipeline for `items` (not executed yet)."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from pipeline.ray_utils import cluster_gpus
+
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
+    if is_tars:
+        ds = ds.flat_map(expand_tar, fn_kwargs={"views": cfg.views, "done": ray.put(done)}, num_cpus=cfg.read_cpus)
+    ds = ds.map(augment_row, num_cpus=cfg.read_cpus, fn_kwargs={
+        "seed": cfg.seed, "cfg": cfg.augment, "max_pixels": cfg.max_pixels, "min_source_side": cfg.min_source_side,
+        "max_aspect": cfg.max_aspect, "png_level": cfg.png_compress_level})
+    gpus = cluster_gpus()
+    t = cfg.teacher
+    num_gpus = t.num_gpus if t.num_gpus >= 0 else (1.0 if gpus else 0.0)
+    num_cpus = t.num_cpus if t.num_cpus >= 0 else (1.0 if num_gpus else 0.5)
+    actors = t.num_actors or (max(1, int(gpus / num_gpus)) if num_gpus else 1)
+    log.info("teacher: %d actor(s), %.2g GPU + %.2g CPU each, %d images per call", actors, num_gpus, num_cpus,
+             t.batch_images)
+    ds = ds.map_batches(
+        TeacherActor, batch_size=t.batch_images, batch_format="numpy", compute=ActorPoolStrategy(size=actors),
+        num_gpus=num_gpus, num_cpus=num_cpus, fn_constructor_kwargs={
+            "backbone": cfg.backbone, "pretrained": cfg.pretrained, "crop": cfg.crop, "stride": cfg.stride,
+            "window_batch": t.window_batch, "amp_dtype": t.amp_dtype, "encoding": cfg.encoding,
+            "device": t.device, "threads": t.threads, "fingerprint": fp["fingerprint"], "init_seed": cfg.init_seed})
+    return ds.map_batches(write_batch, batch_size=cfg.shard_size, batch_format="numpy", num_cpus=cfg.write_cpus,
+                          fn_kwargs={"output": cfg.output, "storage_options": cfg.storage_options})
+
+
+def run(cfg: CacheConfig) -> dict:
+    """Run (or resume) the cache job; returns the summary. Raises `TooManyFailures` after writing
+    everything that succeeded if too many inputs failed."""
+    from pipeline.ray_utils import init_ray
+
+    _configure_storage(cfg.output, cfg.storage_options)
+    _configure_storage(cfg.source, cfg.storage_options)
+    fp = claim_output(cfg)
+    shards.clean_uncommitted(cfg.output)
+    shards.reset_errors(cfg.output)
+    run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    storage.write_text(storage.join(cfg.output, "config.yaml"), to_yaml(cfg))
+    storage.write_text(storage.join(cfg.output, "runs", run_id, "config.yaml"), to_yaml(cfg))
+    committed, _ = shards.read_manifest(cfg.output)
+    done = set(committed.column("key").to_pylist())
+    items, listed, is_tars = work_items(cfg, done)
+    log.info("fingerprint %s; %d samples already committed; %d work items", fp["fingerprint"][:19], len(done),
+             len(items))
+    started = init_ray(cfg.ray_address, cfg.num_cpus)
+    t0 = time.perf_counter()
+    totals = {"samples": 0, "errors": 0, "bytes": 0, "windows": 0, "shards": 0, "rewrites_skipped": 0}
+    try:
+        if items:
+            for batch in build_dataset(cfg, items, is_tars, done, fp).iter_batches(batch_size=None,
+                                                                                   batch_format="numpy"):
+                for k in ("samples", "errors", "bytes", "windows"):
+                    totals[k] += int(np.sum(batch[k]))
+                totals["shards"] += int(np.sum(batch["samples"] > 0))
+                totals["rewrites_skipped"] += int(np.sum(batch["skipped"]))
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    return _summarize(cfg, run_id, totals, len(done), listed, time.perf_counter() - t0)
+
+
+def _summarize(cfg: CacheConfig, run_id: str, totals: dict, before: int, listed: int, seconds: float) -> dict:
+    samples_now, _ = shards.read_manifest(cfg.output)
+    attempted = totals["samples"] + totals["errors"]
+    summary = {
+        "run": run_id, "output": strip_url_secrets(cfg.output), "source_images": listed,
+        "already_committed": before, "computed": totals["samples"], "failed": totals["errors"],
+        "failed_fraction": totals["errors"] / attempted if attempted else 0.0,
+        "committed_total": samples_now.num_rows, "shards_written": totals["shards"],
+        "bytes_written": totals["bytes"], "seconds": seconds,
+        "images_per_s": totals["samples"] / seconds if seconds else 0.0,
+        "windows_per_s": totals["windows"] / seconds if seconds else 0.0,
+    }
+    shards.write_json(storage.join(cfg.output, "runs", run_id, "summary.json"), summary)
+    log.info("summary: %s", json.dumps(summary))
+    if summary["failed_fraction"] > cfg.max_failed_fraction:
+        raise TooManyFailures(f"{totals['errors']} of {attempted} inputs failed "
+                              f"({summary['failed_fraction']:.1%} > max_failed_fraction "
+                              f"{cfg.max_failed_fraction:.1%}); see {storage.join(cfg.output, 'errors')}")
+    return summary

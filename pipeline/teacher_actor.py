@@ -1,0 +1,91 @@
+"""The teacher stage: a callable class that holds the ViT (the Ray Data batch-inference pattern).
+
+One actor per GPU on GPU clusters (fractional CPUs locally). Each call receives a batch of
+augmented images of any sizes; their windows are batched together through the ViT
+(`spar.sliding_window_features_many`), and targets are quantised on the device before they
+leave it, so only the cache encoding travels through the object store.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import numpy as np
+import torch
+
+import spar
+from pipeline.encode import IMAGE_EXT, META_EXT, SCALE_EXT, TARGET_EXT, encode_members, quantize
+
+log = logging.getLogger(__name__)
+
+MEMBER_COLUMNS = (IMAGE_EXT, TARGET_EXT, SCALE_EXT, META_EXT)  # tar members, as output columns
+AMP_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(device: str) -> torch.device:
+    """``auto``: the GPU Ray assigned to this actor, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class TeacherActor:
+    """``batch -> batch``: the tar members of every row without an error (one column per member)."""
+
+    def __init__(self, *, backbone: str, pretrained: str | None, crop: int | None, stride: int,
+                 window_batch: int, amp_dtype: str, encoding: str, device: str = "auto",
+                 threads: int | None = None, fingerprint: str = "", init_seed: int = 0):
+        self.device = pick_device(device)
+        if self.device.type == "cpu":
+            # Ray pins OMP_NUM_THREADS to the actor's (fractional) CPU share; the teacher wants the cores.
+            torch.set_num_threads(threads or os.cpu_count() or 1)
+        self.bb = spar.load_backbone(backbone, pretrained=pretrained, device=self.device, init_seed=init_seed)
+        self.crop = crop or self.bb.window
+        self.stride, self.window_batch, self.encoding = stride, window_batch, encoding
+        self.amp = AMP_DTYPES[amp_dtype]
+        self.fingerprint = fingerprint
+        log.info("teacher %s on %s (%d threads)", backbone, self.device, torch.get_num_threads())
+
+    def _refuse(self, image: np.ndarray) -> str:
+        h, w = image.shape[:2]
+        p = self.bb.patch_size
+        if h < self.crop or w < self.crop:
+            return f"augmented image {h}x{w} is smaller than the teacher crop {self.crop}"
+        if h % p or w % p:
+            return f"augmented image {h}x{w} is not a multiple of the patch size {p}"
+        return ""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["sample_key"])
+        errors = [str(e) for e in batch["error"]]
+        for i in range(n):
+            if not errors[i]:
+                errors[i] = self._refuse(batch["image"][i])
+        todo = [i for i in range(n) if not errors[i]]
+        cols = {name: [b""] * n for name in MEMBER_COLUMNS}
+        windows = [0] * n
+        t = time.perf_counter()
+        if todo:
+            images = [self.bb.normalize(torch.from_numpy(np.asarray(batch["image"][i])))[0] for i in todo]
+            maps = spar.sliding_window_features_many(self.bb, images, self.crop, self.stride,
+                                                     self.window_batch, self.amp)
+            for i, img, fmap in zip(todo, images, maps):
+                target = {k: v.cpu().numpy() for k, v in quantize(fmap, self.encoding).items()}
+                meta = json.loads(batch["meta"][i])
+                windows[i] = spar.count_windows(img.shape[1], img.shape[2], self.crop, self.stride)
+                meta.update(image_size=list(img.shape[1:]), grid=list(fmap.shape[:2]), dim=int(fmap.shape[2]),
+                            encoding=self.encoding, dtype=str(target["target"].dtype), windows=windows[i],
+                            teacher=self.fingerprint)
+                members = encode_members(batch["sample_key"][i], batch["png"][i], target, meta)
+                for name in MEMBER_COLUMNS:
+                    cols[name][i] = members.get(name, b"")
+        seconds = (time.perf_counter() - t) / max(1, len(todo))
+        return {
+            "sample_key": batch["sample_key"], "source": batch["source"], "view": batch["view"],
+            "error": np.array(errors, dtype=object),
+            **{name: np.array(values, dtype=object) for name, values in cols.items()},
+            "windows": np.array(windows, dtype=np.int64),
+            "teacher_s": np.full(n, seconds if todo else 0.0),
+        }

@@ -1,0 +1,166 @@
+"""The cache job end to end on a real local Ray cluster, on local disk and on a loopback S3 server."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+
+import spar
+from jobs import cache_teacher
+from pipeline import open_cache, storage
+from pipeline.augment import AugmentConfig, augment
+from pipeline.cache import CacheError
+from pipeline.sources import decode_image, make_key
+from tests.images import bad_inputs, converted_images, good_images
+from tests.integration.conftest import put_files
+
+TINY = ["backbone=maskclip-test", "augment.scale=[224,160]", "augment.min_side=64", "shard_size=3",
+        "teacher.batch_images=2"]
+TOLERANCE = {"float32": 1e-6, "float16": 2e-3, "int8": 2e-2}  # relative L2 error of the stored target
+
+
+def run_job(*args: str) -> dict:
+    return cache_teacher.main([*TINY, *args])
+
+
+def recompute(bb, sample, stride=24):
+    x = bb.normalize(torch.from_numpy(sample["image"].copy()))
+    with torch.no_grad():
+        return spar.sliding_window_features(bb, x, stride=stride)[0].numpy()
+
+
+@pytest.mark.parametrize("encoding", ["float16", "int8", "float32"])
+def test_round_trip(ray_cluster, storage_root, encoding):
+    src, out = storage.join(storage_root, "images"), storage.join(storage_root, "cache")
+    files = good_images(5)
+    put_files(src, files)
+    summary = run_job(f"source={src}", f"output={out}", "views=2", f"encoding={encoding}")
+    cache = open_cache(out)
+    assert summary["computed"] == len(cache) == 5 * 2 and summary["failed"] == 0
+    assert cache.fingerprint["encoding"] == encoding and cache.fingerprint["backbone"] == "maskclip-test"
+    bb = spar.load_backbone("maskclip-test", pretrained=None)
+    manifest = {r["key"]: r for r in cache.manifest.to_pylist()}
+    aug = AugmentConfig(scale=[224, 160], min_side=64)
+    seen = set()
+    for sample in cache:
+        key, meta, target = sample["key"], sample["meta"], sample["target"]
+        seen.add(key)
+        assert target.dtype == np.float32 and target.shape == (*meta["grid"], 32)
+        ref = recompute(bb, sample)
+        assert np.linalg.norm(target - ref) / np.linalg.norm(ref) <= TOLERANCE[encoding]
+        row = manifest[key]
+        assert [row["grid_h"], row["grid_w"]] == meta["grid"] and [row["height"], row["width"]] == meta["image_size"]
+        assert row["target_checksum"] == meta["target_checksum"] and row["source"] == meta["source"]
+        # the stored pixels are exactly the augmented view of the source
+        name = meta["source"].rsplit("/", 1)[1]
+        decoded = decode_image(files[name], max_pixels=10**8)
+        view, plan = augment(decoded, 0, meta["source_key"], meta["view"], aug)
+        assert plan == meta["augment"] and np.array_equal(view, sample["image"])
+        assert meta["source_key"] == make_key(meta["source"]) and key == f"{meta['source_key']}_v{meta['view']}"
+    assert seen == set(manifest) and len(seen) == 10
+    assert sum(cache.shards.column("samples").to_pylist()) == 10 and cache.verify() == []
+
+
+def test_bad_inputs_are_recorded_or_converted(ray_cluster, storage_root):
+    src, out = storage.join(storage_root, "images"), storage.join(storage_root, "cache")
+    good, converted, bad = good_images(3), converted_images(), bad_inputs()
+    put_files(src, {**good, **converted, **{k: v for k, (v, _) in bad.items()}})
+    summary = run_job(f"source={src}", f"output={out}", "max_pixels=2000000", "max_failed_fraction=0.5",
+                      "min_source_side=16", "max_aspect=8")
+    cache = open_cache(out)
+    assert summary["failed"] == len(bad) and len(cache) == len(good) + len(converted)
+    errors = {r["source"].rsplit("/", 1)[1]: r["reason"] for r in cache.errors.to_pylist()}
+    assert set(errors) == set(bad)
+    for name, (_, reason) in bad.items():
+        assert reason in errors[name], (name, errors[name])
+    for sample in cache:
+        assert sample["image"].dtype == np.uint8 and sample["image"].shape[2] == 3
+    rgba = next(s for s in cache if s["meta"]["source"].endswith("rgba.png"))
+    assert rgba["image"].max() == 255  # composited on white, not on black
+
+
+def test_too_many_failures_exit_non_zero_but_keep_the_good(ray_cluster, tmp_path):
+    src, out = tmp_path / "images", str(tmp_path / "cache")
+    put_files(str(src), {**good_images(2), "zero.jpg": b"", "text.png": b"hello"})
+    with pytest.raises(SystemExit) as exit_info:
+        run_job(f"source={src}", f"output={out}", "max_failed_fraction=0.25")
+    assert exit_info.value.code not in (0, None)
+    assert len(open_cache(out)) == 2 and open_cache(out).errors.num_rows == 2
+
+
+def test_fingerprint_mismatch_is_refused_and_nothing_is_lost(ray_cluster, storage_root):
+    src, out = storage.join(storage_root, "images"), storage.join(storage_root, "cache")
+    put_files(src, good_images(2))
+    run_job(f"source={src}", f"output={out}")
+    before = {u: storage.read_bytes(u) for u in storage.list_files(out)}
+    with pytest.raises(SystemExit):
+        run_job(f"source={src}", f"output={out}", "stride=32")
+    with pytest.raises(SystemExit):
+        run_job(f"source={src}", f"output={out}", "encoding=int8")
+    after = {u: storage.read_bytes(u) for u in storage.list_files(out)}
+    assert before == after
+
+
+def test_extend_and_resume_compute_only_new_samples(ray_cluster, storage_root):
+    src, out = storage.join(storage_root, "images"), storage.join(storage_root, "cache")
+    put_files(src, good_images(6))
+    first = run_job(f"source={src}", f"output={out}", "limit=4")
+    shards_before = {u: storage.read_bytes(u) for u in storage.list_files(storage.join(out, "shards"))}
+    again = run_job(f"source={src}", f"output={out}", "limit=4")
+    extended = run_job(f"source={src}", f"output={out}")
+    assert (first["computed"], again["computed"], extended["computed"]) == (4, 0, 2)
+    assert extended["already_committed"] == 4 and len(open_cache(out)) == 6
+    for url, data in shards_before.items():
+        assert storage.read_bytes(url) == data  # committed shards were not rewritten
+    more_views = run_job(f"source={src}", f"output={out}", "views=2")
+    assert more_views["computed"] == 6 and len(open_cache(out)) == 12
+
+
+def test_list_sources(ray_cluster, storage_root):
+    import pyarrow as pa
+
+    src, out = storage.join(storage_root, "images"), storage.join(storage_root, "cache")
+    files = good_images(4)
+    put_files(src, files)
+    names = sorted(files)
+    storage.write_text(storage.join(storage_root, "list.txt"), "# two images\n" + "\n".join(f"images/{n}" for n in names[:2]))
+    run_job(f"source={storage.join(storage_root, 'list.txt')}", f"output={out}")
+    assert len(open_cache(out)) == 2
+    table = pa.table({"uri": [storage.join(src, n) for n in names]})
+    with storage.open_file(storage.join(storage_root, "list.parquet"), "wb") as f:
+        pq.write_table(table, f)
+    summary = run_job(f"source={storage.join(storage_root, 'list.parquet')}", f"output={out}")
+    assert summary["computed"] == 2 and len(open_cache(out)) == 4  # same URIs -> same keys
+
+
+def test_webdataset_tar_source(ray_cluster, storage_root):
+    import webdataset as wds
+
+    src, out = storage.join(storage_root, "tars"), storage.join(storage_root, "cache")
+    files = list(good_images(5).items())
+    for t in range(2):
+        with storage.open_file(storage.join(src, f"part-{t:03d}.tar"), "wb") as f, wds.TarWriter(f) as tw:
+            for name, data in files[t::2]:
+                tw.write({"__key__": f"sa_{name.split('.')[0]}", name.split(".")[1]: data, "json": b"{}"})
+    summary = run_job(f"source={src}", f"output={out}")
+    cache = open_cache(out)
+    assert summary["computed"] == len(cache) == 5
+    assert all("#sa_img" in s for s in cache.manifest.column("source").to_pylist())
+    assert run_job(f"source={src}", f"output={out}")["computed"] == 0
+
+
+def test_builtin_sample_source_default_settings(ray_cluster, tmp_path):
+    """The README's first command: builtin samples, default augmentation, tiny model."""
+    summary = cache_teacher.main(["backbone=maskclip-test", f"output={tmp_path / 'cache'}"])
+    cache = open_cache(str(tmp_path / "cache"))
+    assert summary["failed"] == 0 and len(cache) == summary["computed"] >= 6
+    for row in cache.manifest.to_pylist():
+        assert min(row["height"], row["width"]) >= 512 and max(row["height"], row["width"]) <= 2048
+    assert storage.exists(str(tmp_path / "cache" / "config.yaml"))
+
+
+def test_open_cache_errors(tmp_path):
+    with pytest.raises(CacheError, match="not a teacher cache"):
+        open_cache(str(tmp_path / "nothing"))

@@ -1,0 +1,73 @@
+"""Listing sources, stable keys, and decoding every kind of input users have."""
+import numpy as np
+import pytest
+
+from pipeline import storage
+from pipeline.sources import (BadImage, builtin_uris, decode_image, list_source, make_key, read_bytes,
+                              source_kind)
+from tests.images import bad_inputs, converted_images, good_images, png, scene
+
+
+def test_keys_are_stable_unique_and_dot_free():
+    a = make_key("s3://b/photos/sa_1.v2.jpg")
+    assert a == make_key("s3://b/photos/sa_1.v2.jpg") and "." not in a and a.startswith("sa_1")
+    assert make_key("s3://b/photos/sa_1.v2.jpg") != make_key("s3://b/other/sa_1.v2.jpg")
+    assert "." not in make_key("/x/y/archive.tar#000/a.b.c.jpg")
+
+
+def test_folder_listing_is_recursive_and_filters_extensions(tmp_path):
+    files = good_images(3)
+    for name, data in files.items():
+        storage.write_bytes(str(tmp_path / "a" / "b" / name), data)
+    storage.write_bytes(str(tmp_path / "a" / "README.txt"), b"not an image")
+    items = list_source(str(tmp_path / "a"))
+    assert [i.uri.rsplit("/", 1)[1] for i in items] == sorted(files)
+    assert source_kind(str(tmp_path / "a")) == "images"
+    with pytest.raises(FileNotFoundError):
+        list_source(str(tmp_path / "missing"))
+
+
+def test_builtin_samples_need_no_network():
+    uris = builtin_uris()
+    assert len(uris) >= 5
+    for uri in uris:
+        img = decode_image(read_bytes(uri), max_pixels=10**8)
+        assert img.dtype == np.uint8 and img.ndim == 3 and min(img.shape[:2]) >= 256
+    assert np.array_equal(decode_image(read_bytes(uris[-1]), 10**8), decode_image(read_bytes(uris[-1]), 10**8))
+
+
+@pytest.mark.parametrize("name", sorted(converted_images()))
+def test_conversions_give_rgb_uint8(name):
+    img = decode_image(converted_images()[name], max_pixels=10**8)
+    assert img.dtype == np.uint8 and img.shape == (130, 170, 3)
+
+
+def test_sixteen_bit_is_scaled_not_clipped():
+    base = scene(40, 50, 1)
+    gray = np.asarray(base.convert("L"))
+    from PIL import Image
+
+    img16 = Image.fromarray(gray.astype(np.uint16) * 257)
+    assert img16.mode.startswith("I;16")
+    out = decode_image(png(img16), max_pixels=10**8)
+    assert np.array_equal(out[..., 0], gray)
+
+
+@pytest.mark.parametrize("name", sorted(bad_inputs()))
+def test_bad_inputs_raise_with_a_reason(name):
+    data, reason = bad_inputs()[name]
+    with pytest.raises(BadImage, match=reason):
+        decode_image(data, max_pixels=2_000_000, min_side=16, max_aspect=8)
+
+
+def test_exif_orientation_is_applied():
+    from PIL import Image
+
+    img = scene(60, 100, 2)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW on display
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif.tobytes())
+    assert decode_image(buf.getvalue(), max_pixels=10**8).shape == (100, 60, 3)
