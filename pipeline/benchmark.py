@@ -6,6 +6,9 @@ Modes (``python jobs/benchmark.py <mode> key=value ...``):
                the ViT forwards, the machine's GEMM ceiling in the same dtype, and model-FLOP
                utilisation against it.
 * ``speedup``  single pass vs sliding window at one resolution (the paper: ~52x on GPU).
+* ``cache``    the cache job end to end (local Ray) against bare `sliding_window_features` on the
+               same images, for a ViT-B/16 and a tiny model; bytes per token and error of each
+               target encoding against float32.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import json
 import logging
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -190,14 +193,113 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
+def _flat(result: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in result.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def report(result: dict, out: str | None) -> None:
     """Print a result as aligned lines and optionally save it as JSON."""
-    width = max(map(len, result))
-    for k, v in result.items():
+    flat = _flat(result)
+    width = max(map(len, flat))
+    for k, v in flat.items():
         shown = f"{v:.4g}" if isinstance(v, float) else v
         print(f"{k:<{width}}  {shown}")
     if out:
         storage.write_text(out, json.dumps(result, indent=2))
 
 
-MODES = {"teacher": (TeacherBench, bench_teacher), "speedup": (SpeedupBench, bench_speedup)}
+@dataclass(kw_only=True)
+class CacheBench:
+    """`benchmark.py cache`: job overhead over the bare teacher, and target encodings."""
+
+    backbone: str = "maskclip"  # the real-size model (random init)
+    images: int = 4
+    scale: list[int] = field(default_factory=lambda: [512, 384])  # augmentation scale for `backbone`
+    min_side: int = 256
+    tiny_backbone: str = "maskclip-test"
+    tiny_images: int = 24  # tiny model at the paper's augmentation scale
+    stride: int = 24
+    encodings: list[str] = field(default_factory=lambda: ["float16", "float32", "int8"])
+    workdir: Optional[str] = None  # default: a temporary directory
+    out: Optional[str] = None
+
+
+def _job_vs_bare(backbone: str, n: int, augment, stride: int, work: str) -> tuple[dict, list[torch.Tensor]]:
+    """Run the cache job on `n` synthetic images, then the bare teacher on the images it stored."""
+    import numpy as np
+
+    from pipeline.cache import open_cache
+    from pipeline.cache_job import CacheConfig, run
+    from pipeline.encode import png_bytes
+    from pipeline.sources import synthetic_scene
+
+    src, out = storage.join(work, backbone, "src"), storage.join(work, backbone, "cache")
+    sizes = [(1500, 2250), (1024, 768), (900, 1600), (1200, 1200)]
+    for i in range(n):
+        storage.write_bytes(storage.join(src, f"{i:04d}.png"), png_bytes(synthetic_scene(*sizes[i % len(sizes)], i)))
+    cfg = CacheConfig(source=src, output=out, backbone=backbone, pretrained=None, stride=stride, augment=augment)
+    t = time.perf_counter()
+    summary = run(cfg)
+    job_s = time.perf_counter() - t
+    cache = open_cache(out)
+    bb = spar.load_backbone(backbone, pretrained=None)
+    images = [torch.from_numpy(s["image"]) for s in cache]
+    maps, t = [], time.perf_counter()
+    for img in images:
+        maps.append(spar.sliding_window_features(bb, bb.normalize(img), stride=stride)[0])
+    bare_s = time.perf_counter() - t
+    windows = int(sum(cache.manifest.column("windows").to_pylist()))
+    return {
+        "backbone": backbone, "images": len(images), "windows": windows, "job_s": job_s,
+        "job_pipeline_s": summary["seconds"], "bare_teacher_s": bare_s,
+        "job_images_per_s": len(images) / job_s, "job_windows_per_s": windows / job_s,
+        "bare_windows_per_s": windows / bare_s, "job_overhead": job_s / bare_s - 1,
+        "pipeline_overhead": summary["seconds"] / bare_s - 1,
+    }, maps
+
+
+def encoding_costs(maps: list[torch.Tensor], encodings: list[str]) -> dict:
+    """Bytes per token and error against float32 of each encoding, over real teacher maps."""
+    import numpy as np
+
+    from pipeline.encode import dequantize, npy_bytes, quantize
+
+    out = {}
+    for enc in encodings:
+        nbytes, tokens, err, ref_norm, cos_min = 0, 0, 0.0, 0.0, 1.0
+        for m in maps:
+            q = {k: v.numpy() for k, v in quantize(m, enc).items()}
+            nbytes += sum(len(npy_bytes(v)) for v in q.values())
+            tokens += m.shape[0] * m.shape[1]
+            back = torch.from_numpy(dequantize(q["target"], q.get("target_scale")))
+            err += float((back - m).square().sum())
+            ref_norm += float(m.square().sum())
+            cos_min = min(cos_min, float(torch.nn.functional.cosine_similarity(back, m, dim=-1).min()))
+        out[enc] = {"bytes_per_token": nbytes / tokens, "rel_l2_error": float(np.sqrt(err / ref_norm)),
+                    "min_token_cosine": cos_min}
+    return out
+
+
+def bench_cache(cfg: CacheBench) -> dict:
+    """Cache job vs bare teacher for a real-size and a tiny model, plus encoding costs."""
+    import tempfile
+
+    from pipeline.augment import AugmentConfig
+
+    with tempfile.TemporaryDirectory(dir=cfg.workdir) as work:
+        big, maps = _job_vs_bare(cfg.backbone, cfg.images,
+                                 AugmentConfig(scale=cfg.scale, min_side=cfg.min_side), cfg.stride, work)
+        tiny, _ = _job_vs_bare(cfg.tiny_backbone, cfg.tiny_images, AugmentConfig(), cfg.stride, work)
+    return {"mode": "cache", "device": _device_name(torch.device("cpu")), "threads": torch.get_num_threads(),
+            "stride": cfg.stride, "real_model": big, "tiny_model": tiny,
+            "encodings_dim": int(maps[0].shape[-1]), "encodings": encoding_costs(maps, cfg.encodings)}
+
+
+MODES = {"teacher": (TeacherBench, bench_teacher), "speedup": (SpeedupBench, bench_speedup),
+         "cache": (CacheBench, bench_cache)}

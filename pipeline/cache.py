@@ -44,14 +44,15 @@ def fingerprint_digest(fp: dict) -> str:
 
 
 def strip_url_secrets(url: str | None) -> str | None:
-    """A URL without query string, fragment or user info (signed URLs carry credentials there)."""
+    """A URL without query string or user info (signed URLs carry credentials there). The fragment
+    stays: it names a member inside an archive (``s3://b/part-000.tar#img.jpg``)."""
     if not url or "://" not in str(url):
         return url
     p = urllib.parse.urlparse(str(url))
     host = p.hostname or ""
     if p.port:
         host = f"{host}:{p.port}"
-    return urllib.parse.urlunparse((p.scheme, host, p.path, "", "", ""))
+    return urllib.parse.urlunparse((p.scheme, host, p.path, "", "", p.fragment))
 
 
 def fingerprint_diff(a: dict, b: dict) -> list[str]:

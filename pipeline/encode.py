@@ -80,7 +80,7 @@ def png_bytes(image: np.ndarray, compress_level: int = 1) -> bytes:
 def decode_png(data: bytes) -> np.ndarray:
     """``(H, W, 3)`` uint8 from PNG bytes."""
     with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(img.convert("RGB"))
+        return np.array(img.convert("RGB"))  # writable: users may modify samples in place
 
 
 def encode_members(key: str, png: bytes, target: dict[str, np.ndarray], meta: dict) -> dict:

@@ -17,6 +17,8 @@ from typing import IO, Any, Iterator
 import fsspec
 
 _OPTIONS: dict[str, dict] = {}  # per-protocol storage options set by `configure`
+# Many processes write the same prefixes: a cached listing would hide their objects.
+_DEFAULTS = {p: {"use_listings_cache": False} for p in ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")}
 
 
 def configure(protocol: str, options: dict[str, Any] | None) -> None:
@@ -54,7 +56,8 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     proto = protocol(url)
     if proto == "file":
         return fsspec.filesystem("file"), os.path.abspath(local_path(url))
-    fs, path = fsspec.core.url_to_fs(str(url), **_OPTIONS.get(proto, {}))
+    options = {**_DEFAULTS.get(proto, {}), **_OPTIONS.get(proto, {})}
+    fs, path = fsspec.core.url_to_fs(str(url), **options)
     return fs, path
 
 
@@ -79,7 +82,6 @@ def exists(url: str) -> bool:
     if is_local(url):
         return os.path.exists(local_path(url))
     fs, path = filesystem(url)
-    fs.invalidate_cache(path)  # other processes write here; never trust a cached listing
     return fs.exists(path)
 
 
@@ -163,7 +165,6 @@ def makedirs(url: str) -> None:
 def list_files(url: str, suffixes: tuple[str, ...] | None = None, recursive: bool = True) -> list[str]:
     """Sorted URLs of the files under `url` (optionally only those ending in `suffixes`, case-insensitive)."""
     fs, path = filesystem(url)
-    fs.invalidate_cache(path)
     if not fs.exists(path):
         return []
     if fs.isfile(path):
@@ -188,7 +189,6 @@ def size(url: str) -> int:
 def walk_sizes(url: str) -> Iterator[tuple[str, int]]:
     """(URL, size) of every file under `url`."""
     fs, path = filesystem(url)
-    fs.invalidate_cache(path)
     if not fs.exists(path):
         return
     for p, info in fs.find(path, detail=True).items():

@@ -68,7 +68,8 @@ class TeacherActor:
         windows = [0] * n
         t = time.perf_counter()
         if todo:
-            images = [self.bb.normalize(torch.from_numpy(np.asarray(batch["image"][i])))[0] for i in todo]
+            # Ray hands out read-only views of the object store; normalize copies them anyway
+            images = [self.bb.normalize(torch.from_numpy(np.array(batch["image"][i])))[0] for i in todo]
             maps = spar.sliding_window_features_many(self.bb, images, self.crop, self.stride,
                                                      self.window_batch, self.amp)
             for i, img, fmap in zip(todo, images, maps):

@@ -77,8 +77,6 @@ def test_bad_inputs_are_recorded_or_converted(ray_cluster, storage_root):
         assert reason in errors[name], (name, errors[name])
     for sample in cache:
         assert sample["image"].dtype == np.uint8 and sample["image"].shape[2] == 3
-    rgba = next(s for s in cache if s["meta"]["source"].endswith("rgba.png"))
-    assert rgba["image"].max() == 255  # composited on white, not on black
 
 
 def test_too_many_failures_exit_non_zero_but_keep_the_good(ray_cluster, tmp_path):

@@ -71,3 +71,12 @@ def test_exif_orientation_is_applied():
     buf = io.BytesIO()
     img.save(buf, format="JPEG", exif=exif.tobytes())
     assert decode_image(buf.getvalue(), max_pixels=10**8).shape == (100, 60, 3)
+
+
+def test_alpha_is_composited_over_white():
+    from PIL import Image
+
+    rgba = np.zeros((20, 30, 4), dtype=np.uint8)
+    rgba[:, :15] = [10, 20, 30, 255]  # opaque left half, fully transparent right half
+    out = decode_image(png(Image.fromarray(rgba)), max_pixels=10**8)
+    assert (out[:, :15] == [10, 20, 30]).all() and (out[:, 15:] == 255).all()

@@ -1,0 +1,60 @@
+"""Kill the cache job with SIGKILL at a random point, re-run it, and check the commit protocol."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from jobs import cache_teacher
+from pipeline import open_cache, shards, storage
+from tests.images import good_images
+from tests.integration.conftest import put_files
+from tests.integration.test_cache_job import TINY
+
+REPO = Path(__file__).resolve().parents[2]
+N = 12
+
+
+def _commits(out: str) -> int:
+    return len(shards.committed_shards(out)) if os.path.isdir(os.path.join(out, "manifest", "shards")) else 0
+
+
+def test_sigkill_then_rerun_resumes_exactly_once(ray_cluster, tmp_path):
+    src, out = str(tmp_path / "images"), str(tmp_path / "cache")
+    put_files(src, good_images(N))
+    args = [*TINY, f"source={src}", f"output={out}", "shard_size=1", "teacher.batch_images=1"]
+    log = open(tmp_path / "first-run.log", "wb")
+    proc = subprocess.Popen([sys.executable, "jobs/cache_teacher.py", *args, "num_cpus=2"], cwd=REPO,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while _commits(out) == 0:  # wait until the run is committing, then kill it at a random moment
+        assert proc.poll() is None, (tmp_path / "first-run.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "first run never committed a shard"
+        time.sleep(0.1)
+    time.sleep(random.uniform(0.0, 1.5))
+    os.killpg(proc.pid, signal.SIGKILL)  # driver, its local Ray cluster and every worker
+    proc.wait()
+
+    before = open_cache(out, require_samples=False)
+    committed_before = set(before.keys())
+    assert 0 < len(committed_before) < N, "the kill came too late to test a resume"
+    kept = {u: storage.read_bytes(u) for u in before.shard_urls()}
+
+    summary = cache_teacher.main(args)
+
+    after = open_cache(out)
+    keys = after.keys()
+    assert len(keys) == len(set(keys)) == N  # every expected key, exactly once
+    assert summary["already_committed"] == len(committed_before)
+    assert summary["computed"] == N - len(committed_before)  # committed work was not recomputed
+    for url, data in kept.items():
+        assert storage.read_bytes(url) == data
+    committed = set(shards.committed_shards(out))
+    on_disk = {p.name.split(".")[0] for p in Path(out, "shards").iterdir()}
+    assert on_disk == committed  # no uncommitted tar (or temp file) is left
+    assert {p.stem for p in Path(out, "manifest", "samples").iterdir()} == committed
+    assert after.verify() == []
