@@ -41,7 +41,8 @@ class TeacherActor:
         if self.device.type == "cpu":
             # Ray pins OMP_NUM_THREADS to the actor's (fractional) CPU share; the teacher wants the cores.
             torch.set_num_threads(threads or os.cpu_count() or 1)
-        self.bb = spar.load_backbone(backbone, pretrained=pretrained, device=self.device, init_seed=init_seed)
+        self.bb = spar.load_backbone(backbone, pretrained=pretrained, init_seed=init_seed).drop_text_tower()
+        self.bb.to(self.device)
         self.crop = crop or self.bb.window
         self.stride, self.window_batch, self.encoding = stride, window_batch, encoding
         self.amp = AMP_DTYPES[amp_dtype]

@@ -18,6 +18,7 @@ from typing import Callable, Iterator, Sequence
 import open_clip
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from spar import _timm_test_models
@@ -112,6 +113,7 @@ class Backbone(nn.Module):
         self.window = spec.window
         self.mean = spec.mean
         self.std = spec.std
+        self.grad_checkpointing = False
         self.register_buffer("_mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
 
@@ -172,6 +174,25 @@ class Backbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dense(x)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations in backward (for large resolutions); only blocks that take
+        part in autograd are affected, frozen leading blocks store nothing anyway."""
+        self.grad_checkpointing = enable
+
+    def _run_blocks(self, blocks: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+        for blk in blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return x
+
+    def drop_text_tower(self) -> "Backbone":
+        """Keep only the image tower (``clip.visual``): less memory for teachers and students that
+        never embed text. `open_clip_state_dict` then holds the image tower only."""
+        self.clip = _VisionOnly(self.clip.visual)
+        return self
+
     def open_clip_state_dict(self) -> dict[str, torch.Tensor]:
         """The full open_clip state dict (image and text towers), loadable by open_clip as is."""
         return self.clip.state_dict()
@@ -180,9 +201,12 @@ class Backbone(nn.Module):
         return f"name={self.name}, pretrained={self.pretrained}, patch={self.patch_size}, window={self.window}, dim={self.dim}"
 
 
-def _flatten_groups(prefix: str, modules: dict[str, nn.Module]) -> dict[str, list[str]]:
-    return {key: [f"{prefix}{path}.{n}" if path else f"{prefix}{n}" for n, _ in mod.named_parameters()]
-            for key, (path, mod) in modules.items()}
+class _VisionOnly(nn.Module):
+    """Stands in for an open_clip model whose text tower was dropped."""
+
+    def __init__(self, visual: nn.Module):
+        super().__init__()
+        self.visual = visual
 
 
 class MaskCLIPBackbone(Backbone):
@@ -241,8 +265,7 @@ class MaskCLIPBackbone(Backbone):
         batch_first = visual.transformer.batch_first
         if not batch_first:
             x = x.transpose(0, 1)
-        for blk in visual.transformer.resblocks[:-1]:
-            x = blk(x)
+        x = self._run_blocks(visual.transformer.resblocks[:-1], x)
         x = _value_only_block(visual.transformer.resblocks[-1], x)
         if not batch_first:
             x = x.transpose(0, 1)
@@ -309,7 +332,7 @@ class SigLIP2Backbone(Backbone):
         x = trunk.patch_embed.norm(x.flatten(2).transpose(1, 2))
         x = trunk.pos_drop(x + self.positional_embedding(gh, gw).to(x.dtype))
         x = trunk.norm_pre(trunk.patch_drop(x))
-        x = trunk.norm(trunk.blocks(x))
+        x = trunk.norm(self._run_blocks(trunk.blocks, x))
         pool = trunk.attn_pool
         width = pool.kv.out_features // 2
         bias = pool.kv.bias[width:] if pool.kv.bias is not None else None

@@ -1,6 +1,7 @@
 """Real components on loopback: a moto S3 server, a local Ray cluster, storage roots on both."""
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import uuid
@@ -19,6 +20,7 @@ def s3_endpoint():
     """A real S3-protocol server (moto) on 127.0.0.1; credentials are fakes in the environment."""
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto logs every request
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()

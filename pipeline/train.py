@@ -1,0 +1,174 @@
+"""The student-training job: a Ray Train `TorchTrainer` whose workers run DeepSpeed on cache shards.
+
+Only `scaling.*` changes between a laptop and a cluster. Everything workers need travels in
+``train_loop_config``; the run's directory is ``<output>/<name>`` (local or ``s3://…``), where Ray
+Train keeps its checkpoints and this job writes ``student.safetensors``, ``student.json``,
+``metrics.csv``, TensorBoard events and ``loss_curve.png``. Re-running the same command resumes
+from the latest committed checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import spar
+from pipeline import storage
+from pipeline.cache import CacheError, FingerprintMismatch, open_cache, strip_url_secrets
+from pipeline.config import check, to_yaml
+
+log = logging.getLogger(__name__)
+
+FROM_CACHE = "from-cache"  # backbone / pretrained default: whatever the cache's teacher used
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+@dataclass(kw_only=True)
+class ScalingSettings:
+    """Workers and their resources: the only keys that change from a laptop to a cluster."""
+
+    num_workers: int = 1  # data-parallel ranks (one per GPU on GPU clusters)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0  # Ray CPUs reserved per rank (its loader processes run inside)
+    gpus_per_worker: float = 1.0  # with use_gpu
+
+
+@dataclass(kw_only=True)
+class DataSettings:
+    """How shards become batches."""
+
+    loader_workers: int = 2  # background decoding processes per rank
+    prefetch: int = 4  # batches each loader process decodes ahead
+    shuffle_buffer: int = 8  # per loader process; 1 = shard-order only
+    verify_checksums: bool = True  # crc32 of every member while reading
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """`jobs/train_student.py`: regress the single-pass student on a teacher cache."""
+
+    cache: str = ""  # teacher cache URL (required)
+    output: str = "out/train"  # storage_path: local dir or fsspec URL
+    name: str = "spar-student"  # run name: the same name resumes the same run
+    backbone: str = FROM_CACHE  # must match the cache fingerprint if given
+    pretrained: Optional[str] = FROM_CACHE  # must match the cache fingerprint if given
+    trainable: str = spar.DEFAULT_TRAINABLE  # blk_i, qkv_i, mlp_i, posembed, patchembed, all
+    loss: str = "mse"  # mse | smooth_l1 | cosine
+    lr: float = 2e-5
+    weight_decay: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    epochs: int = 10
+    max_steps: Optional[int] = None  # stop after this many (micro-)steps in total
+    batch_size: int = 1  # images per step per rank (one image size per batch)
+    grad_accum: int = 1
+    grad_clip: float = 0.0  # 0 = no clipping
+    precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp32) | bf16 | fp16 | fp32
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3
+    activation_checkpointing: bool = False
+    deepspeed_config: Optional[str] = None  # JSON (e.g. infra/deepspeed/zero3.json) merged over the generated one
+    seed: int = 0  # data order
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = at the end of every epoch
+    keep_checkpoints: int = 3
+    max_failures: int = 2  # worker-group restarts from the last checkpoint
+    log_every: int = 10
+    scaling: ScalingSettings = field(default_factory=ScalingSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    ray_address: Optional[str] = None
+    num_cpus: Optional[int] = None  # CPUs of a local cluster this job starts
+
+    def __post_init__(self):
+        check(bool(self.cache), "cache=<url of a teacher cache> is required")
+        check(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}")
+        check(self.zero_stage in (0, 1, 2, 3), "zero_stage must be 0, 1, 2 or 3")
+        check(self.loss in ("mse", "smooth_l1", "cosine"), "loss must be mse, smooth_l1 or cosine")
+        check(self.epochs >= 1 and self.batch_size >= 1 and self.grad_accum >= 1, "epochs, batch_size, grad_accum >= 1")
+        check(self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1")
+        check(self.scaling.num_workers >= 1, "scaling.num_workers must be >= 1")
+        check(self.data.loader_workers >= 1, "data.loader_workers must be >= 1")
+        check(self.backbone == FROM_CACHE or self.backbone in spar.list_backbones(),
+              f"unknown backbone {self.backbone!r}; known: {spar.list_backbones()}")
+
+    @property
+    def run_dir(self) -> str:
+        return storage.join(self.output, self.name)
+
+
+def student_source(cfg: TrainConfig, fingerprint: dict) -> dict:
+    """Backbone and weights of the student (= the cache's teacher); refuses explicit mismatches."""
+    from spar.weights import weights_identity
+
+    backbone = fingerprint["backbone"]
+    if cfg.backbone not in (FROM_CACHE, backbone):
+        raise FingerprintMismatch(f"backbone={cfg.backbone!r}, but the cache {cfg.cache} was made by {backbone!r}; "
+                                  "the student must start from the teacher")
+    weights = fingerprint["weights"]
+    if cfg.pretrained != FROM_CACHE:
+        given = weights_identity(fingerprint["model_name"], cfg.pretrained)
+        if (given["kind"], given["value"]) != (weights["kind"], weights["value"]):
+            raise FingerprintMismatch(f"pretrained={cfg.pretrained!r} is {given['kind']} {given['value']}, but the "
+                                      f"cache's teacher used {weights['kind']} {weights['value']}")
+        location = cfg.pretrained
+    else:
+        location = {"tag": weights["value"], "random": None}.get(weights["kind"], weights.get("uri"))
+    return {"backbone": backbone, "pretrained": location, "init_seed": int(weights.get("init_seed", 0)),
+            "weights": weights}
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Validate the cache, then train with Ray Train; returns the final metrics."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.ray_utils import init_ray
+    from pipeline.train_loop import train_loop
+
+    if cfg.storage_options:
+        for url in (cfg.cache, cfg.output):
+            storage.configure(storage.protocol(url), cfg.storage_options)
+    try:
+        cache = open_cache(cfg.cache)
+    except CacheError:
+        raise
+    except FileNotFoundError as e:
+        raise CacheError(f"cannot read the cache {cfg.cache}: {e}") from None
+    source = student_source(cfg, cache.fingerprint)
+    if cache.manifest.num_rows < cfg.scaling.num_workers:
+        raise CacheError(f"{cfg.cache} has {cache.manifest.num_rows} samples, fewer than the "
+                         f"{cfg.scaling.num_workers} workers")
+    storage.write_text(storage.join(cfg.run_dir, "config.yaml"), to_yaml(cfg))
+    started = init_ray(cfg.ray_address, cfg.num_cpus)
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if cfg.scaling.use_gpu:
+        resources["GPU"] = cfg.scaling.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg, "student": source, "fingerprint": cache.fingerprint},
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.name, storage_path=_ray_storage_path(cfg.output),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+    )
+    try:
+        result = trainer.fit()
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    if result.error:
+        raise result.error
+    metrics = dict(result.metrics or {})
+    log.info("training finished: %s", {k: metrics[k] for k in sorted(metrics) if not k.startswith("_")})
+    return metrics
+
+
+def _ray_storage_path(url: str) -> str:
+    """Ray Train wants an absolute local path or a URI it understands (pyarrow fs)."""
+    if storage.is_local(url):
+        import os
+
+        return os.path.abspath(storage.local_path(url))
+    return strip_url_secrets(url)

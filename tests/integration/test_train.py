@@ -1,0 +1,186 @@
+"""The training job on a real local Ray cluster: 2 ranks, gloo, DeepSpeed ZeRO-2, S3 checkpoints."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+
+import spar
+from jobs import cache_teacher, train_student
+from pipeline import open_cache, shards, storage
+from pipeline.encode import load_npy
+from tests.images import good_images
+from tests.integration.conftest import make_bucket, put_files
+from tests.integration.test_cache_job import TINY
+
+TRAIN = ["scaling.num_workers=2", "zero_stage=2", "lr=1e-3", "data.loader_workers=1", "log_every=2",
+         "scaling.cpus_per_worker=0.5"]
+
+
+def _committed_checkpoints(snapshot) -> list:
+    """Checkpoints Ray Train has committed (its snapshot file may be mid-write: then none yet)."""
+    try:
+        return json.loads(snapshot.read_text()).get("checkpoint_results", [])
+    except (OSError, ValueError):
+        return []
+
+
+def _csv_rows(run_dir: str) -> list[dict]:
+    return list(csv.DictReader(io.StringIO(storage.read_text(storage.join(run_dir, "metrics.csv")))))
+
+
+@pytest.fixture(scope="module")
+def caches(ray_cluster, s3_endpoint):
+    """A training cache and a held-out cache of other images, both on the S3 server."""
+    root = f"s3://{make_bucket(s3_endpoint)}"
+    train_imgs, held_out = good_images(6, seed=0), good_images(4, seed=100)
+    put_files(f"{root}/train-src", train_imgs)
+    put_files(f"{root}/test-src", held_out)
+    cache_teacher.main([*TINY, f"source={root}/train-src", f"output={root}/cache", "views=2"])
+    cache_teacher.main([*TINY, f"source={root}/test-src", f"output={root}/held-out"])
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(caches):
+    """Train 4 epochs with 2 ranks; checkpoints go to S3."""
+    out = f"{caches}/runs"
+    metrics = train_student.main([f"cache={caches}/cache", f"output={out}", "name=tiny", "epochs=4", *TRAIN])
+    return {"root": caches, "out": out, "run_dir": f"{out}/tiny", "metrics": metrics}
+
+
+def test_loss_decreases_and_ranks_agree(trained):
+    info = json.loads(storage.read_text(storage.join(trained["run_dir"], "student.json")))
+    epochs = [float(r["loss"]) for r in _csv_rows(trained["run_dir"]) if r["kind"] == "epoch"]
+    assert len(epochs) == 4 and epochs[-1] < epochs[0]
+    assert len(info["rank_weight_digests"]) == 2 and len(set(info["rank_weight_digests"])) == 1
+    assert info["steps"] == trained["metrics"]["step"] == 4 * 6  # 12 samples / 2 ranks per epoch
+    assert info["cache_fingerprint"] == open_cache(f"{trained['root']}/cache").fingerprint["fingerprint"]
+
+
+def test_checkpoints_and_artifacts_land_on_s3(trained):
+    files = [u.rsplit("/", 1)[1] for u in storage.list_files(trained["run_dir"])]
+    assert any("checkpoint_" in u for u in storage.list_files(trained["run_dir"]))
+    for name in ("student.safetensors", "student.json", "metrics.csv", "loss_curve.png", "config.yaml"):
+        assert name in files
+    assert any(f.startswith("events.out.tfevents") for f in files)
+
+
+def test_exported_student_reproduces_in_job_features(trained, tmp_path):
+    run_dir = trained["run_dir"]
+    info = json.loads(storage.read_text(storage.join(run_dir, "student.json")))
+    local = tmp_path / "student.safetensors"
+    storage.download(storage.join(run_dir, "student.safetensors"), str(local))
+    in_job = load_npy(storage.read_bytes(storage.join(run_dir, "probe_features.npy")))
+    probe = next(s for s in open_cache(f"{trained['root']}/cache") if s["key"] == info["probe_key"])
+    bb = spar.load_backbone("maskclip-test", pretrained=str(local))
+    with torch.no_grad():
+        ours = bb.dense(bb.normalize(torch.from_numpy(probe["image"]))).numpy()
+    assert np.abs(ours - in_job).max() < 1e-5
+    plain = open_clip.create_model("spar-test-maskclip", pretrained=str(local))  # plain open_clip loads it
+    assert torch.equal(plain.visual.conv1.weight, bb.clip.visual.conv1.weight)
+    teacher = spar.load_backbone("maskclip-test", pretrained=None)
+    assert not torch.equal(teacher.blocks[-1].mlp.c_fc.weight, bb.blocks[-1].mlp.c_fc.weight)
+    assert torch.equal(teacher.blocks[0].mlp.c_fc.weight, bb.blocks[0].mlp.c_fc.weight)  # frozen stays
+
+
+def test_distillation_beats_the_untrained_single_pass_on_held_out_images(trained, tmp_path):
+    local = tmp_path / "student.safetensors"
+    storage.download(storage.join(trained["run_dir"], "student.safetensors"), str(local))
+    student = spar.load_backbone("maskclip-test", pretrained=str(local))
+    untrained = spar.load_backbone("maskclip-test", pretrained=None)
+    mse_student, mse_untrained = [], []
+    with torch.no_grad():
+        for s in open_cache(f"{trained['root']}/held-out"):
+            x = untrained.normalize(torch.from_numpy(s["image"]))
+            target = torch.from_numpy(s["target"])[None]
+            mse_student.append(float(spar.feature_loss(student.dense(x), target)))
+            mse_untrained.append(float(spar.feature_loss(untrained.dense(x), target)))
+    ratio = np.mean(mse_student) / np.mean(mse_untrained)
+    print(f"held-out MSE student / untrained single pass = {ratio:.3f}")
+    assert ratio < 1.0
+
+
+def test_rerun_continues_from_the_checkpoint(trained):
+    before = json.loads(storage.read_text(storage.join(trained["run_dir"], "student.json")))["steps"]
+    metrics = train_student.main([f"cache={trained['root']}/cache", f"output={trained['out']}", "name=tiny",
+                                  "epochs=5", *TRAIN])
+    rows = [r for r in _csv_rows(trained["run_dir"]) if r["kind"] == "step"]
+    assert metrics["step"] == before + 6  # one more epoch, not five
+    steps = [int(r["step"]) for r in rows]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))  # appended, nothing repeated
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["backbone=siglip2-test"], "the student must start from the teacher"),
+])
+def test_mismatched_backbone_is_refused(caches, args, msg, caplog):
+    with pytest.raises(SystemExit):
+        train_student.main([f"cache={caches}/cache", f"output={caches}/nope", *args])
+    assert msg in caplog.text
+
+
+def test_mismatched_weights_are_refused(caches, tmp_path, caplog):
+    other = spar.export_open_clip(spar.load_backbone("maskclip-test", pretrained=None, init_seed=7),
+                                  tmp_path / "other.safetensors")
+    with pytest.raises(SystemExit):
+        train_student.main([f"cache={caches}/cache", f"output={caches}/nope", f"pretrained={other}"])
+    assert "cache's teacher used random" in caplog.text
+
+
+def test_missing_and_empty_caches_are_clear_errors(tmp_path, caplog):
+    with pytest.raises(SystemExit):
+        train_student.main([f"cache={tmp_path / 'nothing'}", f"output={tmp_path / 'o'}"])
+    assert "is not a teacher cache" in caplog.text
+    empty = tmp_path / "empty"
+    shards.write_json(str(empty / "teacher.json"), {"format": "spar-teacher-cache/1"})
+    with pytest.raises(SystemExit):
+        train_student.main([f"cache={empty}", f"output={tmp_path / 'o'}"])
+    assert "holds no committed samples" in caplog.text
+    with pytest.raises(SystemExit, match="cache="):
+        train_student.main([])
+
+
+def test_killed_worker_is_recovered_from_its_last_checkpoint(caches, tmp_path):
+    """SIGKILL one Ray Train worker after the first checkpoint; the group restarts and finishes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import psutil
+
+    out, log_path = str(tmp_path / "runs"), tmp_path / "train.log"
+    args = [f"cache={caches}/cache", f"output={out}", "name=killed", "epochs=12", "checkpoint_every=12",
+            "max_failures=2", *TRAIN, "num_cpus=2"]
+    repo = Path(__file__).resolve().parents[2]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "jobs/train_student.py", *args], cwd=repo, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        snapshot = tmp_path / "runs" / "killed" / "checkpoint_manager_snapshot.json"
+        deadline = time.monotonic() + 300
+        while not _committed_checkpoints(snapshot):
+            assert proc.poll() is None, log_path.read_text()[-3000:]  # wait for a *committed* checkpoint
+            assert time.monotonic() < deadline, "no committed checkpoint within 300 s"
+            time.sleep(0.2)
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if p.name() == "ray::RayTrainWorker"]  # not their forked data loaders
+        assert len(workers) == 2, [p.name() for p in workers]
+        os.kill(workers[-1].pid, signal.SIGKILL)
+        assert proc.wait(timeout=600) == 0, log_path.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log_path.read_text()
+    resumed = [int(line.split("resumed at step ")[1].split()[0]) for line in text.splitlines() if "resumed at step" in line]
+    assert resumed and min(resumed) >= 12, text[-3000:]
+    info = json.loads(storage.read_text(str(tmp_path / "runs" / "killed" / "student.json")))
+    assert info["steps"] == 12 * 6 and len(set(info["rank_weight_digests"])) == 1

@@ -1,0 +1,89 @@
+"""The epoch plan: disjoint, complete, balanced, seeded; batches of one size; exact resume."""
+import collections
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from pipeline import shards
+from pipeline.encode import encode_members, png_bytes, quantize
+from pipeline.loader import SampleRef, _bucket, make_loader, manifest_refs, plan_epoch
+
+
+def _refs(n_shards=7, per_shard=5, sizes=((64, 96), (96, 64), (80, 80))):
+    out = {}
+    for s in range(n_shards):
+        name = f"shard-{s:02d}"
+        out[name] = [SampleRef(f"k{s}-{i}", name, *sizes[(s + i) % len(sizes)]) for i in range(per_shard)]
+    return out
+
+
+@pytest.mark.parametrize("world,workers,batch", [(1, 1, 1), (2, 2, 1), (3, 2, 2), (4, 1, 3), (5, 3, 1)])
+def test_every_sample_once_per_epoch_disjoint_across_ranks(world, workers, batch):
+    refs = _refs()
+    plans = [plan_epoch(refs, seed=0, epoch=1, rank=r, world_size=world, workers=workers, batch_size=batch,
+                        shuffle_buffer=4) for r in range(world)]
+    keys = [r.key for p in plans for wb in p.worker_batches for b in wb for r in b]
+    assert sorted(keys) == sorted(r.key for v in refs.values() for r in v)  # all, once
+    per_rank = [sum(len(b) for wb in p.worker_batches for b in wb) for p in plans]
+    assert max(per_rank) - min(per_rank) <= 1  # balanced samples
+    assert len({p.steps for p in plans}) == 1 and all(p.steps >= p.real_steps for p in plans)
+    for p in plans:
+        for wb in p.worker_batches:
+            for b in wb:
+                assert len(b) <= batch and len({(r.height, r.width) for r in b}) == 1  # one size per batch
+
+
+def test_order_depends_on_seed_and_epoch_only():
+    refs = _refs()
+
+    def keys(seed, epoch):
+        p = plan_epoch(refs, seed=seed, epoch=epoch, rank=0, world_size=2, workers=2, batch_size=1, shuffle_buffer=4)
+        return [r.key for wb in p.worker_batches for b in wb for r in b]
+
+    assert keys(0, 0) == keys(0, 0)
+    assert keys(0, 0) != keys(0, 1) and keys(0, 0) != keys(1, 0)
+
+
+def test_bucket_window_bounds_waiting_samples():
+    refs = [SampleRef(f"k{i}", "s", 16 * (i % 50 + 1), 64) for i in range(200)]  # sizes rarely repeat
+    batches = _bucket(refs, batch_size=4, window=8)
+    assert sorted(r.key for b in batches for r in b) == sorted(r.key for r in refs)
+    position = {r.key: i for i, r in enumerate(refs[:-8])}
+    for b in batches:  # samples of one batch arrived within the window (the end flush aside)
+        spread = [position[r.key] for r in b if r.key in position]
+        assert not spread or max(spread) - min(spread) <= 8 + 1
+
+
+def _write_cache(tmp_path, n=10):
+    out = str(tmp_path / "cache")
+    rows, members = [], []
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        h, w = (4, 6) if i % 2 else (6, 4)
+        target = {k: v.numpy() for k, v in quantize(torch.randn(h, w, 8), "float16").items()}
+        img = rng.integers(0, 256, (h * 16, w * 16, 3), dtype=np.uint8)
+        members.append(encode_members(f"s{i:02d}", png_bytes(img), target, {"image_size": [h * 16, w * 16],
+                                                                              "grid": [h, w]}))
+        rows.append({"key": f"s{i:02d}", "source": "x", "view": 0, "height": h * 16, "width": w * 16,
+                     "grid_h": h, "grid_w": w, "target_bytes": 0, "target_checksum": "", "windows": 1})
+    for a in range(0, n, 3):
+        shards.commit_shard(out, members[a:a + 3], rows[a:a + 3])
+    samples, _ = shards.read_manifest(out)
+    return out, manifest_refs(samples)
+
+
+def test_loader_yields_the_plan_and_resumes_exactly(tmp_path):
+    out, refs = _write_cache(tmp_path)
+    plan = plan_epoch(refs, seed=3, epoch=0, rank=0, world_size=1, workers=2, batch_size=2, shuffle_buffer=3)
+    full = list(make_loader(out, plan, [0, 0], prefetch=2))
+    assert sorted(k for b in full for k in b["keys"]) == [f"s{i:02d}" for i in range(10)]
+    for b in full:
+        assert b["image"].dtype == torch.uint8 and b["target"].dtype == torch.float16
+        assert b["image"].shape[1:3] == (b["target"].shape[1] * 16, b["target"].shape[2] * 16)
+    consumed = collections.Counter()
+    for b in full[:3]:
+        consumed[b["worker"]] += 1
+    rest = list(make_loader(out, plan, [consumed[0], consumed[1]], prefetch=2))
+    assert sorted(k for b in rest for k in b["keys"]) == sorted(k for b in full[3:] for k in b["keys"])
