@@ -6,6 +6,8 @@ Modes (``python jobs/benchmark.py <mode> key=value ...``):
                the ViT forwards, the machine's GEMM ceiling in the same dtype, and model-FLOP
                utilisation against it.
 * ``speedup``  single pass vs sliding window at one resolution (the paper: ~52x on GPU).
+* ``train``    the Ray Train + DeepSpeed loop (1 worker) against a plain PyTorch loop on the same
+               model and cache; data-wait share; loader samples/s per core.
 * ``cache``    the cache job end to end (local Ray) against bare `sliding_window_features` on the
                same images, for a ViT-B/16 and a tiny model; bytes per token and error of each
                target encoding against float32.
@@ -301,5 +303,135 @@ def bench_cache(cfg: CacheBench) -> dict:
             "encodings_dim": int(maps[0].shape[-1]), "encodings": encoding_costs(maps, cfg.encodings)}
 
 
+@dataclass(kw_only=True)
+class TrainBench:
+    """`benchmark.py train`: Ray Train + DeepSpeed loop vs a plain PyTorch loop, same model and data."""
+
+    backbone: str = "maskclip"
+    images: int = 8  # source images of the benchmark cache
+    views: int = 2
+    scale: list[int] = field(default_factory=lambda: [448, 448])  # augmentation scale of the cache
+    min_side: int = 224
+    epochs: int = 2  # over images x views samples
+    warmup_steps: int = 4  # excluded from the steady-state rates
+    loader_workers: int = 2
+    cpus: int = 2  # CPUs for the Ray worker (and torch threads in both loops)
+    workdir: Optional[str] = None
+    out: Optional[str] = None
+
+
+def _benchmark_cache(cfg: TrainBench, work: str) -> str:
+    """A cache for the training benchmark; stride = crop keeps the teacher cheap (targets' values
+    do not change the student's speed)."""
+    from pipeline.augment import AugmentConfig
+    from pipeline.cache_job import CacheConfig, run
+    from pipeline.encode import png_bytes
+    from pipeline.sources import synthetic_scene
+
+    src, out = storage.join(work, "src"), storage.join(work, "cache")
+    for i in range(cfg.images):
+        storage.write_bytes(storage.join(src, f"{i:04d}.png"), png_bytes(synthetic_scene(600, 800, i)))
+    crop = spar.get_spec(cfg.backbone).window
+    run(CacheConfig(source=src, output=out, backbone=cfg.backbone, pretrained=None, stride=crop, views=cfg.views,
+                    augment=AugmentConfig(scale=cfg.scale, min_side=cfg.min_side), num_cpus=cfg.cpus))
+    return out
+
+
+def _plain_loop(cfg: TrainBench, cache_url: str) -> dict:
+    """A single-process PyTorch loop: same student, optimizer, loss and loader; no Ray, no DeepSpeed."""
+    from pipeline import loader
+    from pipeline.cache import open_cache
+
+    torch.set_num_threads(cfg.cpus)
+    cache = open_cache(cache_url)
+    bb = spar.load_backbone(cfg.backbone, pretrained=None)
+    spar.set_trainable(bb)
+    bb.drop_text_tower().train()
+    opt = torch.optim.AdamW([p for p in bb.parameters() if p.requires_grad], lr=2e-5, weight_decay=1e-4)
+    refs = loader.manifest_refs(cache.manifest)
+    times, waits, tokens, samples, step = [], [], 0, 0, 0
+    for epoch in range(cfg.epochs):
+        plan = loader.plan_epoch(refs, seed=0, epoch=epoch, rank=0, world_size=1, workers=cfg.loader_workers,
+                                 batch_size=1, shuffle_buffer=8)
+        it = iter(loader.make_loader(cache_url, plan, [0] * cfg.loader_workers))
+        while True:
+            t0 = time.perf_counter()
+            batch = next(it, None)
+            if batch is None:
+                break
+            t1 = time.perf_counter()
+            loss = spar.feature_loss(bb.dense(bb.normalize(batch["image"])), loader.target_to_float(batch, "cpu"))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            t2 = time.perf_counter()
+            step += 1
+            if step > cfg.warmup_steps:
+                times.append(t2 - t0)
+                waits.append(t1 - t0)
+                samples += 1
+                tokens += batch["target"].shape[1] * batch["target"].shape[2]
+    total = sum(times)
+    return {"steps": len(times), "samples_per_s": samples / total, "tokens_per_s": tokens / total,
+            "data_wait_share": sum(waits) / total}
+
+
+def _ray_loop(cfg: TrainBench, cache_url: str, work: str) -> dict:
+    """The real training job with one worker; steady-state rates from its metrics.csv."""
+    import csv
+    import io
+
+    from pipeline.train import DataSettings, ScalingSettings, TrainConfig, run
+
+    t = time.perf_counter()
+    run(TrainConfig(cache=cache_url, output=storage.join(work, "runs"), name="bench", epochs=cfg.epochs,
+                    log_every=1, precision="fp32", zero_stage=2, num_cpus=cfg.cpus,
+                    scaling=ScalingSettings(num_workers=1, cpus_per_worker=cfg.cpus),
+                    data=DataSettings(loader_workers=cfg.loader_workers)))
+    wall = time.perf_counter() - t
+    rows = list(csv.DictReader(io.StringIO(storage.read_text(storage.join(work, "runs", "bench", "metrics.csv")))))
+    steady = [r for r in rows if r["kind"] == "step" and int(r["step"]) > cfg.warmup_steps]
+    step_s = [1.0 / float(r["samples_per_s"]) for r in steady]  # log_every=1, batch 1: one sample per row
+    total = sum(step_s)
+    return {"steps": len(steady), "samples_per_s": len(steady) / total,
+            "tokens_per_s": sum(float(r["tokens_per_s"]) * s for r, s in zip(steady, step_s)) / total,
+            "data_wait_share": sum(float(r["data_wait_share"]) * s for r, s in zip(steady, step_s)) / total,
+            "job_wall_s": wall}
+
+
+def _loader_rate(cache_url: str, workers: int) -> float:
+    """Decoded samples/s of the loader alone (PNG + npy + checksums) with `workers` processes."""
+    from pipeline import loader
+    from pipeline.cache import open_cache
+
+    refs = loader.manifest_refs(open_cache(cache_url).manifest)
+    plan = loader.plan_epoch(refs, seed=0, epoch=0, rank=0, world_size=1, workers=workers, batch_size=1,
+                             shuffle_buffer=8)
+    it = iter(loader.make_loader(cache_url, plan, [0] * workers))
+    next(it)  # start-up excluded
+    t, n = time.perf_counter(), 0
+    for _ in it:
+        n += 1
+    return n / (time.perf_counter() - t)
+
+
+def bench_train(cfg: TrainBench) -> dict:
+    """Plain loop and Ray Train + DeepSpeed loop on the same cache, then the loader alone."""
+    import tempfile
+
+    from pipeline.cache import open_cache
+
+    with tempfile.TemporaryDirectory(dir=cfg.workdir) as work:
+        cache_url = _benchmark_cache(cfg, work)
+        grid = open_cache(cache_url).manifest.to_pylist()[0]
+        plain = _plain_loop(cfg, cache_url)
+        ray_loop = _ray_loop(cfg, cache_url, work)
+        loader_1 = _loader_rate(cache_url, 1)
+    return {"mode": "train", "device": _device_name(torch.device("cpu")), "backbone": cfg.backbone,
+            "example_image": [grid["height"], grid["width"]], "plain": plain, "ray_deepspeed": ray_loop,
+            "ray_overhead": plain["samples_per_s"] / ray_loop["samples_per_s"] - 1,
+            "loader_samples_per_s_per_core": loader_1}
+
+
 MODES = {"teacher": (TeacherBench, bench_teacher), "speedup": (SpeedupBench, bench_speedup),
-         "cache": (CacheBench, bench_cache)}
+         "cache": (CacheBench, bench_cache), "train": (TrainBench, bench_train)}
