@@ -105,6 +105,7 @@ def augment_row(row: dict, *, seed: int, cfg: AugmentConfig, max_pixels: int, mi
     """
     from pipeline.encode import png_bytes
     from pipeline.sources import BadImage, decode_image, read_bytes
+    from pipeline.storage import public_url
 
     out = {"key": row["key"], "sample_key": row["sample_key"], "source": row["source"], "view": row["view"],
            "image": _PLACEHOLDER, "png": b"", "meta": "", "error": ""}
@@ -116,7 +117,7 @@ def augment_row(row: dict, *, seed: int, cfg: AugmentConfig, max_pixels: int, mi
     except OSError as e:  # unreadable: missing file, permission, storage error after retries
         return dict(out, error=f"unreadable: {type(e).__name__}: {e}")
     view, plan = augment(image, seed, row["key"], int(row["view"]), cfg)
-    meta = {"key": row["sample_key"], "source_key": row["key"], "source": row["source"],
+    meta = {"key": row["sample_key"], "source_key": row["key"], "source": public_url(row["source"]),
             "view": int(row["view"]), "augment": plan, "seed": seed}
     return dict(out, image=view, png=png_bytes(view, png_level), meta=json.dumps(meta))
 

@@ -13,7 +13,6 @@ import hashlib
 import importlib
 import json
 import logging
-import urllib.parse
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -41,18 +40,6 @@ def fingerprint_digest(fp: dict) -> str:
     """sha256 over the identity fields (everything but version and timestamps)."""
     ident = {k: v for k, v in fp.items() if k not in _VOLATILE}
     return "sha256:" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
-
-
-def strip_url_secrets(url: str | None) -> str | None:
-    """A URL without query string or user info (signed URLs carry credentials there). The fragment
-    stays: it names a member inside an archive (``s3://b/part-000.tar#img.jpg``)."""
-    if not url or "://" not in str(url):
-        return url
-    p = urllib.parse.urlparse(str(url))
-    host = p.hostname or ""
-    if p.port:
-        host = f"{host}:{p.port}"
-    return urllib.parse.urlunparse((p.scheme, host, p.path, "", "", p.fragment))
 
 
 def fingerprint_diff(a: dict, b: dict) -> list[str]:

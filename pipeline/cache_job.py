@@ -20,7 +20,8 @@ import numpy as np
 import spar
 from pipeline import __version__, shards, sources, storage
 from pipeline.augment import AugmentConfig, augment_row
-from pipeline.cache import FORMAT, FingerprintMismatch, fingerprint_diff, fingerprint_digest, strip_url_secrets
+from pipeline.cache import FORMAT, FingerprintMismatch, fingerprint_diff, fingerprint_digest
+from pipeline.storage import public_url
 from pipeline.config import check, to_dict, to_yaml
 from pipeline.encode import ENCODINGS, IMAGE_EXT, META_EXT, SCALE_EXT, TARGET_EXT
 from pipeline.teacher_actor import AMP_DTYPES, TeacherActor
@@ -69,7 +70,7 @@ class CacheConfig:
     max_aspect: float = 10.0  # sources more elongated than this are recorded (memory bound)
     max_failed_fraction: float = 0.05  # exit non-zero if more of this run's inputs fail
     png_compress_level: int = 1  # 0-9: PNG is lossless at every level; 1 is fast
-    read_cpus: float = 1.0  # CPUs per read/augment task
+    read_cpus: float = -1.0  # CPUs per read/augment task; -1 = 1 with GPUs, else 0.5 (fits beside CPU actors)
     write_cpus: float = 0.5  # CPUs per shard-writer task
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for output/source protocol
     ray_address: Optional[str] = None  # attach here; default RAY_ADDRESS or a new local cluster
@@ -100,7 +101,7 @@ def build_fingerprint(cfg: CacheConfig) -> dict:
     spec = spar.get_spec(cfg.backbone)
     weights = weights_identity(spec.model_name, cfg.pretrained)
     if weights["kind"] == "file":
-        weights["uri"] = strip_url_secrets(cfg.pretrained)
+        weights["uri"] = public_url(cfg.pretrained)
     if weights["kind"] == "random":
         weights["init_seed"] = cfg.init_seed
     crop = cfg.crop or spec.window
@@ -170,7 +171,7 @@ def write_batch(batch: dict[str, np.ndarray], *, output: str, storage_options: d
     for i in range(len(batch["sample_key"])):
         key, source = str(batch["sample_key"][i]), str(batch["source"][i])
         if batch["error"][i]:
-            errors.append({"key": key, "source": strip_url_secrets(source), "reason": str(batch["error"][i])})
+            errors.append({"key": key, "source": public_url(source), "reason": str(batch["error"][i])})
             continue
         members = {"__key__": key, IMAGE_EXT: batch[IMAGE_EXT][i], TARGET_EXT: batch[TARGET_EXT][i],
                    META_EXT: batch[META_EXT][i]}
@@ -178,7 +179,7 @@ def write_batch(batch: dict[str, np.ndarray], *, output: str, storage_options: d
             members[SCALE_EXT] = batch[SCALE_EXT][i]
         meta = json.loads(members[META_EXT])
         samples.append(members)
-        rows.append({"key": key, "source": strip_url_secrets(source), "view": int(batch["view"][i]),
+        rows.append({"key": key, "source": public_url(source), "view": int(batch["view"][i]),
                      "height": meta["image_size"][0], "width": meta["image_size"][1], "grid_h": meta["grid"][0],
                      "grid_w": meta["grid"][1], "target_bytes": len(members[TARGET_EXT]),
                      "target_checksum": meta["target_checksum"], "windows": meta["windows"]})
@@ -199,24 +200,25 @@ def build_dataset(cfg: CacheConfig, items: list[dict], is_tars: bool, done: set[
     import ray
     from ray.data import ActorPoolStrategy
 
-    from pipeline.ray_utils import cluster_gpus
+    from pipeline.ray_utils import cluster_gpus, cpu_nodes
 
+    gpus = cluster_gpus()
+    read_cpus = cfg.read_cpus if cfg.read_cpus > 0 else (1.0 if gpus else 0.5)
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
     if is_tars:
-        ds = ds.flat_map(expand_tar, fn_kwargs={"views": cfg.views, "done": ray.put(done)}, num_cpus=cfg.read_cpus)
-    ds = ds.map(augment_row, num_cpus=cfg.read_cpus, fn_kwargs={
+        ds = ds.flat_map(expand_tar, fn_kwargs={"views": cfg.views, "done": ray.put(done)}, num_cpus=read_cpus)
+    ds = ds.map(augment_row, num_cpus=read_cpus, fn_kwargs={
         "seed": cfg.seed, "cfg": cfg.augment, "max_pixels": cfg.max_pixels, "min_source_side": cfg.min_source_side,
         "max_aspect": cfg.max_aspect, "png_level": cfg.png_compress_level})
-    gpus = cluster_gpus()
     t = cfg.teacher
     num_gpus = t.num_gpus if t.num_gpus >= 0 else (1.0 if gpus else 0.0)
     num_cpus = t.num_cpus if t.num_cpus >= 0 else (1.0 if num_gpus else 0.5)
-    actors = t.num_actors or (max(1, int(gpus / num_gpus)) if num_gpus else 1)
+    actors = t.num_actors or (max(1, int(gpus / num_gpus)) if num_gpus else cpu_nodes())
     log.info("teacher: %d actor(s), %.2g GPU + %.2g CPU each, %d images per call", actors, num_gpus, num_cpus,
              t.batch_images)
     ds = ds.map_batches(
         TeacherActor, batch_size=t.batch_images, batch_format="numpy", compute=ActorPoolStrategy(size=actors),
-        num_gpus=num_gpus, num_cpus=num_cpus, fn_constructor_kwargs={
+        num_gpus=num_gpus, num_cpus=num_cpus, scheduling_strategy="SPREAD", fn_constructor_kwargs={
             "backbone": cfg.backbone, "pretrained": cfg.pretrained, "crop": cfg.crop, "stride": cfg.stride,
             "window_batch": t.window_batch, "amp_dtype": t.amp_dtype, "encoding": cfg.encoding,
             "device": t.device, "threads": t.threads, "fingerprint": fp["fingerprint"], "init_seed": cfg.init_seed})
@@ -265,7 +267,7 @@ def _summarize(cfg: CacheConfig, run_id: str, totals: dict, before: int, listed:
     samples_now, _ = shards.read_manifest(cfg.output)
     attempted = totals["samples"] + totals["errors"]
     summary = {
-        "run": run_id, "output": strip_url_secrets(cfg.output), "source_images": listed,
+        "run": run_id, "output": public_url(cfg.output), "source_images": listed,
         "already_committed": before, "computed": totals["samples"], "failed": totals["errors"],
         "failed_fraction": totals["errors"] / attempted if attempted else 0.0,
         "committed_total": samples_now.num_rows, "shards_written": totals["shards"],

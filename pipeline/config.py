@@ -58,12 +58,17 @@ def parse_config(schema: type[T], argv: Sequence[str] | None = None) -> T:
 
 
 def redact(value: Any) -> Any:
-    """A copy with every value under a secret-looking key replaced by ``"<redacted>"``."""
+    """A copy with every value under a secret-looking key replaced by ``"<redacted>"``, and URLs
+    without their query string or user info (where signed URLs keep their credentials)."""
     if isinstance(value, dict):
         return {k: ("<redacted>" if _SECRET_KEY.search(str(k)) and v not in (None, "") else redact(v))
                 for k, v in value.items()}
     if isinstance(value, list):
         return [redact(v) for v in value]
+    if isinstance(value, str) and "://" in value:
+        from pipeline.storage import public_url
+
+        return public_url(value)
     return value
 
 

@@ -27,7 +27,7 @@ from pathlib import PurePosixPath
 from typing import Iterator
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageOps
 
 from pipeline import storage
 
@@ -53,7 +53,9 @@ class SourceItem:
 
 
 def make_key(uri: str) -> str:
-    """Stable, unique, dot-free key of a URI: ``<readable stem>_<12 hex of sha1(uri)>``."""
+    """Stable, unique, dot-free key of a URI: ``<readable stem>_<12 hex of sha1(uri)>``. The URI's
+    query string and user info are left out: a re-signed URL names the same image."""
+    uri = storage.public_url(uri)
     stem = PurePosixPath(urllib.parse.urlparse(uri).path or uri).name.split(".")[0]
     stem = re.sub(r"[^A-Za-z0-9_-]+", "-", stem)[:48].strip("-") or "img"
     return f"{stem}_{hashlib.sha1(uri.encode()).hexdigest()[:12]}"

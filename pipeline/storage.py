@@ -193,3 +193,13 @@ def walk_sizes(url: str) -> Iterator[tuple[str, int]]:
         return
     for p, info in fs.find(path, detail=True).items():
         yield _url(fs, p, url), int(info.get("size") or 0)
+
+
+def public_url(url: str | None) -> str | None:
+    """A URL without query string or user info (signed URLs carry credentials there). The fragment
+    stays: it names a member inside an archive (``s3://b/part-000.tar#img.jpg``)."""
+    if not url or "://" not in str(url):
+        return url
+    p = urllib.parse.urlparse(str(url))
+    host = p.netloc.rsplit("@", 1)[-1]  # drop user:password@
+    return urllib.parse.urlunparse((p.scheme, host, p.path, "", "", p.fragment))

@@ -14,8 +14,9 @@ from typing import Any, Optional
 
 import spar
 from pipeline import storage
-from pipeline.cache import CacheError, FingerprintMismatch, open_cache, strip_url_secrets
-from pipeline.config import check, to_yaml
+from pipeline.cache import CacheError, FingerprintMismatch, open_cache
+from pipeline.storage import public_url
+from pipeline.config import ConfigError, check, to_yaml
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,8 @@ def run(cfg: TrainConfig) -> dict:
         resources["GPU"] = cfg.scaling.gpus_per_worker
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg, "student": source, "fingerprint": cache.fingerprint},
+        train_loop_config={"cfg": cfg, "student": source, "fingerprint": cache.fingerprint,
+                           "deepspeed": _read_deepspeed_json(cfg.deepspeed_config)},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
@@ -165,10 +167,22 @@ def run(cfg: TrainConfig) -> dict:
     return metrics
 
 
+def _read_deepspeed_json(url: str | None) -> dict:
+    """The user's DeepSpeed JSON, read once by the driver (workers may not share its files)."""
+    if not url:
+        return {}
+    import json
+
+    try:
+        return json.loads(storage.read_text(url))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"deepspeed_config={url}: {e}") from None
+
+
 def _ray_storage_path(url: str) -> str:
     """Ray Train wants an absolute local path or a URI it understands (pyarrow fs)."""
     if storage.is_local(url):
         import os
 
         return os.path.abspath(storage.local_path(url))
-    return strip_url_secrets(url)
+    return public_url(url)

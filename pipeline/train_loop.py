@@ -46,8 +46,8 @@ def resolve_precision(precision: str) -> str:
     return "fp32"
 
 
-def deepspeed_config(cfg, world_size: int) -> dict:
-    """The DeepSpeed config of the job config, with an optional JSON file merged over it."""
+def deepspeed_config(cfg, world_size: int, extra: dict | None = None) -> dict:
+    """The DeepSpeed config of the job config, with `extra` (the user's JSON file) merged over it."""
     precision = resolve_precision(cfg.precision)
     ds = {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
@@ -60,8 +60,7 @@ def deepspeed_config(cfg, world_size: int) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if cfg.deepspeed_config:
-        _deep_update(ds, json.loads(storage.read_text(cfg.deepspeed_config)))
+    _deep_update(ds, extra or {})
     return ds
 
 
@@ -142,7 +141,7 @@ def _setup_env() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must precede the first deepspeed import
 
 
-def build_engine(cfg, source: dict, world_size: int):
+def build_engine(cfg, source: dict, world_size: int, ds_extra: dict | None = None):
     """The student (= teacher weights), trainable per spec, wrapped by `deepspeed.initialize`."""
     import deepspeed
 
@@ -155,7 +154,7 @@ def build_engine(cfg, source: dict, world_size: int):
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
     engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, model_parameters=params,
-                                      config=deepspeed_config(cfg, world_size), dist_init_required=False)
+                                      config=deepspeed_config(cfg, world_size, ds_extra), dist_init_required=False)
     return engine
 
 
@@ -213,7 +212,7 @@ class Trainer:
                 storage.configure(storage.protocol(url), self.cfg.storage_options)
         self.cache = open_cache(self.cfg.cache)
         self.refs = loader.manifest_refs(self.cache.manifest)
-        self.engine = build_engine(self.cfg, self.source, self.world)
+        self.engine = build_engine(self.cfg, self.source, self.world, config.get("deepspeed"))
         self.state = load_checkpoint(self.engine, self.world)
         self.metrics = Metrics(self.cfg.run_dir, enabled=self.rank == 0)
         self.last_loss = float("nan")
@@ -314,19 +313,23 @@ class Trainer:
                 if self.rank == 0:
                     full[name] = value
         digests = _all_gather_str(digest.hexdigest()[:16])
+        import ray
+
+        nodes = _all_gather_str(ray.get_runtime_context().get_node_id())
         probe = next(iter(self.cache))
         with torch.no_grad():
             x = self.engine.module.normalize(torch.from_numpy(probe["image"]).to(self.device))
             in_job = self.engine(x).float().cpu()
         if self.rank == 0:
-            self._write_student(full, probe, in_job, digests)
+            self._write_student(full, probe, in_job, digests, nodes)
             self.metrics.plot()
         import torch.distributed as dist
 
         if dist.is_initialized():
             dist.barrier()
 
-    def _write_student(self, trained: dict, probe: dict, in_job: torch.Tensor, digests: list[str]) -> None:
+    def _write_student(self, trained: dict, probe: dict, in_job: torch.Tensor, digests: list[str],
+                       nodes: list[str]) -> None:
         import numpy as np
 
         from pipeline.encode import npy_bytes
@@ -343,18 +346,19 @@ class Trainer:
         storage.write_bytes(storage.join(self.cfg.run_dir, "probe_features.npy"), npy_bytes(in_job.numpy()))
         info = {
             "backbone": self.source["backbone"], "model_name": fresh.model_name, "weights": self.source["weights"],
-            "cache": self.cfg.cache, "cache_fingerprint": self.fingerprint["fingerprint"],
+            "cache": storage.public_url(self.cfg.cache), "cache_fingerprint": self.fingerprint["fingerprint"],
             "trainable": spar.trainable_parameter_names(fresh, self.cfg.trainable), "steps": self.state.step,
             "epochs_completed": self.state.epoch, "final_loss": self.last_loss,
             "precision": resolve_precision(self.cfg.precision), "probe_key": probe["key"],
             "probe_max_abs_diff": float((exported_feats - in_job).abs().max()),
             "rank_weight_digests": digests,  # sha256 of each rank's fp32 trainable weights: all equal
+            "rank_nodes": nodes,  # Ray node id of each rank
             "config": to_dict(self.cfg), "created": time.time(),
         }
         storage.write_text(storage.join(self.cfg.run_dir, "student.json"),
                            json.dumps(info, indent=2, default=lambda o: np.asarray(o).tolist()))
         log.info("exported %s (probe max |diff| vs in-job features: %.3g)",
-                 storage.join(self.cfg.run_dir, "student.safetensors"), info["probe_max_abs_diff"])
+                 storage.public_url(storage.join(self.cfg.run_dir, "student.safetensors")), info["probe_max_abs_diff"])
 
 
 def _all_gather_str(value: str) -> list[str]:

@@ -365,9 +365,12 @@ def load_backbone(
     if pretrained == DEFAULT:
         pretrained = spec.default_pretrained
     resolved = resolve_pretrained(spec.model_name, pretrained)
+    on_meta = str(device) == "meta"  # shapes only (FLOP counting, planning): no memory, no weights
+    if on_meta and resolved is not None:
+        raise ValueError("device='meta' builds shapes only; use pretrained=None")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
-        clip = open_clip.create_model(spec.model_name, pretrained=resolved)
+        clip = open_clip.create_model(spec.model_name, pretrained=resolved, device="meta" if on_meta else "cpu")
     backbone = _HEADS[spec.family](spec, clip, pretrained)
     if (backbone.patch_size, backbone.dim) != (spec.patch_size, spec.dim):
         raise ValueError(f"{name}: built model has patch {backbone.patch_size} / dim {backbone.dim}, "

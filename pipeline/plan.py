@@ -1,0 +1,130 @@
+"""Size a cache + training run before paying for it: `python jobs/plan.py images=25000 gpus=8 ...`.
+
+Windows come from `spar.count_windows` over the augmented sizes (drawn with the job's own
+augmentation code from a typical source size, or one fixed resolution); FLOPs are counted by
+torch's FlopCounterMode on a shape-only (meta) model: per teacher window, and per student step
+(forward + backward of the trainable blocks) at each sampled size. Throughput is a measured
+windows/s or images/s per GPU if you have one (`jobs/benchmark.py`), else peak x MFU.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import spar
+from pipeline.augment import AugmentConfig, plan_view
+from pipeline.config import check
+
+BYTES_PER_VALUE = {"float16": 2, "float32": 4, "int8": 1}
+
+
+@dataclass(kw_only=True)
+class PlanConfig:
+    """`jobs/plan.py`: what a cache + training run costs."""
+
+    images: int = 25_000  # source images (SA-1B: the first 25K)
+    views: int = 1
+    source_size: list[int] = field(default_factory=lambda: [1500, 2250])  # typical source (h, w); SA-1B
+    resolution: Optional[list[int]] = None  # fixed augmented (h, w) instead of sampling the augmentation
+    draws: int = 256  # augmentation draws used to estimate sizes
+    backbone: str = "maskclip"
+    crop: Optional[int] = None
+    stride: int = 24
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    trainable: str = spar.DEFAULT_TRAINABLE
+    gpus: int = 8
+    peak_tflops: float = 800.0  # per GPU, dense bf16 (H100 SXM ~ 800-990)
+    mfu: float = 0.5  # assumed teacher model-FLOP utilisation, if no measured rate
+    teacher_windows_per_s: Optional[float] = None  # measured per GPU (overrides peak x mfu)
+    train_mfu: float = 0.5
+    train_images_per_s: Optional[float] = None  # measured per GPU (overrides peak x train_mfu)
+    epochs: int = 10
+    shard_size: int = 32
+    png_bytes_per_pixel: float = 1.8  # lossless PNG of photos: ~1.5-2 B/px (3 B/px raw)
+    loader_samples_per_s_per_core: Optional[float] = None  # measured (`benchmark.py train`)
+
+    def __post_init__(self):
+        spar.get_spec(self.backbone)
+        check(self.images >= 1 and self.views >= 1 and self.gpus >= 1, "images, views, gpus must be >= 1")
+        check(self.resolution is None or len(self.resolution) == 2, "resolution must be [h, w]")
+
+
+def augmented_sizes(cfg: PlanConfig) -> list[tuple[int, int]]:
+    """Sizes the cache job would produce (or the fixed resolution)."""
+    if cfg.resolution:
+        return [tuple(cfg.resolution)]
+    h, w = cfg.source_size
+    out = []
+    for i in range(cfg.draws):
+        _, _, ch, cw = plan_view(h, w, 0, f"plan-{i}", 0, cfg.augment)["crop"]
+        out.append((ch, cw))
+    return out
+
+
+def _flops(fn) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def window_flops(bb: spar.Backbone, crop: int) -> int:
+    """FLOPs of one teacher window (dense forward at crop x crop)."""
+    with torch.no_grad():
+        return _flops(lambda: bb.dense(torch.empty(1, 3, crop, crop, device="meta")))
+
+
+def student_step_flops(bb: spar.Backbone, height: int, width: int) -> int:
+    """FLOPs of one student step at one size: forward, plus backward through the trainable blocks
+    (`bb` is a meta-device backbone with its trainable parameters set)."""
+
+    def step():
+        out = bb.dense(torch.empty(1, 3, height, width, device="meta"))
+        out.float().square().mean().backward()
+
+    return _flops(step)
+
+
+def plan(cfg: PlanConfig) -> dict:
+    """The estimate (see the module docstring)."""
+    spec = spar.get_spec(cfg.backbone)
+    crop = cfg.crop or spec.window
+    sizes = augmented_sizes(cfg)
+    samples = cfg.images * cfg.views
+    windows_per_image = statistics.fmean(spar.count_windows(h, w, crop, cfg.stride) for h, w in sizes)
+    tokens = statistics.fmean((h // spec.patch_size) * (w // spec.patch_size) for h, w in sizes)
+    pixels = statistics.fmean(h * w for h, w in sizes)
+    bb = spar.load_backbone(cfg.backbone, pretrained=None, device="meta")  # shapes only
+    spar.set_trainable(bb, cfg.trainable)
+    per_window = window_flops(bb, crop)
+    teacher_flops = per_window * windows_per_image * samples
+    rate = cfg.teacher_windows_per_s or cfg.peak_tflops * 1e12 * cfg.mfu / per_window
+    teacher_gpu_h = windows_per_image * samples / rate / 3600
+    probe = sizes[:: max(1, len(sizes) // 16)]  # FLOPs at a spread of sizes (attention is quadratic)
+    step = statistics.fmean(student_step_flops(bb, h, w) for h, w in probe)
+    train_rate = cfg.train_images_per_s or cfg.peak_tflops * 1e12 * cfg.train_mfu / step
+    train_gpu_h = samples * cfg.epochs / train_rate / 3600
+    cache = {}
+    for enc, nbytes in BYTES_PER_VALUE.items():
+        target = tokens * (spec.dim * nbytes + (4 if enc == "int8" else 0))
+        per_sample = target + pixels * cfg.png_bytes_per_pixel
+        cache[enc] = {"bytes_per_sample": per_sample, "total_tb": per_sample * samples / 1e12,
+                      "train_read_mb_per_s_per_gpu": per_sample * train_rate / 1e6}
+    out = {
+        "samples": samples, "mean_image_hw": [round(statistics.fmean(h for h, _ in sizes)),
+                                              round(statistics.fmean(w for _, w in sizes))],
+        "windows_per_image": windows_per_image, "windows_total": windows_per_image * samples,
+        "gflop_per_window": per_window / 1e9, "teacher_pflop": teacher_flops / 1e15,
+        "teacher_windows_per_s_per_gpu": rate, "teacher_gpu_hours": teacher_gpu_h,
+        "teacher_wall_hours": teacher_gpu_h / cfg.gpus, "shards": math.ceil(samples / cfg.shard_size),
+        "cache": cache, "student_step_tflop": step / 1e12, "train_images_per_s_per_gpu": train_rate,
+        "train_gpu_hours": train_gpu_h, "train_wall_hours": train_gpu_h / cfg.gpus,
+    }
+    if cfg.loader_samples_per_s_per_core:
+        out["loader_cores_per_gpu"] = train_rate / cfg.loader_samples_per_s_per_core
+    return out

@@ -1,0 +1,54 @@
+"""The cache and training jobs across a real multi-node Ray cluster on this machine, losing a node."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet  # noqa: F401  (pa.parquet)
+
+from pipeline import open_cache, shards, storage
+from tests.images import good_images
+from tests.integration.conftest import put_files
+
+REPO = Path(__file__).resolve().parents[2]
+N = 24
+
+
+def _scenario(args: list[str], log: Path) -> dict:
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", DS_ACCELERATOR="cpu")
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "tests.integration.multinode", *args], cwd=REPO, env=env,
+                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            assert proc.wait(timeout=900) == 0, log.read_text()[-4000:]
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    line = next(ln for ln in log.read_text().splitlines() if ln.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def test_cache_job_survives_losing_a_worker_node_then_training_runs_across_nodes(tmp_path):
+    src, out = str(tmp_path / "images"), str(tmp_path / "cache")
+    put_files(src, good_images(N))
+    result = _scenario(["cache", src, out], tmp_path / "cache.log")
+    assert result["finished"] and len(result["actor_nodes"]) >= 2  # teacher actors spread over nodes
+    assert result["removed"] in result["actor_nodes"] and result["running_at_removal"]
+    assert result["committed_at_removal"] < N // 2  # the node died mid-job
+    cache = open_cache(out)
+    keys = cache.keys()
+    assert sorted(keys) == sorted(set(keys)) and len(keys) == N  # every expected key, exactly once
+    physical = pa.concat_tables([pa.parquet.read_table(storage.local_path(shards.samples_url(out, n)))
+                                 for n in shards.committed_shards(out)]).column("key").to_pylist()
+    assert sorted(set(physical)) == sorted(keys)
+    assert cache.verify() == [] and sum(1 for _ in cache) == N
+
+    result = _scenario(["train", out, str(tmp_path / "runs")], tmp_path / "train.log")
+    info = json.loads((tmp_path / "runs" / "multinode" / "student.json").read_text())
+    assert len(set(info["rank_nodes"])) == 2  # the two ranks ran on different nodes
+    assert len(set(info["rank_weight_digests"])) == 1 and result["metrics"]["step"] == N // 2
