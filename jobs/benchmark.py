@@ -1,33 +1,28 @@
 """Measure throughput: `python jobs/benchmark.py <mode> [preset.yaml] [key=value ...]`.
 
-Modes: teacher, speedup (see pipeline/benchmark.py for what each measures and its keys).
+Modes: teacher, speedup, cache, train (see pipeline/benchmark.py for what each measures and its keys).
 """
 from __future__ import annotations
 
-import logging
 import sys
 
-from pipeline.benchmark import MODES, report
-from pipeline.config import ConfigError, parse_config
-from pipeline.logs import setup_logging
-
-log = logging.getLogger("jobs.benchmark")
+from pipeline.benchmark import MODES, print_result, save_result
+from pipeline.cli import run_job
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Run one benchmark mode and print its result; returns the result dict."""
+    """Run one benchmark mode, print its result (and save it to `out=` if given); returns it."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    setup_logging()
     if not argv or argv[0] not in MODES:
         raise SystemExit(f"usage: benchmark.py {{{'|'.join(MODES)}}} [key=value ...]")
     schema, bench = MODES[argv[0]]
-    try:
-        cfg = parse_config(schema, argv[1:])
-    except ConfigError as e:
-        raise SystemExit(f"config error: {e}") from None
-    result = bench(cfg)
-    report(result, cfg.out)
-    return result
+
+    def measure(cfg):
+        result = bench(cfg)
+        save_result(result, cfg.out)
+        return result
+
+    return run_job(schema, measure, argv[1:], show=print_result)
 
 
 if __name__ == "__main__":

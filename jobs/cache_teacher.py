@@ -7,31 +7,14 @@ the cluster. Keys: see `pipeline.cache_job.CacheConfig`.
 """
 from __future__ import annotations
 
-import json
-import logging
-import sys
-
 from pipeline.cache import CacheError
 from pipeline.cache_job import CacheConfig, TooManyFailures, run
-from pipeline.config import ConfigError, parse_config
-from pipeline.logs import setup_logging
-
-log = logging.getLogger("jobs.cache_teacher")
+from pipeline.cli import run_job
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Parse the config, run the cache job, print its summary; exits non-zero on failure."""
-    setup_logging()
-    try:
-        cfg = parse_config(CacheConfig, sys.argv[1:] if argv is None else argv)
-        summary = run(cfg)
-    except ConfigError as e:
-        raise SystemExit(f"config error: {e}") from None
-    except (CacheError, TooManyFailures, FileNotFoundError) as e:
-        log.error("%s", e)
-        raise SystemExit(2) from None
-    print(json.dumps(summary, indent=2))
-    return summary
+    """Run (or resume) the cache job and print its summary; exits non-zero on bad input."""
+    return run_job(CacheConfig, run, argv, expected=(CacheError, TooManyFailures, FileNotFoundError))
 
 
 if __name__ == "__main__":

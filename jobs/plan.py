@@ -5,27 +5,14 @@ time (see `pipeline.plan.PlanConfig` for the keys, e.g. images=25000 gpus=8 stri
 """
 from __future__ import annotations
 
-import logging
-import sys
-
-from pipeline.benchmark import report
-from pipeline.config import ConfigError, parse_config
-from pipeline.logs import setup_logging
+from pipeline.benchmark import print_result
+from pipeline.cli import run_job
 from pipeline.plan import PlanConfig, plan
-
-log = logging.getLogger("jobs.plan")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Parse the config, print the estimate, return it."""
-    setup_logging("WARNING")
-    try:
-        cfg = parse_config(PlanConfig, sys.argv[1:] if argv is None else argv)
-    except ConfigError as e:
-        raise SystemExit(f"config error: {e}") from None
-    result = plan(cfg)
-    report(result, None)
-    return result
+    """Print the estimate as aligned lines and return it."""
+    return run_job(PlanConfig, plan, argv, level="WARNING", show=print_result)
 
 
 if __name__ == "__main__":

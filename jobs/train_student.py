@@ -6,31 +6,14 @@ from the cache's teacher. Re-running the same command (same output and name) res
 """
 from __future__ import annotations
 
-import json
-import logging
-import sys
-
 from pipeline.cache import CacheError
-from pipeline.config import ConfigError, parse_config
-from pipeline.logs import setup_logging
+from pipeline.cli import run_job
 from pipeline.train import TrainConfig, run
-
-log = logging.getLogger("jobs.train_student")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Parse the config, train, print the final metrics; exits non-zero on bad input."""
-    setup_logging()
-    try:
-        cfg = parse_config(TrainConfig, sys.argv[1:] if argv is None else argv)
-        metrics = run(cfg)
-    except ConfigError as e:
-        raise SystemExit(f"config error: {e}") from None
-    except CacheError as e:
-        log.error("%s", e)
-        raise SystemExit(2) from None
-    print(json.dumps(metrics, indent=2, default=str))
-    return metrics
+    """Train (or resume) and print the final metrics; exits non-zero on bad input."""
+    return run_job(TrainConfig, run, argv, expected=(CacheError,))
 
 
 if __name__ == "__main__":

@@ -199,13 +199,17 @@ def _flat(result: dict, prefix: str = "") -> dict:
     return out
 
 
-def report(result: dict, out: str | None) -> None:
-    """Print a result as aligned lines and optionally save it as JSON."""
+def print_result(result: dict) -> None:
+    """Print a (nested) result as aligned ``key  value`` lines."""
     flat = _flat(result)
     width = max(map(len, flat))
     for k, v in flat.items():
         shown = f"{v:.4g}" if isinstance(v, float) else v
         print(f"{k:<{width}}  {shown}")
+
+
+def save_result(result: dict, out: str | None) -> None:
+    """Write a result as JSON to `out` (a path or URL), if given."""
     if out:
         storage.write_text(out, json.dumps(result, indent=2))
 

@@ -33,11 +33,6 @@ def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
-def cluster_cpus() -> float:
-    """CPUs in the cluster right now."""
-    return float(ray.cluster_resources().get("CPU", 0))
-
-
 def cpu_nodes() -> int:
     """Alive nodes that offer CPUs (CPU-only clusters get one teacher actor per node)."""
     return max(1, sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0))

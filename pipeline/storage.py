@@ -186,15 +186,6 @@ def size(url: str) -> int:
     return int(fs.size(path))
 
 
-def walk_sizes(url: str) -> Iterator[tuple[str, int]]:
-    """(URL, size) of every file under `url`."""
-    fs, path = filesystem(url)
-    if not fs.exists(path):
-        return
-    for p, info in fs.find(path, detail=True).items():
-        yield _url(fs, p, url), int(info.get("size") or 0)
-
-
 def public_url(url: str | None) -> str | None:
     """A URL without query string or user info (signed URLs carry credentials there). The fragment
     stays: it names a member inside an archive (``s3://b/part-000.tar#img.jpg``)."""

@@ -20,6 +20,7 @@ import spar
 from pipeline import loader, storage
 from pipeline.cache import open_cache
 from pipeline.config import to_dict
+from pipeline.logs import rank_zero_info
 
 log = logging.getLogger(__name__)
 CKPT_TAG = "ds"
@@ -289,9 +290,8 @@ class Trainer:
                "loss": loss_sum / max(n, 1), "samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed,
                "data_wait_share": wait / self.world / elapsed, "lr": self.cfg.lr}
         self.metrics.log(row)
-        if self.rank == 0:
-            log.info("step %d epoch %d loss %.5g | %.2f samples/s | data wait %.1f%%", row["step"], row["epoch"],
-                     row["loss"], row["samples_per_s"], 100 * row["data_wait_share"])
+        rank_zero_info(log, "step %d epoch %d loss %.5g | %.2f samples/s | data wait %.1f%%", row["step"],
+                       row["epoch"], row["loss"], row["samples_per_s"], 100 * row["data_wait_share"])
         w.update(loss=0.0, n=0, wait=0.0, t0=time.perf_counter(), samples=0, tokens=0)
 
     def checkpoint(self) -> None:
