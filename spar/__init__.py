@@ -9,6 +9,18 @@ from spar.backbones import (
     load_backbone,
     register_backbone,
 )
+from spar.metrics import confusion_matrix, iou_per_class, mean_iou, segmentation_scores
+from spar.segment import (
+    FeatureSettings,
+    PostProcess,
+    Segmentation,
+    dense_features,
+    fit_size,
+    image_logits,
+    postprocess,
+    segment_image,
+    sliding_window_logits,
+)
 from spar.student import DEFAULT_TRAINABLE, export_open_clip, feature_loss, set_trainable, trainable_parameter_names
 from spar.teacher import (
     count_windows,
@@ -17,6 +29,7 @@ from spar.teacher import (
     upsample_factor,
     window_starts,
 )
+from spar.text import IMAGENET_TEMPLATES, TextClassifier, build_classifier, parse_class_lines
 
 __version__ = "0.1.0"
 
@@ -25,4 +38,8 @@ __all__ = [
     "feature_loss", "get_spec", "list_backbones", "load_backbone", "register_backbone", "set_trainable",
     "sliding_window_features", "sliding_window_features_many", "trainable_parameter_names",
     "upsample_factor", "window_starts", "__version__",
+    # open-vocabulary segmentation
+    "IMAGENET_TEMPLATES", "FeatureSettings", "PostProcess", "Segmentation", "TextClassifier", "build_classifier",
+    "confusion_matrix", "dense_features", "fit_size", "image_logits", "iou_per_class", "mean_iou",
+    "parse_class_lines", "postprocess", "segment_image", "segmentation_scores", "sliding_window_logits",
 ]

@@ -1,0 +1,313 @@
+"""Open-vocabulary segmentation evaluation (SPEC §5): one benchmark, one to three feature modes.
+
+    python jobs/evaluate.py dataset=voc21 root=/data/VOCdevkit features=all checkpoint=<student>
+
+Modes: ``single`` (one pass of the pre-trained model), ``sliding`` (the sliding-window teacher:
+its feature map, or SCLIP-style averaged window logits), ``student`` (one pass of the SPAR
+student, ``checkpoint=``), or ``all`` three. Every image goes through every requested mode in
+turn, so the images/s of the modes are measured side by side. Results go to
+``<output>/<backbone>/<dataset>/<mode>.json`` and the comparison tables of everything under
+`output` (``table.md``, ``table.json``) are rebuilt after each run, so one command per dataset
+fills in the paper's table.
+
+``ray=true`` spreads the images over an actor pool (one GPU each, fractional CPUs on CPU-only
+clusters); actors return per-image confusion matrices and the driver sums them.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+
+import spar
+from pipeline import storage
+from pipeline.config import ConfigError, check, to_dict, to_yaml
+from pipeline.datasets import DatasetSpec, Sample, get_dataset, list_samples, load_class_lines, load_sample
+from pipeline.devices import AMP_DTYPES, pick_device, synchronize
+from pipeline.eval_table import mode_label, write_tables
+from spar.segment import FeatureSettings, PostProcess, segment_image
+from spar.metrics import confusion_matrix, segmentation_scores
+
+log = logging.getLogger(__name__)
+
+MODES = ("single", "sliding", "student")
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """`jobs/evaluate.py`: mIoU and images/s of single pass / sliding teacher / student on one benchmark."""
+
+    dataset: str = ""  # voc21 | voc20 | context60 | context59 | cityscapes | ade20k (required)
+    root: str = ""  # dataset root: local dir or fsspec URL (required)
+    split: str = "val"
+    features: str = "all"  # single | sliding | student | all, or a comma list (single,student)
+    backbone: str = "maskclip"  # spar registry name
+    pretrained: Optional[str] = "default"  # weights of single / sliding: open_clip tag, file / URL, or null
+    checkpoint: Optional[str] = None  # student weights (training's student.safetensors): path or URL
+    init_seed: int = 0  # seed of a random init (pretrained=null)
+    stride: int = 24  # sliding stride in pixels
+    crop: Optional[int] = None  # sliding window; default the backbone's pre-training size
+    sliding_mode: str = "feature"  # feature (teacher map, SPEC §2) | logits (SCLIP-style per-pixel average)
+    window_batch: int = 64  # windows per ViT forward in the sliding mode
+    amp_dtype: str = "float32"  # float32 (the reference) | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda
+    threads: Optional[int] = None  # torch CPU threads (default: torch's)
+    classes: Optional[str] = None  # class file (path / URL) instead of the packaged one
+    scale: Optional[list[int]] = None  # evaluation resize (long, short); default the dataset's
+    logit_scale: Optional[float] = None  # post-processing; null = the dataset's default (SPEC §5)
+    logit_bias: Optional[float] = None
+    prob_thd: Optional[float] = None
+    area_thd: Optional[float] = None  # 0 disables
+    limit: Optional[int] = None  # only the first N images (sorted by id): smoke runs, timing
+    warmup: bool = True  # one untimed pass per mode on a window-sized image before timing
+    prefetch: int = 4  # images decoded ahead by background threads
+    skip_bad: bool = False  # skip unreadable samples (recorded) instead of failing
+    output: str = "out/eval"  # results root (local dir or fsspec URL)
+    ray: bool = False  # evaluate on a Ray actor pool
+    num_actors: int = 0  # with ray: pool size; 0 = one per GPU (1 on a CPU-only cluster)
+    actor_gpus: float = -1.0  # with ray: GPUs per actor; -1 = 1 when the cluster has GPUs
+    actor_cpus: float = -1.0  # with ray: CPUs per actor; -1 = 1 with GPUs, else 0.5 (whole CPUs deadlock small hosts)
+    ray_address: Optional[str] = None  # attach here; default RAY_ADDRESS or a new local cluster
+    num_cpus: Optional[int] = None  # CPUs of a local cluster this job starts
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for root / output / checkpoint
+
+    def __post_init__(self):
+        check(bool(self.dataset), "dataset=<name> is required (voc21, voc20, context60, context59, cityscapes, ade20k)")
+        check(bool(self.root), "root=<dataset directory or URL> is required")
+        get_dataset(self.dataset)
+        spar.get_spec(self.backbone)
+        check(bool(self.modes) and all(m in MODES for m in self.modes),
+              f"features must be all or a comma-separated list of {MODES}, got {self.features!r}")
+        check(self.sliding_mode in ("feature", "logits"), "sliding_mode must be feature or logits")
+        check(self.amp_dtype in AMP_DTYPES, f"amp_dtype must be one of {list(AMP_DTYPES)}")
+        check(self.stride >= 1 and self.window_batch >= 1, "stride and window_batch must be >= 1")
+        check(self.limit is None or self.limit >= 1, "limit must be >= 1")
+        check(self.scale is None or (len(self.scale) == 2 and min(self.scale) >= 1), "scale must be [long, short]")
+        check("student" not in self.modes or bool(self.checkpoint),
+              f"features={self.features} needs checkpoint=<student.safetensors path or URL>")
+        if self.pretrained == "default":
+            self.pretrained = spar.get_spec(self.backbone).default_pretrained
+
+    @property
+    def modes(self) -> list[str]:
+        """The feature modes this run evaluates, in table order."""
+        if self.features.strip() == "all":
+            return list(MODES)
+        wanted = {m.strip() for m in self.features.split(",") if m.strip()}
+        return [m for m in MODES if m in wanted] + sorted(wanted - set(MODES))
+
+
+def postprocess_settings(cfg: EvalConfig, spec: DatasetSpec) -> PostProcess:
+    """The dataset's post-processing defaults with the config's overrides."""
+    def pick(key: str):
+        value = getattr(cfg, key)
+        return getattr(spec, key) if value is None else value
+
+    return PostProcess(logit_scale=pick("logit_scale"), logit_bias=pick("logit_bias"), prob_thd=pick("prob_thd"),
+                       area_thd=pick("area_thd"))
+
+
+class Evaluator:
+    """Holds the models and text classifiers of a run; scores one image in every mode.
+
+    `single` and `sliding` share the pre-trained model (and so its cached text embeddings);
+    `student` loads the checkpoint into the same architecture.
+    """
+
+    def __init__(self, cfg: EvalConfig):
+        self.cfg = cfg
+        self.spec = get_dataset(cfg.dataset)
+        self.device = pick_device(cfg.device)
+        lines = load_class_lines(cfg.classes or self.spec.name)
+        base = None
+        self.models: dict[str, spar.Backbone] = {}
+        for mode in cfg.modes:
+            if mode == "student":
+                self.models[mode] = self._load(cfg.checkpoint)
+            else:
+                base = base or self._load(cfg.pretrained)
+                self.models[mode] = base
+        self.classifiers: dict[str, spar.TextClassifier] = {}
+        for mode, bb in self.models.items():
+            # the student's text tower is the teacher's (training touches the image tower only):
+            # embed the classes once -- on a CPU that is minutes for a ViT-B text tower
+            same = next((m for m in self.classifiers if _same_text_tower(self.models[m], bb)), None)
+            self.classifiers[mode] = self.classifiers[same] if same else spar.build_classifier(bb, lines)
+        n = next(iter(self.classifiers.values())).num_classes
+        if n != self.spec.num_classes:
+            raise ConfigError(f"the class list has {n} classes, {self.spec.name} has {self.spec.num_classes}")
+        self.class_names = next(iter(self.classifiers.values())).class_names
+        amp = AMP_DTYPES[cfg.amp_dtype]
+        sliding = FeatureSettings(mode="sliding", sliding_mode=cfg.sliding_mode, stride=cfg.stride, crop=cfg.crop,
+                                  window_batch=cfg.window_batch, amp_dtype=amp)
+        self.settings = {m: sliding if m == "sliding" else FeatureSettings(mode="single", amp_dtype=amp)
+                         for m in cfg.modes}
+        self.post = postprocess_settings(cfg, self.spec)
+        self.scale = tuple(cfg.scale or self.spec.scale)
+
+    @property
+    def device_name(self) -> str:
+        """The device as a reader of a results table wants it."""
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_name(self.device)
+        return f"cpu ({torch.get_num_threads()} threads)"
+
+    def _load(self, weights: str | None) -> spar.Backbone:
+        return spar.load_backbone(self.cfg.backbone, pretrained=weights, device=self.device,
+                                  init_seed=self.cfg.init_seed)
+
+    def warmup(self) -> None:
+        """One untimed pass per mode on a window-sized image (kernel selection, allocator, lazy init)."""
+        side = self.cfg.crop or next(iter(self.models.values())).window
+        image = torch.zeros(side, side, 3, dtype=torch.uint8)
+        for mode in self.cfg.modes:
+            segment_image(self.models[mode], image, self.classifiers[mode], self.settings[mode], self.post)
+        synchronize(self.device)
+
+    def __call__(self, image: np.ndarray, label: np.ndarray) -> dict[str, tuple[np.ndarray, float]]:
+        """{mode: (confusion matrix (C, C) int64, seconds of inference)} for one image."""
+        img = torch.from_numpy(image)
+        target = torch.from_numpy(label).to(self.device)
+        out = {}
+        for mode in self.cfg.modes:
+            synchronize(self.device)
+            t = time.perf_counter()
+            seg = segment_image(self.models[mode], img, self.classifiers[mode], self.settings[mode], self.post,
+                                self.scale)
+            synchronize(self.device)
+            seconds = time.perf_counter() - t
+            cm = confusion_matrix(seg.pred, target, self.spec.num_classes)
+            out[mode] = (cm.cpu().numpy(), seconds)
+        return out
+
+
+def _same_text_tower(a: spar.Backbone, b: spar.Backbone) -> bool:
+    """Whether two backbones have identical text towers (every non-image parameter and buffer)."""
+    if a is b:
+        return True
+    sa, sb = a.clip.state_dict(), b.clip.state_dict()
+    text = [k for k in sa if not k.startswith("visual.")]
+    return set(text) == {k for k in sb if not k.startswith("visual.")} and all(torch.equal(sa[k], sb[k]) for k in text)
+
+
+@dataclass
+class Totals:
+    """Sums over the evaluated images of one mode."""
+
+    confusion: np.ndarray
+    seconds: float = 0.0
+    images: int = 0
+    device: str = ""
+    per_image: list[float] = field(default_factory=list)  # inference seconds, in arrival order
+
+    def add(self, cm: np.ndarray, seconds: float) -> None:
+        """Count one more image."""
+        self.confusion += cm.reshape(self.confusion.shape)
+        self.seconds += seconds
+        self.images += 1
+        self.per_image.append(seconds)
+
+
+def _prefetched(fn, items: list, depth: int) -> Iterator[tuple[Any, Any, BaseException | None]]:
+    """(item, fn(item), error) in order, with up to `depth` calls running ahead in threads."""
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(depth, 4))) as pool:
+        pending: collections.deque = collections.deque()
+        it = iter(items)
+        for item in it:
+            pending.append((item, pool.submit(fn, item)))
+            if len(pending) >= max(1, depth):
+                break
+        while pending:
+            item, fut = pending.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(fn, nxt)))
+            try:
+                yield item, fut.result(), None
+            except Exception as e:  # decoding errors; the caller applies the skip policy
+                yield item, None, e
+
+
+def _run_local(cfg: EvalConfig, spec: DatasetSpec, samples: list[Sample]) -> tuple[dict[str, Totals], list, tuple]:
+    from tqdm import tqdm
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    ev = Evaluator(cfg)
+    if cfg.warmup:
+        ev.warmup()
+    c = spec.num_classes
+    totals = {m: Totals(np.zeros((c, c), dtype=np.int64), device=ev.device_name) for m in cfg.modes}
+    skipped = []
+    with torch.no_grad():
+        for sample, loaded, error in tqdm(_prefetched(lambda s: load_sample(spec, s), samples, cfg.prefetch),
+                                          total=len(samples), desc=f"{spec.name}", disable=None, mininterval=10):
+            if error is not None:
+                if not cfg.skip_bad:
+                    raise error
+                skipped.append({"key": sample.key, "reason": f"{type(error).__name__}: {error}"})
+                continue
+            for mode, (cm, seconds) in ev(*loaded).items():
+                totals[mode].add(cm, seconds)
+    return totals, skipped, ev.class_names
+
+
+def run(cfg: EvalConfig) -> dict:
+    """Evaluate, write the per-mode results and the comparison tables; returns the results."""
+    if cfg.storage_options:
+        for url in (cfg.root, cfg.output):
+            storage.configure(storage.protocol(url), cfg.storage_options)
+    spec = get_dataset(cfg.dataset)
+    samples = list_samples(spec, cfg.root, cfg.split)
+    listed = len(samples)
+    samples = samples[: cfg.limit]
+    log.info("%s/%s: %d of %d images, modes %s, backbone %s", spec.name, cfg.split, len(samples), listed,
+             cfg.modes, cfg.backbone)
+    t0 = time.perf_counter()
+    if cfg.ray:
+        from pipeline.eval_ray import run_ray
+
+        totals, skipped, class_names = run_ray(cfg, spec, samples)
+    else:
+        totals, skipped, class_names = _run_local(cfg, spec, samples)
+    wall = time.perf_counter() - t0
+    results = {m: _result(cfg, spec, m, t, class_names, listed, skipped, wall) for m, t in totals.items()}
+    run_dir = storage.join(cfg.output, cfg.backbone, spec.name)
+    storage.write_text(storage.join(run_dir, "config.yaml"), to_yaml(cfg))
+    for r in results.values():
+        storage.write_text(storage.join(run_dir, f"{r['label']}.json"), _json(r))
+    tables = write_tables(cfg.output)
+    for r in results.values():
+        log.info("%s %s: mIoU %.2f over %d images, %.3g images/s", spec.name, r["label"], r["miou"] or 0.0,
+                 r["images"], r["images_per_s"])
+    return {"dataset": spec.name, "results": results, "table": tables["markdown"]}
+
+
+def _result(cfg: EvalConfig, spec: DatasetSpec, mode: str, t: Totals, class_names, listed: int,
+            skipped: list, wall: float) -> dict:
+    weights = cfg.checkpoint if mode == "student" else cfg.pretrained
+    return {
+        "dataset": spec.name, "title": spec.title, "split": cfg.split, "backbone": cfg.backbone, "mode": mode,
+        "label": mode_label(mode, cfg.sliding_mode, cfg.stride), "weights": storage.public_url(weights),
+        **segmentation_scores(torch.from_numpy(t.confusion), class_names),
+        "images": t.images, "images_listed": listed, "skipped": skipped,
+        "seconds": t.seconds, "images_per_s": t.images / t.seconds if t.seconds else 0.0, "wall_seconds": wall,
+        "median_seconds_per_image": float(np.median(t.per_image)) if t.per_image else None,
+        "device": t.device,
+        "ray": cfg.ray, "scale": list(cfg.scale or spec.scale),
+        "postprocess": vars(postprocess_settings(cfg, spec)),
+        "sliding": {"mode": cfg.sliding_mode, "stride": cfg.stride, "crop": cfg.crop} if mode == "sliding" else None,
+        "amp_dtype": cfg.amp_dtype, "config": to_dict(cfg),
+    }
+
+
+def _json(obj: dict) -> str:
+    import json
+
+    return json.dumps(obj, indent=2)
