@@ -14,7 +14,6 @@ Modes (``python jobs/benchmark.py <mode> key=value ...``):
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import statistics
@@ -27,10 +26,10 @@ import torch
 import spar
 from pipeline import storage
 from pipeline.config import check
+from pipeline.devices import AMP_DTYPES, pick_device, synchronize
+from spar.teacher import autocast
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(kw_only=True)
@@ -51,7 +50,7 @@ class TeacherBench:
     out: Optional[str] = None  # optional JSON result path or URL
 
     def __post_init__(self):
-        check(self.dtype in DTYPES, f"dtype must be one of {list(DTYPES)}")
+        check(self.dtype in AMP_DTYPES, f"dtype must be one of {list(AMP_DTYPES)}")
         check(self.repeats >= 1 and self.images >= 1, "repeats and images must be >= 1")
 
 
@@ -71,33 +70,16 @@ class SpeedupBench:
     out: Optional[str] = None
 
     def __post_init__(self):
-        check(self.dtype in DTYPES, f"dtype must be one of {list(DTYPES)}")
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        check(self.dtype in AMP_DTYPES, f"dtype must be one of {list(AMP_DTYPES)}")
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> float:
     """Wall seconds of one call, GPU work included."""
-    _sync(device)
+    synchronize(device)
     t = time.perf_counter()
     fn()
-    _sync(device)
+    synchronize(device)
     return time.perf_counter() - t
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """Autocast context for `dtype`, or a no-op for float32."""
-    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def gemm_ceiling(device: torch.device, dtype: torch.dtype | None, n: int | None = None) -> float:
@@ -113,8 +95,8 @@ def gemm_ceiling(device: torch.device, dtype: torch.dtype | None, n: int | None 
 
 def bench_teacher(cfg: TeacherBench) -> dict:
     """Measure the teacher and the bare ViT forwards on the same windows, interleaved."""
-    device = resolve_device(cfg.device)
-    amp = DTYPES[cfg.dtype]
+    device = pick_device(cfg.device)
+    amp = AMP_DTYPES[cfg.dtype]
     bb = spar.load_backbone(cfg.backbone, pretrained=cfg.pretrained, device=device)
     crop = cfg.crop or bb.window
     x = torch.randn(cfg.images, 3, cfg.height, cfg.width, device=device)
@@ -157,8 +139,8 @@ def bench_teacher(cfg: TeacherBench) -> dict:
 
 def bench_speedup(cfg: SpeedupBench) -> dict:
     """Single-pass vs sliding-window wall time on the same image."""
-    device = resolve_device(cfg.device)
-    amp = DTYPES[cfg.dtype]
+    device = pick_device(cfg.device)
+    amp = AMP_DTYPES[cfg.dtype]
     bb = spar.load_backbone(cfg.backbone, pretrained=cfg.pretrained, device=device)
     x = torch.randn(1, 3, cfg.height, cfg.width, device=device)
 

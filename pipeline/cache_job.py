@@ -24,7 +24,8 @@ from pipeline.cache import FORMAT, FingerprintMismatch, fingerprint_diff, finger
 from pipeline.storage import public_url
 from pipeline.config import check, to_dict, to_yaml
 from pipeline.encode import ENCODINGS, IMAGE_EXT, META_EXT, SCALE_EXT, TARGET_EXT
-from pipeline.teacher_actor import AMP_DTYPES, TeacherActor
+from pipeline.devices import AMP_DTYPES
+from pipeline.teacher_actor import TeacherActor
 
 log = logging.getLogger(__name__)
 

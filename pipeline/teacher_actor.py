@@ -16,19 +16,12 @@ import numpy as np
 import torch
 
 import spar
+from pipeline.devices import AMP_DTYPES, pick_device
 from pipeline.encode import IMAGE_EXT, META_EXT, SCALE_EXT, TARGET_EXT, encode_members, quantize
 
 log = logging.getLogger(__name__)
 
 MEMBER_COLUMNS = (IMAGE_EXT, TARGET_EXT, SCALE_EXT, META_EXT)  # tar members, as output columns
-AMP_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def pick_device(device: str) -> torch.device:
-    """``auto``: the GPU Ray assigned to this actor, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class TeacherActor:

@@ -77,7 +77,7 @@ def export_open_clip(backbone: Backbone, path: str | os.PathLike) -> Path:
     ``open_clip.create_model(backbone.model_name, pretrained=path)`` and
     ``spar.load_backbone(backbone.name, pretrained=path)`` load it back bit-exactly.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -86,7 +86,8 @@ def export_open_clip(backbone: Backbone, path: str | os.PathLike) -> Path:
     state = {k: v.detach().to("cpu").clone().contiguous() for k, v in backbone.open_clip_state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt", "open_clip_model": backbone.model_name,
-                                         "spar_backbone": backbone.name})
+    data = save(state, metadata={"format": "pt", "open_clip_model": backbone.model_name, "spar_backbone": backbone.name})
+    with open(tmp, "wb") as f:  # plain open: the file gets the user's umask (save_file makes it 0600)
+        f.write(data)
     os.replace(tmp, path)
     return path

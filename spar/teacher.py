@@ -79,8 +79,8 @@ class _Layout:
             canvas_hw.append((hc, wc))
             canvas_base.append(base)
             base += hc * wc
-            cov_y = _axis_coverage(ys // cell, k, hc)
-            cov_x = _axis_coverage(xs // cell, k, wc)
+            cov_y = axis_coverage(ys // cell, k, hc)
+            cov_x = axis_coverage(xs // cell, k, wc)
             coverage.append((cov_y[:, None] * cov_x[None, :]).clamp_(min=1).unsqueeze(-1).to(device))
         return cls(torch.cat(image), torch.cat(top), torch.cat(left), canvas_hw, canvas_base, coverage)
 
@@ -94,7 +94,8 @@ class _Layout:
         return self.canvas_base[-1] + hc * wc
 
 
-def _axis_coverage(starts: torch.Tensor, k: int, length: int) -> torch.Tensor:
+def axis_coverage(starts: torch.Tensor, k: int, length: int) -> torch.Tensor:
+    """How many windows of side `k` starting at `starts` cover each of `length` positions."""
     pos = torch.arange(length)
     return ((pos[None] >= starts[:, None]) & (pos[None] < starts[:, None] + k)).sum(0).float()
 
@@ -113,7 +114,8 @@ def _gather_windows(images: Sequence[torch.Tensor], layout: _Layout, sel: slice,
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to `dtype` on `device`, or nothing for None / float32."""
     if dtype is None or dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
@@ -165,7 +167,7 @@ def sliding_window_features_many(
 
     for sel in iter_window_chunks(layout.num_windows, window_batch):
         crops = _gather_windows(images, layout, sel, crop)
-        with _autocast(device, amp_dtype):
+        with autocast(device, amp_dtype):
             maps = backbone.dense(crops)  # (n, g, g, D) float32
         if r > 1:
             maps = F.interpolate(maps.permute(0, 3, 1, 2), scale_factor=r, mode="bilinear",

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,15 +13,9 @@ from pathlib import Path
 
 from pipeline import open_cache
 from tests.images import good_images
-from tests.integration.conftest import put_files
+from tests.integration.conftest import free_port, put_files
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ray_job_submit_runs_the_cache_job(tmp_path):
@@ -31,7 +24,7 @@ def test_ray_job_submit_runs_the_cache_job(tmp_path):
     bin_dir = str(Path(sys.executable).parent)  # the job's `python` must be this environment's
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
                RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash = free_port(), free_port()
     head = subprocess.Popen(
         [f"{bin_dir}/ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
          "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
@@ -48,12 +41,16 @@ def test_ray_job_submit_runs_the_cache_job(tmp_path):
             except OSError:
                 assert head.poll() is None and time.monotonic() < deadline, (tmp_path / "head.log").read_text()
                 time.sleep(1)
-        submit = subprocess.run(
-            [f"{bin_dir}/ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", ".", "--",
-             "python", "jobs/cache_teacher.py", "backbone=maskclip-test", "augment.scale=[224,160]",
-             "augment.min_side=64", f"source={src}", f"output={out}"],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-        log = submit.stdout + submit.stderr
+        for _ in range(30):  # the dashboard answers before its job agent is ready: retry on that
+            submit = subprocess.run(
+                [f"{bin_dir}/ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", ".",
+                 "--", "python", "jobs/cache_teacher.py", "backbone=maskclip-test", "augment.scale=[224,160]",
+                 "augment.min_side=64", f"source={src}", f"output={out}"],
+                cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+            log = submit.stdout + submit.stderr
+            if "No available agent to submit job" not in log:
+                break
+            time.sleep(2)
         assert submit.returncode == 0 and "succeeded" in log, log[-4000:]
         assert "attached to Ray cluster" in log  # it used the submitted-to cluster, not a new one
     finally:
