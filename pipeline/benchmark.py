@@ -201,11 +201,11 @@ class CacheBench:
     """`benchmark.py cache`: job overhead over the bare teacher, and target encodings."""
 
     backbone: str = "maskclip"  # the real-size model (random init)
-    images: int = 4
+    images: int = 3  # the job runs on `images`, then on 2 x `images` (steady state = the difference)
     scale: list[int] = field(default_factory=lambda: [512, 384])  # augmentation scale for `backbone`
     min_side: int = 256
     tiny_backbone: str = "maskclip-test"
-    tiny_images: int = 24  # tiny model at the paper's augmentation scale
+    tiny_images: int = 12  # tiny model at the paper's augmentation scale (also run at 2x)
     stride: int = 24
     encodings: list[str] = field(default_factory=lambda: ["float16", "float32", "int8"])
     workdir: Optional[str] = None  # default: a temporary directory
@@ -213,36 +213,43 @@ class CacheBench:
 
 
 def _job_vs_bare(backbone: str, n: int, augment, stride: int, work: str) -> tuple[dict, list[torch.Tensor]]:
-    """Run the cache job on `n` synthetic images, then the bare teacher on the images it stored."""
-    import numpy as np
-
+    """The cache job on the first `n` and on the first `2n` synthetic images (same keys, so the same
+    views), then the bare teacher on every stored image. The difference of the two job times is the
+    job's steady-state cost of images n..2n-1 (Ray and actor start-up cancel out); the rest is the
+    fixed start-up cost."""
     from pipeline.cache import open_cache
     from pipeline.cache_job import CacheConfig, run
     from pipeline.encode import png_bytes
     from pipeline.sources import synthetic_scene
 
-    src, out = storage.join(work, backbone, "src"), storage.join(work, backbone, "cache")
+    src = storage.join(work, backbone, "src")
     sizes = [(1500, 2250), (1024, 768), (900, 1600), (1200, 1200)]
-    for i in range(n):
+    for i in range(2 * n):
         storage.write_bytes(storage.join(src, f"{i:04d}.png"), png_bytes(synthetic_scene(*sizes[i % len(sizes)], i)))
-    cfg = CacheConfig(source=src, output=out, backbone=backbone, pretrained=None, stride=stride, augment=augment)
-    t = time.perf_counter()
-    summary = run(cfg)
-    job_s = time.perf_counter() - t
+    job_s = {}
+    for count in (n, 2 * n):
+        out = storage.join(work, backbone, f"cache-{count}")
+        cfg = CacheConfig(source=src, output=out, backbone=backbone, pretrained=None, stride=stride,
+                          augment=augment, limit=count)
+        t = time.perf_counter()
+        run(cfg)
+        job_s[count] = time.perf_counter() - t
     cache = open_cache(out)
+    first = {s["key"] for s in open_cache(storage.join(work, backbone, f"cache-{n}"))}
     bb = spar.load_backbone(backbone, pretrained=None)
-    images = [torch.from_numpy(s["image"]) for s in cache]
-    maps, t = [], time.perf_counter()
-    for img in images:
-        maps.append(spar.sliding_window_features(bb, bb.normalize(img), stride=stride)[0])
-    bare_s = time.perf_counter() - t
-    windows = int(sum(cache.manifest.column("windows").to_pylist()))
+    maps, bare_extra, windows_extra = [], 0.0, 0
+    for sample, row in zip(cache, cache.manifest.to_pylist()):
+        t = time.perf_counter()
+        maps.append(spar.sliding_window_features(bb, bb.normalize(torch.from_numpy(sample["image"])), stride=stride)[0])
+        if sample["key"] not in first:
+            bare_extra += time.perf_counter() - t
+            windows_extra += sample["meta"]["windows"]
+    steady = job_s[2 * n] - job_s[n]
     return {
-        "backbone": backbone, "images": len(images), "windows": windows, "job_s": job_s,
-        "job_pipeline_s": summary["seconds"], "bare_teacher_s": bare_s,
-        "job_images_per_s": len(images) / job_s, "job_windows_per_s": windows / job_s,
-        "bare_windows_per_s": windows / bare_s, "job_overhead": job_s / bare_s - 1,
-        "pipeline_overhead": summary["seconds"] / bare_s - 1,
+        "backbone": backbone, "images": 2 * n, "job_s": job_s[2 * n], "fixed_startup_s": job_s[n] - steady,
+        "steady_images": n, "steady_windows": windows_extra, "job_steady_s": steady, "bare_teacher_s": bare_extra,
+        "job_windows_per_s": windows_extra / steady, "bare_windows_per_s": windows_extra / bare_extra,
+        "job_images_per_s": n / steady, "steady_overhead": steady / bare_extra - 1,
     }, maps
 
 
@@ -296,6 +303,9 @@ class TrainBench:
     warmup_steps: int = 4  # excluded from the steady-state rates
     loader_workers: int = 2
     cpus: int = 2  # CPUs for the Ray worker (and torch threads in both loops)
+    zero_stages: list[int] = field(default_factory=lambda: [0, 2])  # one Ray loop per DeepSpeed ZeRO stage
+    loader_images: int = 4  # 1024 x 2048 samples for the loader's rate at the paper's resolution
+    log_every: int = 4  # steps per metrics row of the Ray loop (its rates come from these rows)
     workdir: Optional[str] = None
     out: Optional[str] = None
 
@@ -314,6 +324,27 @@ def _benchmark_cache(cfg: TrainBench, work: str) -> str:
     crop = spar.get_spec(cfg.backbone).window
     run(CacheConfig(source=src, output=out, backbone=cfg.backbone, pretrained=None, stride=crop, views=cfg.views,
                     augment=AugmentConfig(scale=cfg.scale, min_side=cfg.min_side), num_cpus=cfg.cpus))
+    return out
+
+
+def _paper_size_cache(cfg: TrainBench, work: str) -> str:
+    """A cache of 1024 x 2048 views (float16 targets, D=512) of noisy scenes, whose PNGs cost about
+    what photos cost to decode; stride = crop keeps the teacher cheap."""
+    import numpy as np
+
+    from pipeline.augment import AugmentConfig
+    from pipeline.cache_job import CacheConfig, run
+    from pipeline.encode import png_bytes
+    from pipeline.sources import synthetic_scene
+
+    src, out = storage.join(work, "paper-src"), storage.join(work, "paper-cache")
+    rng = np.random.default_rng(0)
+    for i in range(cfg.loader_images):
+        img = synthetic_scene(1024, 2048, i).astype(np.int16) + rng.normal(0, 8, (1024, 2048, 3)).astype(np.int16)
+        storage.write_bytes(storage.join(src, f"{i:04d}.png"), png_bytes(np.clip(img, 0, 255).astype(np.uint8)))
+    aug = AugmentConfig(scale=[2048, 1024], ratio_range=[1.0, 1.0], keep_prob=1.0)
+    run(CacheConfig(source=src, output=out, backbone=cfg.backbone, pretrained=None,
+                    stride=spar.get_spec(cfg.backbone).window, augment=aug, num_cpus=cfg.cpus))
     return out
 
 
@@ -356,7 +387,7 @@ def _plain_loop(cfg: TrainBench, cache_url: str) -> dict:
             "data_wait_share": sum(waits) / total}
 
 
-def _ray_loop(cfg: TrainBench, cache_url: str, work: str) -> dict:
+def _ray_loop(cfg: TrainBench, cache_url: str, work: str, zero_stage: int) -> dict:
     """The real training job with one worker; steady-state rates from its metrics.csv."""
     import csv
     import io
@@ -364,16 +395,18 @@ def _ray_loop(cfg: TrainBench, cache_url: str, work: str) -> dict:
     from pipeline.train import DataSettings, ScalingSettings, TrainConfig, run
 
     t = time.perf_counter()
-    run(TrainConfig(cache=cache_url, output=storage.join(work, "runs"), name="bench", epochs=cfg.epochs,
-                    log_every=1, precision="fp32", zero_stage=2, num_cpus=cfg.cpus,
+    name = f"bench-zero{zero_stage}"
+    run(TrainConfig(cache=cache_url, output=storage.join(work, "runs"), name=name, epochs=cfg.epochs,
+                    log_every=cfg.log_every, precision="fp32", zero_stage=zero_stage, num_cpus=cfg.cpus,
                     scaling=ScalingSettings(num_workers=1, cpus_per_worker=cfg.cpus),
                     data=DataSettings(loader_workers=cfg.loader_workers)))
     wall = time.perf_counter() - t
-    rows = list(csv.DictReader(io.StringIO(storage.read_text(storage.join(work, "runs", "bench", "metrics.csv")))))
-    steady = [r for r in rows if r["kind"] == "step" and int(r["step"]) > cfg.warmup_steps]
-    step_s = [1.0 / float(r["samples_per_s"]) for r in steady]  # log_every=1, batch 1: one sample per row
+    rows = list(csv.DictReader(io.StringIO(storage.read_text(storage.join(work, "runs", name, "metrics.csv")))))
+    # rows whose window lies past the warm-up; each covers `log_every` steps of one sample (batch 1)
+    steady = [r for r in rows if r["kind"] == "step" and int(r["step"]) - cfg.log_every >= cfg.warmup_steps]
+    step_s = [cfg.log_every / float(r["samples_per_s"]) for r in steady]
     total = sum(step_s)
-    return {"steps": len(steady), "samples_per_s": len(steady) / total,
+    return {"steps": len(steady) * cfg.log_every, "samples_per_s": len(steady) * cfg.log_every / total,
             "tokens_per_s": sum(float(r["tokens_per_s"]) * s for r, s in zip(steady, step_s)) / total,
             "data_wait_share": sum(float(r["data_wait_share"]) * s for r, s in zip(steady, step_s)) / total,
             "job_wall_s": wall}
@@ -405,12 +438,13 @@ def bench_train(cfg: TrainBench) -> dict:
         cache_url = _benchmark_cache(cfg, work)
         grid = open_cache(cache_url).manifest.to_pylist()[0]
         plain = _plain_loop(cfg, cache_url)
-        ray_loop = _ray_loop(cfg, cache_url, work)
+        ray_loops = {f"zero{z}": _ray_loop(cfg, cache_url, work, z) for z in cfg.zero_stages}
         loader_1 = _loader_rate(cache_url, 1)
+        loader_paper = _loader_rate(_paper_size_cache(cfg, work), 1)
     return {"mode": "train", "device": _device_name(torch.device("cpu")), "backbone": cfg.backbone,
-            "example_image": [grid["height"], grid["width"]], "plain": plain, "ray_deepspeed": ray_loop,
-            "ray_overhead": plain["samples_per_s"] / ray_loop["samples_per_s"] - 1,
-            "loader_samples_per_s_per_core": loader_1}
+            "example_image": [grid["height"], grid["width"]], "plain": plain, "ray_deepspeed": ray_loops,
+            "ray_overhead": {k: plain["samples_per_s"] / v["samples_per_s"] - 1 for k, v in ray_loops.items()},
+            "loader_samples_per_s_per_core": loader_1, "loader_samples_per_s_per_core_1024x2048": loader_paper}
 
 
 MODES = {"teacher": (TeacherBench, bench_teacher), "speedup": (SpeedupBench, bench_speedup),

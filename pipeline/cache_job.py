@@ -22,7 +22,7 @@ from pipeline import __version__, shards, sources, storage
 from pipeline.augment import AugmentConfig, augment_row
 from pipeline.cache import FORMAT, FingerprintMismatch, fingerprint_diff, fingerprint_digest
 from pipeline.storage import public_url
-from pipeline.config import check, to_dict, to_yaml
+from pipeline.config import ConfigError, check, to_dict, to_yaml
 from pipeline.encode import ENCODINGS, IMAGE_EXT, META_EXT, SCALE_EXT, TARGET_EXT
 from pipeline.devices import AMP_DTYPES
 from pipeline.teacher_actor import TeacherActor
@@ -63,7 +63,7 @@ class CacheConfig:
     views: int = 1  # augmented views per source image
     encoding: str = "float16"  # target encoding: float16 | float32 | int8 (per-token scales)
     shard_size: int = 32  # max samples per shard tar
-    limit: Optional[int] = None  # only the first N source images (sorted by URI)
+    limit: Optional[int] = None  # only the first N source images (sorted by URI; not for tar sources)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     max_pixels: int = 100_000_000  # decompression-bomb cap on source pixels
@@ -139,6 +139,8 @@ def work_items(cfg: CacheConfig, done: set[str]) -> tuple[list[dict], int, bool]
     """(items to compute, source images listed, whether items are tars to expand)."""
     kind = sources.source_kind(cfg.source)
     if kind == "tars":
+        if cfg.limit is not None:  # members are only known once each tar is streamed, on the workers
+            raise ConfigError("limit= does not apply to tar sources; select tars instead (e.g. sa1b-{000..009}.tar)")
         tars = sources.list_tars(cfg.source)
         return [{"tar": t} for t in tars], -1, True
     listed = sources.list_source(cfg.source)[: cfg.limit]

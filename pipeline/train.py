@@ -64,7 +64,7 @@ class TrainConfig:
     grad_accum: int = 1
     grad_clip: float = 0.0  # 0 = no clipping
     precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp32) | bf16 | fp16 | fp32
-    zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3
+    zero_stage: int = 0  # DeepSpeed ZeRO 0-3; 0 suits the default 2 trainable blocks, 2-3 for trainable=all
     activation_checkpointing: bool = False
     deepspeed_config: Optional[str] = None  # JSON (e.g. infra/deepspeed/zero3.json) merged over the generated one
     seed: int = 0  # data order

@@ -215,6 +215,9 @@ class Trainer:
         self.refs = loader.manifest_refs(self.cache.manifest)
         self.engine = build_engine(self.cfg, self.source, self.world, config.get("deepspeed"))
         self.state = load_checkpoint(self.engine, self.world)
+        rank_zero_info(log, "rank %d/%d on %s, %d torch threads, %d trainable parameters", self.rank, self.world,
+                       self.device, torch.get_num_threads(),
+                       sum(p.numel() for p in self.engine.module.parameters() if p.requires_grad))
         self.metrics = Metrics(self.cfg.run_dir, enabled=self.rank == 0)
         self.last_loss = float("nan")
         self.last_checkpoint_step = self.state.step if self.state.step else -1

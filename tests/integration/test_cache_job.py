@@ -147,6 +147,8 @@ def test_webdataset_tar_source(ray_cluster, storage_root):
     assert summary["computed"] == len(cache) == 5
     assert all("#sa_img" in s for s in cache.manifest.column("source").to_pylist())
     assert run_job(f"source={src}", f"output={out}")["computed"] == 0
+    with pytest.raises(SystemExit, match="limit= does not apply to tar sources"):
+        run_job(f"source={src}", f"output={out}", "limit=2")
 
 
 def test_builtin_sample_source_default_settings(ray_cluster, tmp_path):
