@@ -76,6 +76,8 @@ def _deep_update(base: dict, extra: dict) -> None:
 class Metrics:
     """Rank-0 metrics: CSV + TensorBoard in a local dir, mirrored to the run dir."""
 
+    COLUMNS = ("kind", "step", "epoch", "loss", "samples_per_s", "tokens_per_s", "data_wait_share", "lr")
+
     def __init__(self, run_dir: str, enabled: bool):
         self.run_dir, self.enabled = run_dir, enabled
         self.local = tempfile.mkdtemp(prefix="spar-metrics-")
@@ -90,13 +92,15 @@ class Metrics:
             self.writer = SummaryWriter(os.path.join(self.local, "tensorboard"))
 
     def log(self, row: dict) -> None:
+        """One CSV row with the fixed COLUMNS (blank where a row kind has no value)."""
         if not self.enabled:
             return
         new = not os.path.exists(self.csv)
         with open(self.csv, "a") as f:
             if new:
-                f.write(",".join(row) + "\n")
-            f.write(",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row.values()) + "\n")
+                f.write(",".join(self.COLUMNS) + "\n")
+            cells = (row.get(c, "") for c in self.COLUMNS)
+            f.write(",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in cells) + "\n")
         for k, v in row.items():
             if k not in ("step", "epoch", "kind"):
                 self.writer.add_scalar(f"{row['kind']}/{k}", v, row["step"])
@@ -242,15 +246,14 @@ class Trainer:
                                           verify=cfg.data.verify_checksums, storage_options=cfg.storage_options))
         window = {"loss": 0.0, "n": 0, "wait": 0.0, "t0": time.perf_counter(), "samples": 0, "tokens": 0}
         epoch_loss = [0.0, 0.0]
-        last = None
         while st.epoch_step < plan.steps and not self.done():
             t = time.perf_counter()
             batch = next(batches, None)
             window["wait"] += time.perf_counter() - t
             real = batch is not None
-            batch = batch if real else last  # padding step: same shapes, zero weight
-            loss = self.step(batch, weight=1.0 if real else 0.0)
-            last = batch
+            # A rank whose batches are used up (fewer than the longest rank's, or all consumed before a
+            # resume) still steps with the others: a zero-weight padding step keeps the collectives in line.
+            loss = self.step(batch if real else self.padding_batch(), weight=1.0 if real else 0.0)
             st.step, st.epoch_step = st.step + 1, st.epoch_step + 1
             if real:
                 st.consumed[batch["worker"]] += 1
@@ -273,6 +276,14 @@ class Trainer:
             st.epoch, st.epoch_step, st.consumed = st.epoch + 1, 0, [0] * cfg.data.loader_workers
             if not cfg.checkpoint_every:
                 self.checkpoint()
+
+    def padding_batch(self) -> dict:
+        """One black window-sized image with a zero target: a forward/backward through every trainable
+        parameter whose loss is then weighted by zero."""
+        spec = spar.get_spec(self.source["backbone"])
+        side, grid = spec.window, spec.window // spec.patch_size
+        return {"image": torch.zeros(1, side, side, 3, dtype=torch.uint8),
+                "target": torch.zeros(1, grid, grid, spec.dim)}
 
     def step(self, batch: dict, weight: float) -> float:
         """One forward/backward/step; returns the (unweighted) loss."""

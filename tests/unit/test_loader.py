@@ -87,3 +87,20 @@ def test_loader_yields_the_plan_and_resumes_exactly(tmp_path):
         consumed[b["worker"]] += 1
     rest = list(make_loader(out, plan, [consumed[0], consumed[1]], prefetch=2))
     assert sorted(k for b in rest for k in b["keys"]) == sorted(k for b in full[3:] for k in b["keys"])
+
+
+def test_metrics_csv_has_one_header_whatever_row_comes_first(tmp_path):
+    import csv
+
+    from pipeline.train_loop import Metrics
+
+    m = Metrics(str(tmp_path / "run"), enabled=True)
+    m.log({"kind": "epoch", "step": 3, "epoch": 0, "loss": 0.5})  # an epoch row before any step row
+    m.log({"kind": "step", "step": 4, "epoch": 1, "loss": 0.25, "samples_per_s": 2.0, "tokens_per_s": 400.0,
+           "data_wait_share": 0.01, "lr": 2e-5})
+    m.sync()
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["kind"] for r in rows] == ["epoch", "step"]
+    assert rows[0]["samples_per_s"] == "" and float(rows[1]["samples_per_s"]) == 2.0
+    assert float(rows[1]["data_wait_share"]) == 0.01
