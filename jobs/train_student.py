@@ -13,7 +13,7 @@ from pipeline.train import TrainConfig, run
 
 def main(argv: list[str] | None = None) -> dict:
     """Train (or resume) and print the final metrics; exits non-zero on bad input."""
-    return run_job(TrainConfig, run, argv, expected=(CacheError,))
+    return run_job(TrainConfig, run, argv, expected=(CacheError, FileNotFoundError))
 
 
 if __name__ == "__main__":

@@ -85,7 +85,12 @@ class CacheConfig:
         check(self.stride >= 1, "stride must be >= 1")
         check(0 <= self.max_failed_fraction <= 1, "max_failed_fraction must be in [0, 1]")
         check(self.limit is None or self.limit >= 1, "limit must be >= 1")
-        crop = self.crop or spar.get_spec(self.backbone).window
+        spec = spar.get_spec(self.backbone)
+        crop = self.crop or spec.window
+        check(crop % spec.patch_size == 0, f"crop {crop} is not a multiple of {self.backbone}'s patch size "
+                                           f"{spec.patch_size}")
+        check(self.stride <= crop, f"stride {self.stride} > crop {crop}: windows would leave parts of images "
+                                   "uncovered")
         check(self.augment.min_side >= crop, f"augment.min_side {self.augment.min_side} < teacher crop {crop}")
         if self.pretrained == "default":
             self.pretrained = spar.get_spec(self.backbone).default_pretrained
@@ -120,17 +125,23 @@ def build_fingerprint(cfg: CacheConfig) -> dict:
 
 
 def claim_output(cfg: CacheConfig) -> dict:
-    """Write the fingerprint into a new output, or check it against an existing one."""
+    """Write the fingerprint into a new output, or check it against an existing one.
+
+    An output whose earlier run committed nothing (it failed before its first shard, e.g. weights that
+    could not be fetched) is not a cache yet: its fingerprint is replaced, with a warning.
+    """
     fp = build_fingerprint(cfg)
     path = storage.join(cfg.output, "teacher.json")
     if storage.exists(path):
         old = shards.read_json(path)
-        if old.get("fingerprint") != fp["fingerprint"]:
-            diff = "\n  ".join(fingerprint_diff(old, fp)) or "(fingerprint digest differs)"
+        if old.get("fingerprint") == fp["fingerprint"]:
+            return old
+        diff = "\n  ".join(fingerprint_diff(old, fp)) or "(fingerprint digest differs)"
+        if shards.committed_shards(cfg.output):
             raise FingerprintMismatch(
                 f"{cfg.output} holds a cache made with different teacher settings; refusing to mix them:\n  "
                 f"{diff}\nUse another output, or the original settings to resume or extend it.")
-        return old
+        log.warning("%s holds no committed shard yet; replacing its fingerprint:\n  %s", cfg.output, diff)
     shards.write_json(path, fp)
     return fp
 

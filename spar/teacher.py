@@ -46,6 +46,8 @@ def _check_args(backbone: Backbone, height: int, width: int, crop: int, stride: 
         raise ValueError(f"stride must be >= 1, got {stride}")
     if crop % p:
         raise ValueError(f"crop {crop} is not a multiple of the patch size {p}")
+    if stride > crop:
+        raise ValueError(f"stride {stride} > crop {crop}: windows would leave parts of the image uncovered")
     if height < crop or width < crop:
         raise ValueError(f"image {height}x{width} is smaller than the teacher crop {crop}x{crop}")
     if height % p or width % p:

@@ -30,6 +30,21 @@ def _is_url(value: str) -> bool:
     return len(scheme) > 1  # a Windows drive letter is not a scheme
 
 
+def _redacted(url: str) -> str:
+    """The URL without user info, query or fragment: what may be logged (no signatures or keys)."""
+    p = urllib.parse.urlsplit(url)
+    host = (p.hostname or "") + (f":{p.port}" if p.port else "")
+    return urllib.parse.urlunsplit((p.scheme, host, p.path, "", ""))
+
+
+def _unknown_weights(model_name: str, pretrained: str) -> FileNotFoundError:
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    return FileNotFoundError(
+        f"pretrained={_redacted(pretrained)!r} is neither an open_clip tag of {model_name} (known: {tags}) nor an "
+        f"existing file. " + OFFLINE_HELP
+    )
+
+
 def _weights_cache_dir() -> Path:
     root = os.environ.get("SPAR_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "spar")
     return Path(root) / "weights"
@@ -48,7 +63,7 @@ def _fetch_url(url: str) -> str:
         return str(local)
     local.parent.mkdir(parents=True, exist_ok=True)
     tmp = local.with_name(local.name + f".part{os.getpid()}")
-    log.info("fetching weights %s -> %s", url, local)
+    log.info("fetching weights %s -> %s", _redacted(url), local)
     with fsspec.open(url, "rb") as src, open(tmp, "wb") as dst:
         while chunk := src.read(16 << 20):
             dst.write(chunk)
@@ -110,11 +125,7 @@ def resolve_pretrained(model_name: str, pretrained: str | None) -> str | None:
         return _fetch_url(pretrained)
     if os.path.isfile(pretrained):
         return pretrained
-    tags = open_clip.list_pretrained_tags_by_model(model_name)
-    raise FileNotFoundError(
-        f"pretrained={pretrained!r} is neither an open_clip tag of {model_name} (known: {tags}) nor an "
-        f"existing file. " + OFFLINE_HELP
-    )
+    raise _unknown_weights(model_name, pretrained)
 
 
 def weights_identity(model_name: str, pretrained: str | None) -> dict:
@@ -124,6 +135,8 @@ def weights_identity(model_name: str, pretrained: str | None) -> dict:
     if open_clip.get_pretrained_cfg(model_name, str(pretrained)):
         return {"kind": "tag", "value": str(pretrained)}
     local = _fetch_url(pretrained) if _is_url(pretrained) else pretrained
+    if not os.path.isfile(local):
+        raise _unknown_weights(model_name, pretrained)
     digest = hashlib.sha256()
     with open(local, "rb") as f:
         while chunk := f.read(16 << 20):

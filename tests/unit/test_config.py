@@ -26,7 +26,7 @@ def test_preset_then_overrides(tmp_path):
 @pytest.mark.parametrize("argv,msg", [
     (["strid=3"], "strid"), (["stride=abc"], "stride"), (["encoding=bf16"], "encoding"),
     (["views=0"], "views"), (["backbone=resnet"], "unknown backbone"), (["no_such_preset"], "preset"),
-    (["augment.min_side=100"], "crop"),
+    (["augment.min_side=100"], "crop"), (["crop=200"], "patch size"), (["stride=300"], "uncovered"),
 ])
 def test_errors_name_the_key(argv, msg):
     with pytest.raises(ConfigError, match=msg):
@@ -38,3 +38,21 @@ def test_secrets_never_reach_the_saved_config():
                                      "storage_options.endpoint_url=http://127.0.0.1:9000"])
     text = to_yaml(cfg)
     assert "AKIAFAKE" not in text and "s3cr3t" not in text and "http://127.0.0.1:9000" in text
+
+
+def test_an_output_with_nothing_committed_takes_a_new_fingerprint(tmp_path):
+    """A first run that failed before its first commit (say, weights it could not fetch) must not lock
+    its output; once a shard is committed, other settings are refused."""
+    from pipeline.cache_job import FingerprintMismatch, claim_output
+    from pipeline.shards import read_json
+
+    out = str(tmp_path / "cache")
+    first = claim_output(parse_config(CacheConfig, ["backbone=maskclip-test", f"output={out}"]))
+    second = claim_output(parse_config(CacheConfig, ["backbone=maskclip-test", f"output={out}", "stride=32"]))
+    assert first["fingerprint"] != second["fingerprint"]
+    assert read_json(str(tmp_path / "cache" / "teacher.json"))["stride"] == 32
+    (tmp_path / "cache" / "manifest" / "shards").mkdir(parents=True)
+    (tmp_path / "cache" / "manifest" / "shards" / "shard-0.parquet").write_bytes(b"")  # a committed shard
+    with pytest.raises(FingerprintMismatch, match="stride"):
+        claim_output(parse_config(CacheConfig, ["backbone=maskclip-test", f"output={out}"]))
+    assert read_json(str(tmp_path / "cache" / "teacher.json"))["stride"] == 32

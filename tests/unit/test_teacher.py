@@ -154,6 +154,7 @@ def test_bf16_autocast_keeps_float32_output(tiny_backbones):
     ((1, 3, 128, 40), {}, "smaller than the teacher crop"),
     ((1, 3, 72, 128), {}, "multiple of the patch"),
     ((1, 3, 128, 128), {"stride": 0}, "stride"),
+    ((1, 3, 128, 128), {"stride": 65}, "uncovered"),
     ((1, 3, 128, 128), {"crop": 40}, "crop"),
     ((1, 3, 128, 128), {"window_batch": 0}, "window_batch"),
     ((3, 128, 128), {}, "expected"),

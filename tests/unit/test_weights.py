@@ -41,3 +41,25 @@ def test_weights_identity(tmp_path):
     f.write_bytes(b"abc")
     ident = weights_identity("ViT-B-16", str(f))
     assert ident == {"kind": "file", "value": "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"}
+    with pytest.raises(FileNotFoundError, match="laion2b_s34b_b88k"):  # a typo'd tag lists the known tags
+        weights_identity("ViT-B-16", "laion2b_s34b_b88")
+
+
+def test_signed_weight_urls_are_logged_without_their_secrets(tmp_path, monkeypatch, caplog):
+    import logging
+
+    import fsspec
+
+    from spar import weights
+
+    monkeypatch.setenv("SPAR_CACHE_DIR", str(tmp_path / "cache"))
+    data = b"weights bytes"
+    url = "memory://bucket/w.safetensors?X-Amz-Signature=deadbeef&X-Amz-Credential=AKIAFAKE"
+    with fsspec.open(url, "wb") as f:  # the memory filesystem keeps the query in the path: same object back
+        f.write(data)
+    with caplog.at_level(logging.INFO, logger="spar.weights"):
+        local = weights._fetch_url(url)
+    assert open(local, "rb").read() == data
+    assert "fetching weights memory://bucket/w.safetensors ->" in caplog.text
+    for secret in ("deadbeef", "AKIAFAKE", "X-Amz"):
+        assert secret not in caplog.text
