@@ -109,8 +109,10 @@ def augment_row(row: dict, *, seed: int, cfg: AugmentConfig, max_pixels: int, mi
 
     out = {"key": row["key"], "sample_key": row["sample_key"], "source": row["source"], "view": row["view"],
            "image": _PLACEHOLDER, "png": b"", "meta": "", "error": ""}
+    if row.get("error"):  # recorded upstream (an unreadable tar)
+        return dict(out, error=row["error"])
     try:
-        data = row.get("data") or read_bytes(row["source"])
+        data = row["data"] if row.get("data") is not None else read_bytes(row["source"])
         image = decode_image(data, max_pixels=max_pixels, min_side=min_source_side, max_aspect=max_aspect)
     except BadImage as e:
         return dict(out, error=str(e))

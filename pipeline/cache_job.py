@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
+import tarfile
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
@@ -160,22 +161,28 @@ def work_items(cfg: CacheConfig, done: set[str]) -> tuple[list[dict], int, bool]
     return [it for it in items if it["sample_key"] not in done], len(listed), False
 
 
-def expand_tar(row: dict, *, views: int, done: Any) -> list[dict]:
-    """Ray Data flat_map: one tar -> its image members x views that are not committed yet."""
+def expand_tar(row: dict, *, views: int, done: Any) -> Iterator[dict]:
+    """Ray Data flat_map: one tar -> its image members x views that are not committed yet.
+
+    One streaming pass, one member in memory at a time (Ray Data cuts the output into blocks as it
+    goes), so SA-1B's 10 GB tars cost a task about a block of memory. A tar that cannot be read to its
+    end (truncated, corrupt, unreachable) keeps the members read before the break and yields one error
+    row naming the tar.
+    """
     import ray
 
     done_keys = ray.get(done) if isinstance(done, ray.ObjectRef) else done
-    wanted = {}
-    for item in sources.list_tar_members(row["tar"]):
-        for v in range(views):
-            if f"{item.key}_v{v}" not in done_keys:
-                wanted.setdefault(item.member, []).append((item, v))
-    out = []
-    for member, data in sources.read_tar_members(row["tar"], set(wanted)):
-        for item, v in wanted[member]:
-            out.append({"key": item.key, "sample_key": f"{item.key}_v{v}", "source": item.uri, "view": v,
-                        "data": data})
-    return out
+    tar = row["tar"]
+    try:
+        for item, data in sources.iter_tar_images(tar):
+            for v in range(views):
+                if f"{item.key}_v{v}" not in done_keys:
+                    yield {"key": item.key, "sample_key": f"{item.key}_v{v}", "source": item.uri, "view": v,
+                           "data": data, "error": ""}
+    except (tarfile.TarError, OSError, EOFError) as e:
+        key = sources.make_key(tar)
+        yield {"key": key, "sample_key": f"{key}_tar", "source": tar, "view": 0, "data": b"",
+               "error": f"unreadable tar: {type(e).__name__}: {e}"}
 
 
 def write_batch(batch: dict[str, np.ndarray], *, output: str, storage_options: dict) -> dict[str, np.ndarray]:

@@ -146,12 +146,13 @@ def _check_unique(items: list[SourceItem]) -> None:
             raise ValueError(f"key collision: {it.uri} and {seen[it.key]} share key {it.key}")
 
 
-def read_tar_members(tar_url: str, members: set[str]) -> Iterator[tuple[str, bytes]]:
-    """(member, bytes) for the wanted members of one tar, streaming it once."""
+def iter_tar_images(tar_url: str) -> Iterator[tuple[SourceItem, bytes]]:
+    """(item, bytes) for each image member of one tar, streaming it once, one member at a time."""
     with storage.open_file(tar_url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tf:
         for m in tf:
-            if m.name in members and m.isfile():
-                yield m.name, tf.extractfile(m).read()
+            if m.isfile() and m.name.lower().endswith(IMAGE_EXTENSIONS):
+                uri = f"{tar_url}#{m.name}"
+                yield SourceItem(make_key(uri), uri, tar=tar_url, member=m.name), tf.extractfile(m).read()
 
 
 def read_bytes(uri: str) -> bytes:

@@ -1,6 +1,9 @@
 """The cache job end to end on a real local Ray cluster, on local disk and on a loopback S3 server."""
 from __future__ import annotations
 
+import io
+import tarfile
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -142,11 +145,22 @@ def test_webdataset_tar_source(ray_cluster, storage_root):
         with storage.open_file(storage.join(src, f"part-{t:03d}.tar"), "wb") as f, wds.TarWriter(f) as tw:
             for name, data in files[t::2]:
                 tw.write({"__key__": f"sa_{name.split('.')[0]}", name.split(".")[1]: data, "json": b"{}"})
-    summary = run_job(f"source={src}", f"output={out}")
+    # A third tar: a good member, an empty one, then cut off in the middle of a third member.
+    buf = io.BytesIO()
+    with wds.TarWriter(buf) as tw:
+        for key, data in [("sa_ok", files[0][1]), ("sa_empty", b""), ("sa_cut", files[1][1])]:
+            tw.write({"__key__": key, "png": data})
+    cut = next(m for m in tarfile.open(fileobj=io.BytesIO(buf.getvalue())) if m.name == "sa_cut.png")
+    storage.write_bytes(storage.join(src, "part-002.tar"), buf.getvalue()[: cut.offset_data + cut.size // 2])
+    summary = run_job(f"source={src}", f"output={out}", "max_failed_fraction=0.5")
     cache = open_cache(out)
-    assert summary["computed"] == len(cache) == 5
-    assert all("#sa_img" in s for s in cache.manifest.column("source").to_pylist())
-    assert run_job(f"source={src}", f"output={out}")["computed"] == 0
+    assert summary["computed"] == len(cache) == 6 and summary["failed"] == 2
+    assert all("#sa_" in s for s in cache.manifest.column("source").to_pylist())
+    reasons = dict(zip(cache.errors.column("source").to_pylist(), cache.errors.column("reason").to_pylist()))
+    assert "empty" in reasons[storage.join(src, "part-002.tar") + "#sa_empty.png"]
+    assert reasons[storage.join(src, "part-002.tar")].startswith("unreadable tar: ReadError")
+    again = run_job(f"source={src}", f"output={out}", "max_failed_fraction=1")  # only the failures are retried
+    assert (again["computed"], again["failed"], len(open_cache(out))) == (0, 2, 6)
     with pytest.raises(SystemExit, match="limit= does not apply to tar sources"):
         run_job(f"source={src}", f"output={out}", "limit=2")
 
