@@ -149,7 +149,7 @@ def run(cfg: TrainConfig) -> dict:
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
-            name=cfg.name, storage_path=_ray_storage_path(cfg.output),
+            name=cfg.name, **_ray_storage(cfg),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
     )
@@ -179,10 +179,21 @@ def _read_deepspeed_json(url: str | None) -> dict:
         raise ConfigError(f"deepspeed_config={url}: {e}") from None
 
 
-def _ray_storage_path(url: str) -> str:
-    """Ray Train wants an absolute local path or a URI it understands (pyarrow fs)."""
-    if storage.is_local(url):
+def _ray_storage(cfg: TrainConfig) -> dict:
+    """`storage_path` (and `storage_filesystem`) for Ray Train's checkpoints.
+
+    A local output is an absolute path. A remote one is a URI that Ray opens with pyarrow's own
+    filesystems (credentials and endpoint from the environment), unless the job has
+    `storage_options`: then checkpoints go through the same fsspec filesystem as everything else, so
+    an `endpoint_url` or key given there applies to them too.
+    """
+    if storage.is_local(cfg.output):
         import os
 
-        return os.path.abspath(storage.local_path(url))
-    return public_url(url)
+        return {"storage_path": os.path.abspath(storage.local_path(cfg.output))}
+    if not cfg.storage_options:
+        return {"storage_path": public_url(cfg.output)}
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = storage.filesystem(cfg.output)
+    return {"storage_path": path, "storage_filesystem": PyFileSystem(FSSpecHandler(fs))}
