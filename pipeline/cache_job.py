@@ -75,7 +75,7 @@ class CacheConfig:
     read_cpus: float = -1.0  # CPUs per read/augment task; -1 = 1 with GPUs, else 0.5 (fits beside CPU actors)
     write_cpus: float = 0.5  # CPUs per shard-writer task
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for output/source protocol
-    ray_address: Optional[str] = None  # attach here; default RAY_ADDRESS or a new local cluster
+    ray_address: Optional[str] = None  # "auto": this node's cluster; default RAY_ADDRESS, else a new local one
     num_cpus: Optional[int] = None  # CPUs of a local cluster this job starts
 
     def __post_init__(self):

@@ -75,7 +75,7 @@ class TrainConfig:
     scaling: ScalingSettings = field(default_factory=ScalingSettings)
     data: DataSettings = field(default_factory=DataSettings)
     storage_options: dict[str, Any] = field(default_factory=dict)
-    ray_address: Optional[str] = None
+    ray_address: Optional[str] = None  # "auto": this node's cluster; default RAY_ADDRESS, else a new local one
     num_cpus: Optional[int] = None  # CPUs of a local cluster this job starts
 
     def __post_init__(self):
