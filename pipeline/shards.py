@@ -86,23 +86,23 @@ class _HashingWriter(io.RawIOBase):
         return self.f.write(b)
 
 
-def _write_tar(url: str, samples: list[dict]) -> tuple[int, str]:
+def _write_tar(url: str, samples: list[dict], mtime: float) -> tuple[int, str]:
     """Write WebDataset samples to one tar; returns (bytes, sha256). Local tars go via a temp file."""
     if storage.is_local(url):
         path = storage.local_path(url)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".tar")
         with os.fdopen(fd, "wb") as raw:
-            n, sha = _tar_into(raw, samples)
+            n, sha = _tar_into(raw, samples, mtime)
         os.replace(tmp, path)
         return n, sha
     with storage.open_file(url, "wb") as raw:  # an object appears only when its upload completes
-        return _tar_into(raw, samples)
+        return _tar_into(raw, samples, mtime)
 
 
-def _tar_into(raw, samples: list[dict]) -> tuple[int, str]:
+def _tar_into(raw, samples: list[dict], mtime: float) -> tuple[int, str]:
     hw = _HashingWriter(raw)
-    with wds.TarWriter(hw) as sink:
+    with wds.TarWriter(hw, mtime=mtime) as sink:
         for s in samples:
             sink.write(s)
     return hw.n, hw.sha.hexdigest()
@@ -121,12 +121,23 @@ def commit_shard(output: str, samples: list[dict], rows: list[dict]) -> dict:
     if is_committed(output, name):
         log.info("shard %s already committed; skipping the rewrite", name)
         return {"shard": name, "samples": len(rows), "bytes": 0, "sha256": "", "created": 0.0, "skipped": True}
-    nbytes, sha = _write_tar(shard_url(output, name), samples)
+    created = time.time()
+    nbytes, sha = _write_tar(shard_url(output, name), samples, mtime=created)
     for r in rows:
         r["shard"] = name
-    _write_table(samples_url(output, name), pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA))
-    shard_row = {"shard": name, "samples": len(rows), "bytes": nbytes, "sha256": sha, "created": time.time()}
+    sample_table = pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
+    _write_table(samples_url(output, name), sample_table)
+    shard_row = {"shard": name, "samples": len(rows), "bytes": nbytes, "sha256": sha, "created": created}
     _write_table(commit_url(output, name), pa.Table.from_pylist([shard_row], schema=SHARD_SCHEMA))
+    # A writer of a killed run can outlive its driver for a moment, and the next run's clean-up may
+    # have removed this shard's files between the writes above. Put them back (the tar byte for
+    # byte: same members, same mtime), so a commit always has its tar and its rows.
+    if not storage.exists(shard_url(output, name)):
+        log.warning("shard %s: tar removed before its commit landed; rewriting it", name)
+        _write_tar(shard_url(output, name), samples, mtime=created)
+    if not storage.exists(samples_url(output, name)):
+        log.warning("shard %s: sample rows removed before the commit landed; rewriting them", name)
+        _write_table(samples_url(output, name), sample_table)
     return dict(shard_row, skipped=False)
 
 

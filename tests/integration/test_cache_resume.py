@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+
 from jobs import cache_teacher
 from pipeline import open_cache, shards, storage
 from tests.images import good_images
@@ -36,8 +38,17 @@ def test_sigkill_then_rerun_resumes_exactly_once(ray_cluster, tmp_path):
         assert time.monotonic() < deadline, "first run never committed a shard"
         time.sleep(0.1)
     time.sleep(random.uniform(0.0, 1.5))
-    os.killpg(proc.pid, signal.SIGKILL)  # driver, its local Ray cluster and every worker
+    # The whole job: the driver, its local Ray cluster, and every worker. Ray workers run in process
+    # groups of their own, and a worker left alive could still commit after the re-run has started.
+    job = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    os.killpg(proc.pid, signal.SIGKILL)
+    for p in job:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
     proc.wait()
+    psutil.wait_procs(job, timeout=30)
 
     before = open_cache(out, require_samples=False)
     committed_before = set(before.keys())

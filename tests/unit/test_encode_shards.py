@@ -73,12 +73,31 @@ def test_commit_protocol_and_cleanup(tmp_path):
     # a crashed writer: tar and sample rows without a commit
     orphan = [_sample("z", seed=9)[0]]
     name = shards.shard_name(["z"])
-    shards._write_tar(shards.shard_url(out, name), orphan)
+    shards._write_tar(shards.shard_url(out, name), orphan, mtime=0.0)
     cache = open_cache(out)
     assert sorted(cache.keys()) == ["k0", "k1", "k2"] and cache.verify() == []
     assert [s["key"] for s in iter_shard(cache.shard_urls()[0])] == ["k0", "k1", "k2"]
     assert shards.clean_uncommitted(out) == 1
     assert not storage.exists(shards.shard_url(out, name))
+
+
+def test_a_commit_racing_a_cleanup_still_has_its_tar_and_rows(tmp_path, monkeypatch):
+    """A straggling writer of a killed run commits just after the next run's clean-up removed its
+    tar and rows: the writer puts them back, byte for byte."""
+    out = str(tmp_path / "cache")
+    shards.write_json(storage.join(out, "teacher.json"), {"format": "spar-teacher-cache/1"})
+    write_table = shards._write_table
+
+    def cleanup_then_write(url, table):
+        if "/manifest/shards/" in url:  # the commit: a concurrent clean-up runs right before it lands
+            assert shards.clean_uncommitted(out) == 2
+        write_table(url, table)
+
+    monkeypatch.setattr(shards, "_write_table", cleanup_then_write)
+    batch = [_sample(f"k{i}", seed=i)[0] for i in range(2)]
+    shards.commit_shard(out, batch, _rows(batch))
+    cache = open_cache(out)
+    assert sorted(cache.keys()) == ["k0", "k1"] and cache.verify() == []
 
 
 def test_duplicate_keys_across_shards_are_read_once(tmp_path):
