@@ -160,6 +160,9 @@ def build_engine(cfg, source: dict, world_size: int, ds_extra: dict | None = Non
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
     engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, model_parameters=params,
                                       config=deepspeed_config(cfg, world_size, ds_extra), dist_init_required=False)
+    if world_size == 1 and engine.zero_optimization_stage() == 0:
+        # One rank has nothing to average; DeepSpeed would still flatten, all-reduce and copy back.
+        engine.enable_backward_allreduce = False
     return engine
 
 
