@@ -16,6 +16,8 @@ from typing import IO, Any, Iterator
 
 import fsspec
 
+from spar.weights import public_url  # noqa: F401  (one definition, shared with the model library)
+
 _OPTIONS: dict[str, dict] = {}  # per-protocol storage options set by `configure`
 # Many processes write the same prefixes: a cached listing would hide their objects.
 _DEFAULTS = {p: {"use_listings_cache": False} for p in ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")}
@@ -184,13 +186,3 @@ def size(url: str) -> int:
         return os.path.getsize(local_path(url))
     fs, path = filesystem(url)
     return int(fs.size(path))
-
-
-def public_url(url: str | None) -> str | None:
-    """A URL without query string or user info (signed URLs carry credentials there). The fragment
-    stays: it names a member inside an archive (``s3://b/part-000.tar#img.jpg``)."""
-    if not url or "://" not in str(url):
-        return url
-    p = urllib.parse.urlparse(str(url))
-    host = p.netloc.rsplit("@", 1)[-1]  # drop user:password@
-    return urllib.parse.urlunparse((p.scheme, host, p.path, "", "", p.fragment))

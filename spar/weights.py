@@ -30,17 +30,20 @@ def _is_url(value: str) -> bool:
     return len(scheme) > 1  # a Windows drive letter is not a scheme
 
 
-def _redacted(url: str) -> str:
-    """The URL without user info, query or fragment: what may be logged (no signatures or keys)."""
-    p = urllib.parse.urlsplit(url)
-    host = (p.hostname or "") + (f":{p.port}" if p.port else "")
-    return urllib.parse.urlunsplit((p.scheme, host, p.path, "", ""))
+def public_url(url: str | None) -> str | None:
+    """A URL without query string or user info (signed URLs carry credentials there): what may be
+    logged or recorded. The fragment stays: it names a member inside an archive (``s3://b/p.tar#img.jpg``)."""
+    if not url or "://" not in str(url):
+        return url
+    p = urllib.parse.urlparse(str(url))
+    host = p.netloc.rsplit("@", 1)[-1]  # drop user:password@
+    return urllib.parse.urlunparse((p.scheme, host, p.path, "", "", p.fragment))
 
 
 def _unknown_weights(model_name: str, pretrained: str) -> FileNotFoundError:
     tags = open_clip.list_pretrained_tags_by_model(model_name)
     return FileNotFoundError(
-        f"pretrained={_redacted(pretrained)!r} is neither an open_clip tag of {model_name} (known: {tags}) nor an "
+        f"pretrained={public_url(pretrained)!r} is neither an open_clip tag of {model_name} (known: {tags}) nor an "
         f"existing file. " + OFFLINE_HELP
     )
 
@@ -63,7 +66,7 @@ def _fetch_url(url: str) -> str:
         return str(local)
     local.parent.mkdir(parents=True, exist_ok=True)
     tmp = local.with_name(local.name + f".part{os.getpid()}")
-    log.info("fetching weights %s -> %s", _redacted(url), local)
+    log.info("fetching weights %s -> %s", public_url(url), local)
     with fsspec.open(url, "rb") as src, open(tmp, "wb") as dst:
         while chunk := src.read(16 << 20):
             dst.write(chunk)
