@@ -94,7 +94,7 @@ class CacheConfig:
                                    "uncovered")
         check(self.augment.min_side >= crop, f"augment.min_side {self.augment.min_side} < teacher crop {crop}")
         if self.pretrained == "default":
-            self.pretrained = spar.get_spec(self.backbone).default_pretrained
+            self.pretrained = spec.default_pretrained
 
 
 class TooManyFailures(RuntimeError):

@@ -92,7 +92,7 @@ def list_source(source: str) -> list[SourceItem]:
     elif kind == "list":
         uris = _read_list(source)
     elif kind == "tars":
-        return [item for tar in list_tars(source) for item in list_tar_members(tar)]
+        return [item for tar in list_tars(source) for item, _ in iter_tar_images(tar)]  # streams every tar
     else:
         if not storage.exists(source):
             raise FileNotFoundError(f"source {source!r} does not exist")
@@ -109,17 +109,6 @@ def list_tars(source: str) -> list[str]:
     if source.lower().endswith(".tar"):
         return [source]
     return storage.list_files(source, suffixes=(".tar",))
-
-
-def list_tar_members(tar_url: str) -> list[SourceItem]:
-    """Image members of one tar as items (``uri = <tar>#<member>``)."""
-    items = []
-    with storage.open_file(tar_url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tf:
-        for m in tf:
-            if m.isfile() and m.name.lower().endswith(IMAGE_EXTENSIONS):
-                uri = f"{tar_url}#{m.name}"
-                items.append(SourceItem(make_key(uri), uri, tar=tar_url, member=m.name))
-    return items
 
 
 def _read_list(source: str) -> list[str]:

@@ -27,6 +27,18 @@ def test_folder_listing_is_recursive_and_filters_extensions(tmp_path):
         list_source(str(tmp_path / "missing"))
 
 
+def test_tar_listing_names_image_members(tmp_path):
+    import webdataset as wds
+
+    files = list(good_images(2).items())
+    with open(tmp_path / "part-000.tar", "wb") as f, wds.TarWriter(f) as tw:
+        for name, data in files:
+            tw.write({"__key__": name.split(".")[0], "png": data, "json": b"{}"})
+    items = list_source(str(tmp_path / "part-000.tar"))
+    assert [i.member for i in items] == [name.split(".")[0] + ".png" for name, _ in files]
+    assert all(i.uri == f"{tmp_path / 'part-000.tar'}#{i.member}" for i in items)
+
+
 def test_builtin_samples_need_no_network():
     uris = builtin_uris()
     assert len(uris) >= 5
