@@ -26,7 +26,7 @@ import torch
 import spar
 from pipeline import storage
 from pipeline.config import check
-from pipeline.devices import AMP_DTYPES, pick_device, synchronize
+from pipeline.devices import AMP_DTYPES, device_name, pick_device, synchronize
 from spar.teacher import autocast
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ def bench_teacher(cfg: TeacherBench) -> dict:
     tt, tv = statistics.median(t_teacher), statistics.median(t_vit)
     achieved = flops_per_window * windows / tt
     return {
-        "mode": "teacher", "backbone": cfg.backbone, "device": _device_name(device), "dtype": cfg.dtype,
+        "mode": "teacher", "backbone": cfg.backbone, "device": device_name(device), "dtype": cfg.dtype,
         "threads": torch.get_num_threads(), "image": [cfg.height, cfg.width], "images": cfg.images,
         "crop": crop, "stride": cfg.stride, "window_batch": cfg.window_batch, "windows": windows,
         "teacher_s": tt, "vit_only_s": tv, "windows_per_s": windows / tt, "images_per_s": cfg.images / tt,
@@ -158,17 +158,11 @@ def bench_speedup(cfg: SpeedupBench) -> dict:
         t_sliding.append(timed(sliding, device))
     ts, tw = statistics.median(t_single), statistics.median(t_sliding)
     return {
-        "mode": "speedup", "backbone": cfg.backbone, "device": _device_name(device), "dtype": cfg.dtype,
+        "mode": "speedup", "backbone": cfg.backbone, "device": device_name(device), "dtype": cfg.dtype,
         "threads": torch.get_num_threads(), "image": [cfg.height, cfg.width], "stride": cfg.stride,
         "windows": spar.count_windows(cfg.height, cfg.width, bb.window, cfg.stride),
         "single_pass_s": ts, "sliding_window_s": tw, "speedup": tw / ts,
     }
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def _flat(result: dict, prefix: str = "") -> dict:
@@ -235,10 +229,10 @@ def _job_vs_bare(backbone: str, n: int, augment, stride: int, work: str) -> tupl
         run(cfg)
         job_s[count] = time.perf_counter() - t
     cache = open_cache(out)
-    first = {s["key"] for s in open_cache(storage.join(work, backbone, f"cache-{n}"))}
+    first = set(open_cache(storage.join(work, backbone, f"cache-{n}")).keys())
     bb = spar.load_backbone(backbone, pretrained=None)
     maps, bare_extra, windows_extra = [], 0.0, 0
-    for sample, row in zip(cache, cache.manifest.to_pylist()):
+    for sample in cache:
         t = time.perf_counter()
         maps.append(spar.sliding_window_features(bb, bb.normalize(torch.from_numpy(sample["image"])), stride=stride)[0])
         if sample["key"] not in first:
@@ -285,7 +279,7 @@ def bench_cache(cfg: CacheBench) -> dict:
         big, maps = _job_vs_bare(cfg.backbone, cfg.images,
                                  AugmentConfig(scale=cfg.scale, min_side=cfg.min_side), cfg.stride, work)
         tiny, _ = _job_vs_bare(cfg.tiny_backbone, cfg.tiny_images, AugmentConfig(), cfg.stride, work)
-    return {"mode": "cache", "device": _device_name(torch.device("cpu")), "threads": torch.get_num_threads(),
+    return {"mode": "cache", "device": device_name(torch.device("cpu")), "threads": torch.get_num_threads(),
             "stride": cfg.stride, "real_model": big, "tiny_model": tiny,
             "encodings_dim": int(maps[0].shape[-1]), "encodings": encoding_costs(maps, cfg.encodings)}
 
@@ -441,7 +435,7 @@ def bench_train(cfg: TrainBench) -> dict:
         ray_loops = {f"zero{z}": _ray_loop(cfg, cache_url, work, z) for z in cfg.zero_stages}
         loader_1 = _loader_rate(cache_url, 1)
         loader_paper = _loader_rate(_paper_size_cache(cfg, work), 1)
-    return {"mode": "train", "device": _device_name(torch.device("cpu")), "backbone": cfg.backbone,
+    return {"mode": "train", "device": device_name(torch.device("cpu")), "backbone": cfg.backbone,
             "example_image": [grid["height"], grid["width"]], "plain": plain, "ray_deepspeed": ray_loops,
             "ray_overhead": {k: plain["samples_per_s"] / v["samples_per_s"] - 1 for k, v in ray_loops.items()},
             "loader_samples_per_s_per_core": loader_1, "loader_samples_per_s_per_core_1024x2048": loader_paper}

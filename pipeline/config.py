@@ -15,6 +15,8 @@ from typing import Any, Sequence, TypeVar
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from spar.weights import public_url
+
 T = TypeVar("T")
 PRESET_DIR = Path(__file__).parent / "presets"
 _SECRET_KEY = re.compile(r"(secret|token|password|passwd|credential|session|private|signature|^key$|access_key)", re.I)
@@ -65,9 +67,7 @@ def redact(value: Any) -> Any:
                 for k, v in value.items()}
     if isinstance(value, list):
         return [redact(v) for v in value]
-    if isinstance(value, str) and "://" in value:
-        from pipeline.storage import public_url
-
+    if isinstance(value, str):
         return public_url(value)
     return value
 

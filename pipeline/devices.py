@@ -13,6 +13,13 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def device_name(device: torch.device) -> str:
+    """The device as a reader of a results table wants it."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work (so wall-clock timings include it); a no-op on CPU."""
     if device.type == "cuda":

@@ -29,7 +29,7 @@ import spar
 from pipeline import storage
 from pipeline.config import ConfigError, check, to_dict, to_yaml
 from pipeline.datasets import DatasetSpec, Sample, get_dataset, list_samples, load_class_lines, load_sample
-from pipeline.devices import AMP_DTYPES, pick_device, synchronize
+from pipeline.devices import AMP_DTYPES, device_name, pick_device, synchronize
 from pipeline.eval_table import mode_label, write_tables
 from spar.segment import FeatureSettings, PostProcess, segment_image
 from spar.metrics import confusion_matrix, segmentation_scores
@@ -153,10 +153,7 @@ class Evaluator:
 
     @property
     def device_name(self) -> str:
-        """The device as a reader of a results table wants it."""
-        if self.device.type == "cuda":
-            return torch.cuda.get_device_name(self.device)
-        return f"cpu ({torch.get_num_threads()} threads)"
+        return device_name(self.device)
 
     def _load(self, weights: str | None) -> spar.Backbone:
         return spar.load_backbone(self.cfg.backbone, pretrained=weights, device=self.device,

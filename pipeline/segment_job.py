@@ -30,7 +30,7 @@ import spar
 from pipeline import storage
 from pipeline.config import ConfigError, check, to_dict
 from pipeline.datasets import DATASETS, load_class_lines
-from pipeline.evaluate import AMP_DTYPES, pick_device
+from pipeline.devices import AMP_DTYPES, pick_device
 from pipeline.sources import decode_image, read_bytes
 
 log = logging.getLogger(__name__)
