@@ -30,6 +30,7 @@ import spar
 from pipeline import storage
 from pipeline.config import ConfigError, check, to_dict
 from pipeline.datasets import DATASETS, load_class_lines
+from pipeline.encode import npy_bytes, png_bytes
 from pipeline.devices import AMP_DTYPES, pick_device
 from pipeline.sources import decode_image, read_bytes
 
@@ -173,18 +174,17 @@ def output_paths(cfg: SegmentConfig) -> dict[str, str]:
             "features": base + ".features.npy"}
 
 
-def _png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _mask_png(pred: np.ndarray, colors: np.ndarray) -> bytes:
-    if len(colors) > 256:  # a palette holds 256 entries: fall back to 16-bit grayscale indices
-        return _png(Image.fromarray(pred.astype(np.uint16)))
-    mask = Image.frombytes("P", (pred.shape[1], pred.shape[0]), np.ascontiguousarray(pred, dtype=np.uint8).tobytes())
-    mask.putpalette(colors.reshape(-1).tolist())
-    return _png(mask)
+    """Class indices as a palette PNG (16-bit grayscale beyond the palette's 256 entries)."""
+    if len(colors) > 256:
+        mask = Image.fromarray(pred.astype(np.uint16))
+    else:
+        indices = np.ascontiguousarray(pred, dtype=np.uint8)
+        mask = Image.frombytes("P", (pred.shape[1], pred.shape[0]), indices.tobytes())
+        mask.putpalette(colors.reshape(-1).tolist())
+    buf = io.BytesIO()
+    mask.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def run(cfg: SegmentConfig) -> dict:
@@ -211,12 +211,10 @@ def run(cfg: SegmentConfig) -> dict:
     colors = class_colors(clf.num_classes)
     overlay, legend = render_overlay(image, pred, clf.class_names, cfg.alpha, colors)
     paths = output_paths(cfg)
-    storage.write_bytes(paths["overlay"], _png(overlay))
+    storage.write_bytes(paths["overlay"], png_bytes(np.asarray(overlay), compress_level=6))
     storage.write_bytes(paths["mask"], _mask_png(pred, colors))
     if cfg.save_features:
-        buf = io.BytesIO()
-        np.save(buf, seg.features.cpu().numpy().astype(np.float32), allow_pickle=False)
-        storage.write_bytes(paths["features"], buf.getvalue())
+        storage.write_bytes(paths["features"], npy_bytes(seg.features.cpu().numpy()))
     counts = np.bincount(pred.ravel(), minlength=clf.num_classes)
     owner = clf.synonym_to_class.tolist()
     synonyms = [[s for s, o in zip(clf.synonyms, owner) if o == i] for i in range(clf.num_classes)]
