@@ -175,10 +175,10 @@ def sliding_window_logits(backbone: Backbone, x: torch.Tensor, text: torch.Tenso
     crop = settings.crop or backbone.window
     ch, cw = min(crop, h), min(crop, w)
     ys, xs = torch.tensor(window_starts(h, ch, settings.stride)), torch.tensor(window_starts(w, cw, settings.stride))
-    tops, lefts = (t.flatten() for t in torch.meshgrid(ys, xs, indexing="ij"))
+    tops, lefts = (t.flatten().to(x.device) for t in torch.meshgrid(ys, xs, indexing="ij"))
     s = text.shape[0]
     count = (axis_coverage(ys, ch, h)[:, None] * axis_coverage(xs, cw, w)[None, :]).to(x.device)
-    dy, dx = torch.arange(ch), torch.arange(cw)
+    dy, dx = torch.arange(ch, device=x.device), torch.arange(cw, device=x.device)
     single = FeatureSettings(mode="single", amp_dtype=settings.amp_dtype)
     sub = max(1, _SCATTER_BUDGET // (ch * cw * s))
     out = []
@@ -187,13 +187,13 @@ def sliding_window_logits(backbone: Backbone, x: torch.Tensor, text: torch.Tenso
         for sel in iter_window_chunks(len(tops), settings.window_batch):
             rows = tops[sel][:, None] + dy  # (n, ch)
             cols = lefts[sel][:, None] + dx  # (n, cw)
-            crops = img[:, rows[:, :, None].to(x.device), cols[:, None, :].to(x.device)].transpose(0, 1)
+            crops = img[:, rows[:, :, None], cols[:, None, :]].transpose(0, 1)
             feats, fit = dense_features(backbone, crops, single)
             logits = patch_logits(feats, text)
             for part in iter_window_chunks(logits.shape[0], sub):
                 up = upsample_logits(logits[part], fit, (ch, cw))  # (m, S, ch, cw)
                 flat = rows[part][:, :, None] * w + cols[part][:, None, :]  # (m, ch, cw) pixel indices
-                canvas.index_add_(0, flat.flatten().to(x.device), up.permute(0, 2, 3, 1).reshape(-1, s))
+                canvas.index_add_(0, flat.flatten(), up.permute(0, 2, 3, 1).reshape(-1, s))
         out.append((canvas.view(h, w, s) / count[..., None]).permute(2, 0, 1))
     return torch.stack(out)
 
