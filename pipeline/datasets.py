@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline import storage
+from pipeline.sources import BadImage, decode_image
 
 CLASS_DIR = Path(__file__).parent / "classes"
 IGNORE = 255
@@ -224,13 +225,12 @@ def decode_label(spec: DatasetSpec, data: bytes, label_format: str = "index", na
     return label
 
 
-def decode_rgb(data: bytes, name: str = "image") -> np.ndarray:
+def decode_rgb(data: bytes, name: str = "image", max_pixels: int = 100_000_000) -> np.ndarray:
     """Image bytes -> ``(H, W, 3)`` uint8 RGB (no EXIF rotation: labels are stored unrotated)."""
     try:
-        img = Image.open(io.BytesIO(data))
-        return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
-    except Exception as e:
-        raise DatasetError(f"{name}: not a readable image ({type(e).__name__}: {e})") from None
+        return decode_image(data, max_pixels=max_pixels, upright=False)
+    except BadImage as e:
+        raise DatasetError(f"{name}: {e}") from None
 
 
 def load_sample(spec: DatasetSpec, sample: Sample) -> tuple[np.ndarray, np.ndarray]:

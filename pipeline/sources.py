@@ -153,8 +153,10 @@ def read_bytes(uri: str) -> bytes:
 
 # -- decoding -----------------------------------------------------------------------------------
 
-def decode_image(data: bytes, max_pixels: int, min_side: int = 1, max_aspect: float = 0.0) -> np.ndarray:
-    """Decode to RGB uint8 ``(H, W, 3)``, upright (EXIF), converting what users expect converted.
+def decode_image(data: bytes, max_pixels: int, min_side: int = 1, max_aspect: float = 0.0,
+                 upright: bool = True) -> np.ndarray:
+    """Decode to RGB uint8 ``(H, W, 3)``, upright (EXIF; ``upright=False`` keeps the stored
+    orientation), converting what users expect converted.
 
     Grayscale, 1-bit, palette, CMYK, YCbCr, LAB -> RGB; alpha is composited over white; 16- and
     32-bit integer images are scaled to 8 bits. Raises `BadImage` for empty, truncated, non-image
@@ -178,8 +180,7 @@ def decode_image(data: bytes, max_pixels: int, min_side: int = 1, max_aspect: fl
         raise BadImage(f"extreme aspect ratio {w}x{h} (> {max_aspect}:1)")
     try:
         img.load()
-        img = ImageOps.exif_transpose(img)
-        return _to_rgb(img)
+        return _to_rgb(ImageOps.exif_transpose(img) if upright else img)
     except BadImage:
         raise
     except Exception as e:
