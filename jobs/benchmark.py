@@ -1,13 +1,14 @@
 """Measure throughput: `python jobs/benchmark.py <mode> [preset.yaml] [key=value ...]`.
 
-Modes: teacher, speedup, cache, train (see pipeline/benchmark.py for what each measures and its keys).
+Modes: teacher, speedup, cache, train (see `pipeline/bench/`: one module per mode, with its keys).
 """
 from __future__ import annotations
 
 import sys
 
-from pipeline.benchmark import MODES, print_result, save_result
-from pipeline.cli import run_job
+from pipeline.bench import MODES
+from pipeline.bench.common import save_result
+from pipeline.cli import print_result, run_job
 
 
 def main(argv: list[str] | None = None) -> dict:

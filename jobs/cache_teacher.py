@@ -3,12 +3,12 @@
 With no arguments: the paper's teacher (ViT-B/16 MaskCLIP, stride 24) on the built-in sample
 images, a local Ray cluster, output in ./out/cache. Add `backbone=maskclip-test` for an offline,
 seconds-long smoke run. Under `ray job submit -- python jobs/cache_teacher.py ...` it attaches to
-the cluster. Keys: see `pipeline.cache_job.CacheConfig`.
+the cluster. Keys: see `pipeline.cache.job.CacheConfig`.
 """
 from __future__ import annotations
 
-from pipeline.cache import CacheError
-from pipeline.cache_job import CacheConfig, TooManyFailures, run
+from pipeline.cache.reader import CacheError
+from pipeline.cache.job import CacheConfig, TooManyFailures, run
 from pipeline.cli import run_job
 
 

@@ -4,13 +4,14 @@
 Writes `<output>/<backbone>/<dataset>/<mode>.json` and rebuilds the paper-style tables
 `<output>/table.md` / `table.json` from every result under `output`, so running one command per
 dataset fills in the six-benchmark table. `ray=true` spreads the images over the cluster's GPUs
-(under `ray job submit` it attaches). Keys: see `pipeline.evaluate.EvalConfig`.
+(under `ray job submit` it attaches). Keys: see `pipeline.evaluate.evaluator.EvalConfig`.
 """
 from __future__ import annotations
 
 from pipeline.cli import run_job
-from pipeline.datasets import DatasetError
-from pipeline.evaluate import EvalConfig, run
+from pipeline.evaluate.datasets import DatasetError
+from pipeline.evaluate.evaluator import EvalConfig
+from pipeline.evaluate.job import run
 
 
 def main(argv: list[str] | None = None) -> dict:

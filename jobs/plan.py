@@ -5,8 +5,7 @@ time (see `pipeline.plan.PlanConfig` for the keys, e.g. images=25000 gpus=8 stri
 """
 from __future__ import annotations
 
-from pipeline.benchmark import print_result
-from pipeline.cli import run_job
+from pipeline.cli import print_result, run_job
 from pipeline.plan import PlanConfig, plan
 
 

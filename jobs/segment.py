@@ -3,13 +3,13 @@
 Writes `<output>/<stem>.png` (overlay with a legend, at the input's size), `<stem>.mask.png`,
 `<stem>.json`, and with `save_features=true` the dense map `<stem>.features.npy`. Add
 `checkpoint=<student.safetensors>` for the SPAR student, `features=sliding` for the teacher.
-Keys: see `pipeline.segment_job.SegmentConfig`.
+Keys: see `pipeline.evaluate.segment.SegmentConfig`.
 """
 from __future__ import annotations
 
 from pipeline.cli import print_json, run_job
-from pipeline.segment_job import SegmentConfig, run
-from pipeline.sources import BadImage
+from pipeline.evaluate.segment import SegmentConfig, run
+from pipeline.codecs import BadImage
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -2,13 +2,13 @@
 
 Runs a Ray Train TorchTrainer with DeepSpeed on the cache's committed shards; the student starts
 from the cache's teacher. Re-running the same command (same output and name) resumes. Keys: see
-`pipeline.train.TrainConfig`; `scaling.num_workers` / `scaling.use_gpu` scale it out.
+`pipeline.train.job.TrainConfig`; `scaling.num_workers` / `scaling.use_gpu` scale it out.
 """
 from __future__ import annotations
 
-from pipeline.cache import CacheError
+from pipeline.cache.reader import CacheError
 from pipeline.cli import run_job
-from pipeline.train import TrainConfig, run
+from pipeline.train.job import TrainConfig, run
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -37,3 +37,22 @@ def run_job(schema: type[T], fn: Callable[[T], Any], argv: Sequence[str] | None,
         raise SystemExit(2) from None
     show(result)
     return result
+
+
+def _flat(result: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in result.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def print_result(result: dict) -> None:
+    """Print a (nested) result as aligned ``key  value`` lines (the plan and benchmark jobs)."""
+    flat = _flat(result)
+    width = max(map(len, flat))
+    for k, v in flat.items():
+        shown = f"{v:.4g}" if isinstance(v, float) else v
+        print(f"{k:<{width}}  {shown}")

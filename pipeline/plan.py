@@ -17,7 +17,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import spar
-from pipeline.augment import AugmentConfig, plan_view
+from pipeline.cache.augment import AugmentConfig, plan_view
 from pipeline.config import check
 
 BYTES_PER_VALUE = {"float16": 2, "float32": 4, "int8": 1}

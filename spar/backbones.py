@@ -1,7 +1,7 @@
 """Backbones by name: open_clip ViTs with a dense ("MaskCLIP") head at any resolution.
 
 Every backbone is a `Backbone`: an ``nn.Module`` whose ``forward`` is the single-pass dense map
-``(B, 3, H, W) -> (B, H/p, W/p, D)`` of SPEC §1. The registry maps a short name to a builder:
+``(B, 3, H, W) -> (B, H/p, W/p, D)`` of docs/method.md §1. The registry maps a short name to a builder:
 
 * ``maskclip``       open_clip ViT-B-16, laion2b_s34b_b88k, window 224, D 512
 * ``siglip2``        open_clip ViT-B-16-SigLIP2-512 (timm trunk), webli, window 512, D 768
@@ -97,7 +97,7 @@ def sdpa_attention(enabled: bool = True) -> Iterator[None]:
 
 
 class Backbone(nn.Module):
-    """An open_clip model plus the dense single-pass forward of SPEC §1.
+    """An open_clip model plus the dense single-pass forward of docs/method.md §1.
 
     Attributes: ``clip`` (the open_clip model), ``name``, ``model_name``, ``pretrained``,
     ``patch_size``, ``window``, ``dim``, ``mean``, ``std``.

@@ -1,4 +1,4 @@
-"""Open-vocabulary segmentation from dense features (SPEC §5), for images of any size.
+"""Open-vocabulary segmentation from dense features (docs/method.md §5), for images of any size.
 
     image (H0, W0, 3) uint8
       -> optional evaluation resize (keep aspect, fit inside (long, short))       `fit_size`
@@ -33,10 +33,10 @@ _SCATTER_BUDGET = 1 << 26  # elements of upsampled window logits per index_add (
 
 @dataclass(frozen=True)
 class PostProcess:
-    """Post-processing of SPEC §5 (the defaults are the generic benchmark settings)."""
+    """Post-processing of docs/method.md §5 (the defaults are the generic benchmark settings)."""
 
     logit_scale: float = 40.0  # multiplies the cosine logits before the softmax
-    logit_bias: float = 0.0  # added after scaling (SPEC §5); one shared constant cannot change a softmax
+    logit_bias: float = 0.0  # added after scaling (docs/method.md §5); one shared constant cannot change a softmax
     prob_thd: float = 0.0  # pixels whose best class probability is below it become class 0
     area_thd: float | None = None  # classes with at most this share of the class >= 1 argmax area are dropped
 
@@ -46,7 +46,7 @@ class FeatureSettings:
     """How dense features are obtained."""
 
     mode: str = "single"  # single | sliding
-    sliding_mode: str = "feature"  # feature (the teacher's map, SPEC §2) | logits (SCLIP-style)
+    sliding_mode: str = "feature"  # feature (the teacher's map, docs/method.md §2) | logits (SCLIP-style)
     stride: int = 24  # sliding stride in pixels
     crop: int | None = None  # sliding window side; default the backbone's pre-training size
     window_batch: int = 64  # windows per ViT forward
@@ -122,7 +122,7 @@ def dense_features(backbone: Backbone, x: torch.Tensor, settings: FeatureSetting
                    ) -> tuple[torch.Tensor, PatchFit]:
     """Dense map ``(B, h, w, D)`` float32 of normalised ``(B, 3, H, W)`` of any size, and the fit.
 
-    ``single``: one pass. ``sliding``: the teacher of SPEC §2 (`spar.sliding_window_features`);
+    ``single``: one pass. ``sliding``: the teacher of docs/method.md §2 (`spar.sliding_window_features`);
     images smaller than the window are padded up to it.
     """
     if settings.mode == "single":
@@ -200,7 +200,7 @@ def sliding_window_logits(backbone: Backbone, x: torch.Tensor, text: torch.Tenso
 
 def postprocess(logits: torch.Tensor, classifier: TextClassifier | torch.Tensor, post: PostProcess = PostProcess(),
                 num_classes: int | None = None) -> torch.Tensor:
-    """Cosine logits ``(S, H, W)`` of every synonym -> class per pixel ``(H, W)`` int64 (SPEC §5).
+    """Cosine logits ``(S, H, W)`` of every synonym -> class per pixel ``(H, W)`` int64 (docs/method.md §5).
 
     `classifier` is a `TextClassifier` or the synonym -> class index tensor (then give `num_classes`).
     Steps: ``logits * logit_scale + logit_bias``; softmax over all synonyms; each class keeps the

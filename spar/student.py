@@ -1,4 +1,4 @@
-"""Student helpers (SPEC §4): which parameters train, the feature loss, and export to open_clip."""
+"""Student helpers (docs/method.md §4): which parameters train, the feature loss, and export to open_clip."""
 from __future__ import annotations
 
 import os

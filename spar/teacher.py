@@ -1,4 +1,4 @@
-"""The sliding-window teacher of SPEC §2, batched over windows and images.
+"""The sliding-window teacher of docs/method.md §2, batched over windows and images.
 
 Windows of every image in a call are laid out in one table and run through the ViT in chunks of
 `window_batch`, so memory is bounded by the chunk and the canvases whatever the image size, and
@@ -200,7 +200,7 @@ def sliding_window_features(
     window_batch: int = 64,
     amp_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """The teacher of SPEC §2: normalised ``(B, 3, H, W)`` -> ``(B, H/p, W/p, D)`` float32.
+    """The teacher of docs/method.md §2: normalised ``(B, 3, H, W)`` -> ``(B, H/p, W/p, D)`` float32.
 
     See `sliding_window_features_many` for the arguments; this is the same computation for a batch
     of equally sized images.

@@ -1,4 +1,4 @@
-"""The text side of open-vocabulary segmentation (SPEC §5): class names -> one embedding per synonym.
+"""The text side of open-vocabulary segmentation (docs/method.md §5): class names -> one embedding per synonym.
 
 A class list is a sequence of lines; each line is one class and may hold several comma-separated
 synonyms (``"person, man, woman"``). Every synonym is embedded with the 80 ImageNet prompt
@@ -100,7 +100,7 @@ def build_classifier(
     templates: Sequence[str] = IMAGENET_TEMPLATES,
     batch_size: int = 1024,
 ) -> TextClassifier:
-    """Text embeddings of a class list (SPEC §5), cached per model and class list.
+    """Text embeddings of a class list (docs/method.md §5), cached per model and class list.
 
     Args:
         backbone: a backbone that still has its text tower (``clip.encode_text``).

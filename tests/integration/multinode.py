@@ -17,7 +17,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from jobs import cache_teacher, train_student
-from pipeline import shards
+from pipeline.cache import shards
 
 FAST_FAILURE_DETECTION = {"health_check_period_ms": 500, "health_check_failure_threshold": 3,
                           "health_check_initial_delay_ms": 0}

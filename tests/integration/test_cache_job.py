@@ -13,9 +13,10 @@ import torch.nn.functional as F
 import spar
 from jobs import cache_teacher
 from pipeline import open_cache, storage
-from pipeline.augment import AugmentConfig, augment
-from pipeline.cache import CacheError
-from pipeline.sources import decode_image, make_key
+from pipeline.cache.augment import AugmentConfig, augment
+from pipeline.cache.reader import CacheError
+from pipeline.cache.sources import make_key
+from pipeline.codecs import decode_image
 from tests.images import bad_inputs, converted_images, good_images
 from tests.integration.conftest import put_files
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import psutil
 
 from jobs import cache_teacher
-from pipeline import open_cache, shards, storage
+from pipeline import open_cache, storage
+from pipeline.cache import shards
 from tests.images import good_images
 from tests.integration.conftest import put_files
 from tests.integration.test_cache_job import TINY

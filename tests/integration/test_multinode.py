@@ -11,7 +11,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet  # noqa: F401  (pa.parquet)
 
-from pipeline import open_cache, shards, storage
+from pipeline import open_cache, storage
+from pipeline.cache import shards
 from tests.images import good_images
 from tests.integration.conftest import put_files
 

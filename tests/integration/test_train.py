@@ -12,8 +12,9 @@ import torch
 
 import spar
 from jobs import cache_teacher, train_student
-from pipeline import open_cache, shards, storage
-from pipeline.encode import load_npy
+from pipeline import open_cache, storage
+from pipeline.cache import shards
+from pipeline.codecs import load_npy
 from tests.images import good_images
 from tests.integration.conftest import make_bucket, put_files
 from tests.integration.test_cache_job import TINY

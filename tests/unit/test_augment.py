@@ -1,10 +1,10 @@
-"""SPEC §3 augmentation: reproducible from (seed, key, view) alone, and its rules."""
+"""docs/method.md §3 augmentation: reproducible from (seed, key, view) alone, and its rules."""
 import numpy as np
 import pytest
 
-from pipeline.augment import AugmentConfig, apply_view, augment, plan_view
+from pipeline.cache.augment import AugmentConfig, apply_view, augment, plan_view
 from pipeline.config import ConfigError
-from pipeline.sources import synthetic_scene
+from pipeline.cache.sources import synthetic_scene
 
 CFG = AugmentConfig()
 

@@ -1,4 +1,4 @@
-"""Single-pass dense forward (SPEC §1) against step-by-step computations from open_clip's modules."""
+"""Single-pass dense forward (docs/method.md §1) against step-by-step computations from open_clip's modules."""
 import math
 
 import open_clip
@@ -12,7 +12,7 @@ from tests.conftest import TEST_BACKBONES
 
 
 def maskclip_reference(clip, x):
-    """SPEC §1 written out from open_clip's own modules, one step at a time."""
+    """docs/method.md §1 written out from open_clip's own modules, one step at a time."""
     v = clip.visual
     p = v.patch_size[0]
     gh, gw = x.shape[-2] // p, x.shape[-1] // p
@@ -38,7 +38,7 @@ def maskclip_reference(clip, x):
 
 
 def siglip2_reference(clip, x):
-    """SPEC §1's SigLIP2 head on timm's *own* dynamic-size trunk (same weights)."""
+    """docs/method.md §1's SigLIP2 head on timm's *own* dynamic-size trunk (same weights)."""
     trunk = clip.visual.trunk
     dyn = timm.create_model(trunk.default_cfg["architecture"], pretrained=False, num_classes=0,
                             global_pool="map", dynamic_img_size=True, dynamic_img_pad=True,

@@ -1,7 +1,7 @@
 """Typed configs: presets, dotlist overrides, unknown keys, checks, secret redaction."""
 import pytest
 
-from pipeline.cache_job import CacheConfig
+from pipeline.cache.job import CacheConfig
 from pipeline.config import ConfigError, parse_config, to_yaml
 
 
@@ -43,8 +43,8 @@ def test_secrets_never_reach_the_saved_config():
 def test_an_output_with_nothing_committed_takes_a_new_fingerprint(tmp_path):
     """A first run that failed before its first commit (say, weights it could not fetch) must not lock
     its output; once a shard is committed, other settings are refused."""
-    from pipeline.cache_job import FingerprintMismatch, claim_output
-    from pipeline.shards import read_json
+    from pipeline.cache.job import FingerprintMismatch, claim_output
+    from pipeline.cache.shards import read_json
 
     out = str(tmp_path / "cache")
     first = claim_output(parse_config(CacheConfig, ["backbone=maskclip-test", f"output={out}"]))

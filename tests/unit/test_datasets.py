@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.datasets import (
+from pipeline.evaluate.datasets import (
     DATASETS, DatasetError, get_dataset, list_samples, load_class_lines, load_sample)
 from spar.text import parse_class_lines
 from tests.segdata import make_ade, make_cityscapes, make_voc

@@ -3,9 +3,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import shards, storage
-from pipeline.cache import iter_shard, open_cache
-from pipeline.encode import CorruptSample, decode_members, encode_members, png_bytes, quantize
+from pipeline import storage
+from pipeline.cache import shards
+from pipeline.cache.reader import iter_shard, open_cache
+from pipeline.cache.encode import CorruptSample, decode_members, encode_members, quantize
+from pipeline.codecs import png_bytes
 
 
 def _sample(key, h=4, w=6, d=32, encoding="float16", seed=0):

@@ -10,8 +10,8 @@ from PIL import Image
 import spar
 from jobs import evaluate
 from pipeline.config import ConfigError, parse_config
-from pipeline.datasets import get_dataset
-from pipeline.evaluate import EvalConfig, postprocess_settings
+from pipeline.evaluate.datasets import get_dataset
+from pipeline.evaluate.evaluator import EvalConfig, postprocess_settings
 from tests.segdata import make_voc
 
 TINY = ["backbone=maskclip-test", "pretrained=null", "scale=[160,96]"]
@@ -30,7 +30,7 @@ def bench(tmp_path_factory):
 def recompute_miou(bb, voc_root: Path, raw: dict, settings: spar.FeatureSettings, name: str = "voc21") -> float:
     """The evaluation written independently: PIL decoding, labels mapped here, spar's segmentation."""
     spec = get_dataset(name)
-    clf = spar.build_classifier(bb, (Path(spar.__file__).parents[1] / "pipeline/classes" / f"{name}.txt").read_text())
+    clf = spar.build_classifier(bb, (Path(spar.__file__).parents[1] / "pipeline/evaluate/classes" / f"{name}.txt").read_text())
     post = spar.PostProcess(spec.logit_scale, spec.logit_bias, spec.prob_thd, spec.area_thd)
     cm = 0
     for key, label in raw.items():
@@ -123,7 +123,7 @@ def test_unreadable_images_fail_the_run_unless_skipped(bench, tmp_path):
 
 
 def test_student_reuses_the_teachers_text_embeddings_when_its_text_tower_is_unchanged(bench):
-    from pipeline.evaluate import Evaluator
+    from pipeline.evaluate.evaluator import Evaluator
 
     cfg = parse_config(EvalConfig, ["dataset=voc20", f"root={bench['voc']}", f"checkpoint={bench['checkpoint']}",
                                     "backbone=maskclip-test", "pretrained=null"])

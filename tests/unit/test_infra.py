@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.cache_job import CacheConfig
+from pipeline.cache.job import CacheConfig
 from pipeline.config import parse_config
 from pipeline.plan import PlanConfig
-from pipeline.train import TrainConfig
-from pipeline.train_loop import deepspeed_config
+from pipeline.train.job import TrainConfig
+from pipeline.train.engine import deepspeed_config
 
 REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"

@@ -6,9 +6,10 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline import shards
-from pipeline.encode import encode_members, png_bytes, quantize
-from pipeline.loader import SampleRef, _bucket, make_loader, manifest_refs, plan_epoch
+from pipeline.cache import shards
+from pipeline.cache.encode import encode_members, quantize
+from pipeline.codecs import png_bytes
+from pipeline.train.loader import SampleRef, _bucket, make_loader, manifest_refs, plan_epoch
 
 
 def _refs(n_shards=7, per_shard=5, sizes=((64, 96), (96, 64), (80, 80))):
@@ -92,7 +93,7 @@ def test_loader_yields_the_plan_and_resumes_exactly(tmp_path):
 def test_metrics_csv_has_one_header_whatever_row_comes_first(tmp_path):
     import csv
 
-    from pipeline.train_loop import Metrics
+    from pipeline.train.metrics import Metrics
 
     m = Metrics(str(tmp_path / "run"), enabled=True)
     m.log({"kind": "epoch", "step": 3, "epoch": 0, "loss": 0.5})  # an epoch row before any step row

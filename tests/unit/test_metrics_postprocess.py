@@ -1,4 +1,4 @@
-"""mIoU on hand-computed cases, and each post-processing rule of SPEC §5 on hand-made logits."""
+"""mIoU on hand-computed cases, and each post-processing rule of docs/method.md §5 on hand-made logits."""
 import math
 
 import pytest

@@ -10,8 +10,8 @@ from PIL import Image
 
 from jobs import segment
 from pipeline.config import ConfigError, parse_config
-from pipeline.segment_job import SegmentConfig, class_colors, draw_legend, parse_classes
-from pipeline.sources import synthetic_scene
+from pipeline.evaluate.segment import SegmentConfig, class_colors, draw_legend, parse_classes
+from pipeline.cache.sources import synthetic_scene
 
 TINY = ["backbone=maskclip-test", "pretrained=null"]
 

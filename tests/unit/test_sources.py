@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from pipeline import storage
-from pipeline.sources import (BadImage, builtin_uris, decode_image, list_source, make_key, read_bytes,
-                              source_kind)
+from pipeline.cache.sources import builtin_uris, list_source, make_key, read_bytes, source_kind
+from pipeline.codecs import BadImage, decode_image
 from tests.images import bad_inputs, converted_images, good_images, png, scene
 
 

@@ -1,4 +1,4 @@
-"""Trainable-parameter spec, feature loss and open_clip export (SPEC §4)."""
+"""Trainable-parameter spec, feature loss and open_clip export (docs/method.md §4)."""
 import open_clip
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""The sliding-window teacher (SPEC §2) against a deliberately naive per-window loop."""
+"""The sliding-window teacher (docs/method.md §2) against a deliberately naive per-window loop."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +9,7 @@ from tests.conftest import TEST_BACKBONES
 
 
 def naive_teacher(bb, x, crop, stride):
-    """SPEC §2 as plainly as possible: one window at a time, Python loops everywhere."""
+    """docs/method.md §2 as plainly as possible: one window at a time, Python loops everywhere."""
     p = bb.patch_size
     r = next(r for r in range(1, p + 1) if p % r == 0 and stride % (p // r) == 0)
     cell = p // r

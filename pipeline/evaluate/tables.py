@@ -2,7 +2,7 @@
 
 Each run of `jobs/evaluate.py` writes ``<output>/<backbone>/<dataset>/<mode label>.json``; this
 module gathers them into one row per (backbone, feature mode) with a column per dataset, the
-mean over the datasets the row has, the paper's six-benchmark mean (SPEC §6) for reference, and
+mean over the datasets the row has, the paper's six-benchmark mean (docs/method.md §6) for reference, and
 a second table of images/s. Written as ``table.md`` and ``table.json`` under the output.
 """
 from __future__ import annotations
@@ -12,11 +12,11 @@ import logging
 import posixpath
 
 from pipeline import storage
-from pipeline.datasets import DATASETS
+from pipeline.evaluate.datasets import DATASETS
 
 log = logging.getLogger(__name__)
 
-# SPEC §6: mean mIoU over the six benchmarks.
+# docs/method.md §6: mean mIoU over the six benchmarks.
 PAPER_MEAN = {
     ("maskclip", "single"): 27.7, ("maskclip", "sliding"): 33.6, ("maskclip", "student"): 34.4,
     ("siglip2", "single"): 33.1, ("siglip2", "sliding"): 41.2, ("siglip2", "student"): 43.6,
@@ -91,7 +91,7 @@ def _markdown(table: dict) -> str:
     n_all = len(DATASETS)
     lines = ["# Open-vocabulary segmentation", "",
              "mIoU (%), ignore index 255. `*` = evaluated on part of the split (`limit=` or skipped images); "
-             f"mean = over the datasets the row has (k/{n_all} when not all six); paper = SPEC §6, "
+             f"mean = over the datasets the row has (k/{n_all} when not all six); paper = docs/method.md §6, "
              "mean of the six benchmarks.", "",
              "| backbone | features | " + " | ".join(titles) + " | mean | paper |",
              "|---|---|" + "---:|" * (len(titles) + 2)]

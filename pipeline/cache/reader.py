@@ -19,8 +19,10 @@ from typing import Iterator
 import pyarrow as pa
 import webdataset as wds
 
-from pipeline import shards, storage
-from pipeline.encode import decode_members
+from pipeline import storage
+from pipeline.cache import shards
+from pipeline.cache.encode import CorruptSample, decode_members, decode_stored  # noqa: F401  (readers' API)
+from pipeline.cache.shards import shard_url  # noqa: F401  (readers' API)
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +61,15 @@ def register_gopen_schemes() -> None:
         gopen.gopen_schemes[scheme] = _open
 
 
-def iter_shard(url: str, verify: bool = True, handler=wds.reraise_exception) -> Iterator[dict]:
-    """Decoded samples of one shard, in tar order."""
+def iter_raw_shard(url: str) -> Iterator[dict]:
+    """Undecoded samples (member bytes by extension) of one shard, in tar order."""
     register_gopen_schemes()
-    for raw in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=handler)):
+    yield from wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=wds.reraise_exception))
+
+
+def iter_shard(url: str, verify: bool = True) -> Iterator[dict]:
+    """Decoded samples of one shard, in tar order."""
+    for raw in iter_raw_shard(url):
         yield decode_members(raw, verify=verify)
 
 

@@ -29,10 +29,9 @@ from PIL import Image, ImageDraw, ImageFont
 import spar
 from pipeline import storage
 from pipeline.config import ConfigError, check, to_dict
-from pipeline.datasets import DATASETS, load_class_lines
-from pipeline.encode import npy_bytes, png_bytes
+from pipeline.evaluate.datasets import DATASETS, load_class_lines
+from pipeline.codecs import decode_image, npy_bytes, png_bytes
 from pipeline.devices import AMP_DTYPES, pick_device
-from pipeline.sources import decode_image, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +192,7 @@ def run(cfg: SegmentConfig) -> dict:
         for url in (cfg.image, cfg.output):
             storage.configure(storage.protocol(url), cfg.storage_options)
     lines = parse_classes(cfg.classes)
-    image = decode_image(read_bytes(cfg.image), max_pixels=cfg.max_pixels)
+    image = decode_image(storage.read_bytes(cfg.image), max_pixels=cfg.max_pixels)
     device = pick_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -12,13 +12,13 @@ Nothing here pickles: ``.npy`` members are written and read with ``allow_pickle=
 """
 from __future__ import annotations
 
-import io
 import json
 import zlib
 
 import numpy as np
 import torch
-from PIL import Image
+
+from pipeline.codecs import decode_png, load_npy, npy_bytes
 
 ENCODINGS = ("float16", "float32", "int8")
 IMAGE_EXT, TARGET_EXT, SCALE_EXT, META_EXT = "png", "target.npy", "target_scale.npy", "json"
@@ -58,29 +58,12 @@ def dequantize(target: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
     return target.astype(np.float32, copy=False)
 
 
-def npy_bytes(array: np.ndarray) -> bytes:
-    """``.npy`` bytes of an array (never pickled)."""
-    buf = io.BytesIO()
-    np.lib.format.write_array(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
 
 
-def load_npy(data: bytes) -> np.ndarray:
-    """Array from ``.npy`` bytes; object arrays (pickles) are refused."""
-    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def png_bytes(image: np.ndarray, compress_level: int = 1) -> bytes:
-    """Lossless PNG of an ``(H, W, 3)`` uint8 image."""
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG", compress_level=compress_level)
-    return buf.getvalue()
 
 
-def decode_png(data: bytes) -> np.ndarray:
-    """``(H, W, 3)`` uint8 from PNG bytes."""
-    with Image.open(io.BytesIO(data)) as img:
-        return np.array(img.convert("RGB"))  # writable: users may modify samples in place
 
 
 def encode_members(key: str, png: bytes, target: dict[str, np.ndarray], meta: dict) -> dict:
@@ -95,8 +78,10 @@ def encode_members(key: str, png: bytes, target: dict[str, np.ndarray], meta: di
     return members
 
 
-def decode_members(sample: dict, verify: bool = True) -> dict:
-    """A decoded sample ``{key, image, target, meta}`` from its tar members (bytes by extension)."""
+def decode_stored(sample: dict, verify: bool = True) -> dict:
+    """A sample's members as stored: ``{key, image (H, W, 3) uint8, target (h, w, D) in the cache's
+    dtype, [scale], meta}``, each member checked against its checksum first (`verify`). Arrays may
+    be read-only views of the member bytes."""
     key = sample["__key__"]
     try:
         meta = json.loads(sample[META_EXT])
@@ -109,8 +94,18 @@ def decode_members(sample: dict, verify: bool = True) -> dict:
         for name, data in pairs:
             if checksum(data) != meta.get(f"{name}_checksum"):
                 raise CorruptSample(f"sample {key}: {name} checksum mismatch")
-    target = dequantize(load_npy(tgt), load_npy(scale_bytes) if scale_bytes else None)
-    image = decode_png(png)
+    out = {"key": key, "image": decode_png(png), "target": load_npy(tgt), "meta": meta}
+    if scale_bytes:
+        out["scale"] = load_npy(scale_bytes)
+    return out
+
+
+def decode_members(sample: dict, verify: bool = True) -> dict:
+    """A decoded sample ``{key, image, target, meta}`` from its tar members (bytes by extension),
+    the target dequantised to float32 and the shapes checked against the metadata."""
+    s = decode_stored(sample, verify)
+    image, meta = s["image"], s["meta"]
+    target = dequantize(s["target"], s.get("scale"))
     if list(target.shape[:2]) != meta["grid"] or list(image.shape[:2]) != meta["image_size"]:
-        raise CorruptSample(f"sample {key}: shapes {image.shape} / {target.shape} disagree with its metadata")
-    return {"key": key, "image": image, "target": target, "meta": meta}
+        raise CorruptSample(f"sample {s['key']}: shapes {image.shape} / {target.shape} disagree with its metadata")
+    return {"key": s["key"], "image": image, "target": target, "meta": meta}

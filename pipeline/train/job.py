@@ -14,14 +14,14 @@ from typing import Any, Optional
 
 import spar
 from pipeline import storage
-from pipeline.cache import CacheError, FingerprintMismatch, open_cache
+from pipeline.cache.reader import CacheError, FingerprintMismatch, open_cache
 from pipeline.storage import public_url
 from pipeline.config import ConfigError, check, to_yaml
+from pipeline.train.engine import PRECISIONS
 
 log = logging.getLogger(__name__)
 
 FROM_CACHE = "from-cache"  # backbone / pretrained default: whatever the cache's teacher used
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 @dataclass(kw_only=True)
@@ -122,7 +122,7 @@ def run(cfg: TrainConfig) -> dict:
     from ray.train.torch import TorchTrainer
 
     from pipeline.ray_utils import init_ray
-    from pipeline.train_loop import train_loop
+    from pipeline.train.loop import train_loop
 
     if cfg.storage_options:
         for url in (cfg.cache, cfg.output):

@@ -1,4 +1,4 @@
-"""SPEC §3 augmentation: one frozen view per (seed, key, view), reproducible from those alone.
+"""docs/method.md §3 augmentation: one frozen view per (seed, key, view), reproducible from those alone.
 
 1. random resize: target (long, short) = scale x ratio, ratio ~ U[ratio_range]; the image is
    fitted inside it keeping its aspect ratio;
@@ -24,7 +24,7 @@ from pipeline.config import check
 
 @dataclass(kw_only=True)
 class AugmentConfig:
-    """Knobs of the SPEC §3 augmentation; defaults are the paper's."""
+    """Knobs of the docs/method.md §3 augmentation; defaults are the paper's."""
 
     scale: list[int] = field(default_factory=lambda: [2048, 1024])  # (long, short) target before the ratio
     ratio_range: list[float] = field(default_factory=lambda: [0.5, 1.0])  # ratio ~ U[lo, hi]
@@ -103,8 +103,8 @@ def augment_row(row: dict, *, seed: int, cfg: AugmentConfig, max_pixels: int, mi
     Bad inputs become rows with an ``error`` reason (recorded later); storage and decode failures
     are bad inputs, anything else is a bug and raises.
     """
-    from pipeline.encode import png_bytes
-    from pipeline.sources import BadImage, decode_image, read_bytes
+    from pipeline.cache.sources import read_bytes
+    from pipeline.codecs import BadImage, decode_image, png_bytes
     from pipeline.storage import public_url
 
     out = {"key": row["key"], "sample_key": row["sample_key"], "source": row["source"], "view": row["view"],

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from pipeline import storage
-from pipeline.datasets import DatasetError, DatasetSpec, Sample, load_class_lines, load_sample
+from pipeline.evaluate.datasets import DatasetError, DatasetSpec, Sample, load_class_lines, load_sample
 from pipeline.devices import pick_device
-from pipeline.evaluate import EvalConfig, Evaluator, Totals
+from pipeline.evaluate.evaluator import EvalConfig, Evaluator, Totals
 from spar.text import parse_class_lines
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ import torch
 
 import spar
 from pipeline.devices import AMP_DTYPES, pick_device
-from pipeline.encode import IMAGE_EXT, META_EXT, SCALE_EXT, TARGET_EXT, encode_members, quantize
+from pipeline.cache.encode import IMAGE_EXT, META_EXT, SCALE_EXT, TARGET_EXT, encode_members, quantize
 
 log = logging.getLogger(__name__)
 

@@ -24,11 +24,9 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline import shards
-from pipeline.encode import IMAGE_EXT, META_EXT, SCALE_EXT, TARGET_EXT, CorruptSample, checksum, decode_png, load_npy
+from pipeline.cache.reader import decode_stored, iter_raw_shard, shard_url
 
 log = logging.getLogger(__name__)
 
@@ -134,28 +132,12 @@ def plan_epoch(refs: dict[str, list[SampleRef]], *, seed: int, epoch: int, rank:
     return EpochPlan(mine, streams, max(counts))
 
 
-def iter_raw_shard(url: str) -> Iterator[dict]:
-    """Undecoded samples (member bytes by extension) of one shard, in tar order."""
-    from pipeline.cache import register_gopen_schemes
-
-    register_gopen_schemes()
-    yield from wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=wds.reraise_exception))
-
-
 def decode_for_training(raw: dict, verify: bool = True) -> dict:
     """Image as uint8 and the target in its stored dtype (dequantised later, on the device)."""
-    key = raw["__key__"]
-    if verify:
-        import json
-
-        meta = json.loads(raw[META_EXT])
-        for name, ext in (("image", IMAGE_EXT), ("target", TARGET_EXT), ("target_scale", SCALE_EXT)):
-            if ext in raw and checksum(raw[ext]) != meta.get(f"{name}_checksum"):
-                raise CorruptSample(f"sample {key}: {name} checksum mismatch")
-    out = {"key": key, "image": torch.from_numpy(decode_png(raw[IMAGE_EXT])),
-           "target": torch.from_numpy(load_npy(raw[TARGET_EXT]).copy())}
-    if SCALE_EXT in raw:
-        out["scale"] = torch.from_numpy(load_npy(raw[SCALE_EXT]).copy())
+    s = decode_stored(raw, verify)
+    out = {"key": s["key"], "image": torch.from_numpy(s["image"]), "target": torch.from_numpy(s["target"].copy())}
+    if "scale" in s:
+        out["scale"] = torch.from_numpy(s["scale"].copy())
     return out
 
 
@@ -182,7 +164,7 @@ class PlannedBatches(IterableDataset):
         skipped = {r.key for b in batches[: self.skip[w]] for r in b}
         wanted = {r.key for b in batches for r in b}
         stream = (raw for name in self.plan.worker_shards[w]
-                  for raw in iter_raw_shard(shards.shard_url(self.cache_url, name)))
+                  for raw in iter_raw_shard(shard_url(self.cache_url, name)))
         pending: dict[str, dict] = {}
         for index in range(self.skip[w], len(batches)):
             for ref in batches[index]:

@@ -1,8 +1,8 @@
 """The teacher-cache job: Ray Data streams sources -> augment -> teacher actors -> shard writers.
 
-    read + decode + augment + PNG   CPU tasks            (pipeline.augment.augment_row)
-    sliding-window teacher          actor pool, 1 GPU each (pipeline.teacher_actor.TeacherActor)
-    shard + manifest commit         CPU tasks            (write_batch -> pipeline.shards.commit_shard)
+    read + decode + augment + PNG   CPU tasks            (pipeline.cache.augment.augment_row)
+    sliding-window teacher          actor pool, 1 GPU each (pipeline.cache.teacher.TeacherActor)
+    shard + manifest commit         CPU tasks            (write_batch -> pipeline.cache.shards.commit_shard)
 
 Re-running the same command resumes: committed (key, view) pairs are not recomputed.
 """
@@ -19,14 +19,15 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 import spar
-from pipeline import __version__, shards, sources, storage
-from pipeline.augment import AugmentConfig, augment_row
-from pipeline.cache import FORMAT, FingerprintMismatch, fingerprint_diff, fingerprint_digest
-from pipeline.storage import public_url
+from pipeline import __version__, storage
+from pipeline.cache import shards, sources
+from pipeline.cache.augment import AugmentConfig, augment_row
+from pipeline.cache.encode import ENCODINGS, IMAGE_EXT, META_EXT, SCALE_EXT, TARGET_EXT
+from pipeline.cache.reader import FORMAT, FingerprintMismatch, fingerprint_diff, fingerprint_digest
+from pipeline.cache.teacher import TeacherActor
 from pipeline.config import ConfigError, check, to_dict, to_yaml
-from pipeline.encode import ENCODINGS, IMAGE_EXT, META_EXT, SCALE_EXT, TARGET_EXT
 from pipeline.devices import AMP_DTYPES
-from pipeline.teacher_actor import TeacherActor
+from pipeline.storage import public_url
 
 log = logging.getLogger(__name__)
 

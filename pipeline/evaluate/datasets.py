@@ -1,4 +1,4 @@
-"""The six open-vocabulary segmentation benchmarks of SPEC §5, read from their standard layouts.
+"""The six open-vocabulary segmentation benchmarks of docs/method.md §5, read from their standard layouts.
 
 No mmseg: each reader lists (image, label) pairs under a root (a local path or an fsspec URL)
 and maps labels to ``0..C-1`` plus 255 (ignored):
@@ -12,7 +12,7 @@ and maps labels to ``0..C-1`` plus 255 (ignored):
 
 "Drop label 0" is mmseg's ``reduce_zero_label``: 0 -> 255, every other label -> label - 1.
 Each entry of the registry also holds the benchmark's resize and post-processing defaults;
-evaluation config keys override them. Class names live in ``pipeline/classes/<name>.txt``.
+evaluation config keys override them. Class names live in ``pipeline/evaluate/classes/<name>.txt``.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline import storage
-from pipeline.sources import BadImage, decode_image
+from pipeline.codecs import BadImage, decode_image
 
 CLASS_DIR = Path(__file__).parent / "classes"
 IGNORE = 255
@@ -47,7 +47,7 @@ class Sample:
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """A benchmark: where its files are, its classes, and its evaluation settings (SPEC §5)."""
+    """A benchmark: where its files are, its classes, and its evaluation settings (docs/method.md §5)."""
 
     name: str  # registry name and class-file stem
     title: str  # column title in result tables

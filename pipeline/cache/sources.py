@@ -1,4 +1,4 @@
-"""Image sources: list what to cache, read its bytes, decode to RGB uint8.
+"""Image sources: list what to cache and read its bytes (decoding is `pipeline.codecs.decode_image`).
 
 A source is one string:
 
@@ -27,7 +27,7 @@ from pathlib import PurePosixPath
 from typing import Iterator
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from pipeline import storage
 
@@ -36,10 +36,6 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 BUILTIN = "builtin:samples"
 _BUILTIN_SYNTHETIC = [(480, 640), (768, 1024), (1200, 800), (600, 1500), (512, 512)]  # (h, w)
-
-
-class BadImage(ValueError):
-    """An input that cannot become a training image; the message is the recorded reason."""
 
 
 @dataclass(frozen=True)
@@ -149,64 +145,6 @@ def read_bytes(uri: str) -> bytes:
     if uri.startswith("builtin://"):
         return _builtin_bytes(uri)
     return storage.read_bytes(uri)
-
-
-# -- decoding -----------------------------------------------------------------------------------
-
-def decode_image(data: bytes, max_pixels: int, min_side: int = 1, max_aspect: float = 0.0,
-                 upright: bool = True) -> np.ndarray:
-    """Decode to RGB uint8 ``(H, W, 3)``, upright (EXIF; ``upright=False`` keeps the stored
-    orientation), converting what users expect converted.
-
-    Grayscale, 1-bit, palette, CMYK, YCbCr, LAB -> RGB; alpha is composited over white; 16- and
-    32-bit integer images are scaled to 8 bits. Raises `BadImage` for empty, truncated, non-image
-    and float data, for images over `max_pixels` (decompression bombs: checked from the header,
-    before any pixel is decoded), under `min_side`, or more elongated than `max_aspect`.
-    """
-    if not data:
-        raise BadImage("empty file (0 bytes)")
-    try:
-        img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as e:
-        raise BadImage(f"decompression bomb: {e}") from None
-    except Exception as e:  # PIL raises many types for non-images
-        raise BadImage(f"not a readable image: {type(e).__name__}: {e}") from None
-    w, h = img.size
-    if w * h > max_pixels:
-        raise BadImage(f"decompression bomb: {w}x{h} = {w * h} pixels exceeds max_pixels={max_pixels}")
-    if min(w, h) < min_side:
-        raise BadImage(f"too small: {w}x{h}, the shorter side must be >= {min_side}")
-    if max_aspect and max(w, h) / max(1, min(w, h)) > max_aspect:
-        raise BadImage(f"extreme aspect ratio {w}x{h} (> {max_aspect}:1)")
-    try:
-        img.load()
-        return _to_rgb(ImageOps.exif_transpose(img) if upright else img)
-    except BadImage:
-        raise
-    except Exception as e:
-        raise BadImage(f"corrupt or truncated image: {type(e).__name__}: {e}") from None
-
-
-def _to_rgb(img: Image.Image) -> np.ndarray:
-    mode = img.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(img)
-        if mode == "I" and arr.max(initial=0) <= 255 and arr.min(initial=0) >= 0:
-            gray = arr.astype(np.uint8)
-        elif arr.min(initial=0) >= 0 and arr.max(initial=0) <= 65535:
-            gray = np.round(arr.astype(np.float64) / 257.0).astype(np.uint8)
-        else:
-            raise BadImage(f"unsupported 32-bit integer range in mode {mode}")
-        return np.repeat(gray[..., None], 3, axis=2)
-    if mode == "F":
-        raise BadImage("floating-point images are not supported (no canonical 8-bit mapping)")
-    if mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(white, rgba)
-    return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
 
 
 # -- builtin samples ----------------------------------------------------------------------------

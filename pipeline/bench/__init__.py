@@ -1,0 +1,19 @@
+"""Throughput measurements, every ratio measured side by side in one run (these machines are noisy).
+
+``python jobs/benchmark.py <mode> key=value ...``; one module per mode, beside what it measures:
+
+    teacher  (teacher.py)  windows/s of the sliding-window teacher, share of time outside the ViT,
+                           the GEMM ceiling of the same dtype, and model-FLOP utilisation against it
+    speedup  (teacher.py)  single pass vs sliding window at one resolution (the paper: ~52x on GPU)
+    cache    (cache.py)    the cache job end to end vs the bare teacher; bytes/token per encoding
+    train    (train.py)    Ray Train + DeepSpeed vs a plain loop; data-wait share; loader samples/s per core
+    common.py              timing, the GEMM ceiling, the one synthetic-cache builder, saving results
+"""
+from __future__ import annotations
+
+from pipeline.bench.cache import CacheBench, bench_cache
+from pipeline.bench.teacher import SpeedupBench, TeacherBench, bench_speedup, bench_teacher
+from pipeline.bench.train import TrainBench, bench_train
+
+MODES = {"teacher": (TeacherBench, bench_teacher), "speedup": (SpeedupBench, bench_speedup),
+         "cache": (CacheBench, bench_cache), "train": (TrainBench, bench_train)}

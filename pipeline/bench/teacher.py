@@ -1,0 +1,128 @@
+"""`benchmark.py teacher` and `benchmark.py speedup`: the sliding-window teacher against the bare
+ViT forwards and the GEMM ceiling of the same dtype, and the single pass against the teacher."""
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+import spar
+from pipeline.bench.common import gemm_ceiling, timed
+from pipeline.config import check
+from pipeline.devices import AMP_DTYPES, device_name, pick_device
+from spar.teacher import autocast
+
+
+@dataclass(kw_only=True)
+class TeacherBench:
+    """`benchmark.py teacher`: sliding-window teacher throughput and MFU."""
+
+    backbone: str = "maskclip"  # registry name
+    pretrained: Optional[str] = None  # weights do not change speed; random init needs no download
+    height: int = 1024  # image size (multiples of the patch)
+    width: int = 2048
+    images: int = 1  # images per teacher call
+    stride: int = 24
+    crop: Optional[int] = None  # default: the backbone's window
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (autocast of the ViT)
+    window_batch: int = 64  # windows per ViT forward
+    repeats: int = 1  # timed repetitions (median reported)
+    device: str = "auto"  # auto | cpu | cuda
+    out: Optional[str] = None  # optional JSON result path or URL
+
+    def __post_init__(self):
+        check(self.dtype in AMP_DTYPES, f"dtype must be one of {list(AMP_DTYPES)}")
+        check(self.repeats >= 1 and self.images >= 1, "repeats and images must be >= 1")
+
+
+@dataclass(kw_only=True)
+class SpeedupBench:
+    """`benchmark.py speedup`: single pass vs sliding-window teacher at one resolution."""
+
+    backbone: str = "maskclip"
+    pretrained: Optional[str] = None
+    height: int = 1024
+    width: int = 2048
+    stride: int = 24
+    dtype: str = "float32"
+    window_batch: int = 64
+    repeats: int = 1
+    device: str = "auto"
+    out: Optional[str] = None
+
+    def __post_init__(self):
+        check(self.dtype in AMP_DTYPES, f"dtype must be one of {list(AMP_DTYPES)}")
+
+
+def bench_teacher(cfg: TeacherBench) -> dict:
+    """Measure the teacher and the bare ViT forwards on the same windows, interleaved."""
+    device = pick_device(cfg.device)
+    amp = AMP_DTYPES[cfg.dtype]
+    bb = spar.load_backbone(cfg.backbone, pretrained=cfg.pretrained, device=device)
+    crop = cfg.crop or bb.window
+    x = torch.randn(cfg.images, 3, cfg.height, cfg.width, device=device)
+    windows = cfg.images * spar.count_windows(cfg.height, cfg.width, crop, cfg.stride)
+    chunk = torch.randn(min(cfg.window_batch, windows), 3, crop, crop, device=device)
+    full, rest = divmod(windows, cfg.window_batch)
+
+    def vit_only():
+        with torch.no_grad(), autocast(device, amp):
+            for _ in range(full):
+                bb.dense(chunk)
+            if rest:
+                bb.dense(chunk[:rest])
+
+    def teacher():
+        spar.sliding_window_features(bb, x, crop, cfg.stride, cfg.window_batch, amp)
+
+    from pipeline.plan import window_flops
+
+    # counted on a shape-only model: some CPU attention kernels are invisible to the counter
+    flops_per_window = window_flops(spar.load_backbone(cfg.backbone, pretrained=None, device="meta"), crop)
+    with torch.no_grad(), autocast(device, amp):
+        bb.dense(chunk)  # warm-up (kernels, allocator)
+    ceiling = gemm_ceiling(device, amp)
+    t_teacher, t_vit = [], []
+    for _ in range(cfg.repeats):
+        t_teacher.append(timed(teacher, device))
+        t_vit.append(timed(vit_only, device))
+    tt, tv = statistics.median(t_teacher), statistics.median(t_vit)
+    achieved = flops_per_window * windows / tt
+    return {
+        "mode": "teacher", "backbone": cfg.backbone, "device": device_name(device), "dtype": cfg.dtype,
+        "threads": torch.get_num_threads(), "image": [cfg.height, cfg.width], "images": cfg.images,
+        "crop": crop, "stride": cfg.stride, "window_batch": cfg.window_batch, "windows": windows,
+        "teacher_s": tt, "vit_only_s": tv, "windows_per_s": windows / tt, "images_per_s": cfg.images / tt,
+        "outside_vit_share": max(0.0, (tt - tv) / tt), "gflop_per_window": flops_per_window / 1e9,
+        "model_tflops": achieved / 1e12, "gemm_ceiling_tflops": ceiling / 1e12, "mfu": achieved / ceiling,
+    }
+
+
+def bench_speedup(cfg: SpeedupBench) -> dict:
+    """Single-pass vs sliding-window wall time on the same image."""
+    device = pick_device(cfg.device)
+    amp = AMP_DTYPES[cfg.dtype]
+    bb = spar.load_backbone(cfg.backbone, pretrained=cfg.pretrained, device=device)
+    x = torch.randn(1, 3, cfg.height, cfg.width, device=device)
+
+    def single():
+        with torch.no_grad(), autocast(device, amp):
+            bb.dense(x)
+
+    def sliding():
+        spar.sliding_window_features(bb, x, None, cfg.stride, cfg.window_batch, amp)
+
+    single()  # warm-up
+    t_single, t_sliding = [], []
+    for _ in range(cfg.repeats):
+        t_single.append(timed(single, device))
+        t_sliding.append(timed(sliding, device))
+    ts, tw = statistics.median(t_single), statistics.median(t_sliding)
+    return {
+        "mode": "speedup", "backbone": cfg.backbone, "device": device_name(device), "dtype": cfg.dtype,
+        "threads": torch.get_num_threads(), "image": [cfg.height, cfg.width], "stride": cfg.stride,
+        "windows": spar.count_windows(cfg.height, cfg.width, bb.window, cfg.stride),
+        "single_pass_s": ts, "sliding_window_s": tw, "speedup": tw / ts,
+    }

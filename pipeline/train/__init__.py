@@ -1,0 +1,13 @@
+"""Stage 2, student training (`jobs/train_student.py`). Data flow, one module per step:
+
+    job.py          the job: config, the cache opened on the driver, the Ray Train TorchTrainer
+    loader.py       a rank's epoch plan from the manifest, decoded in background processes
+    loop.py         what each Ray Train worker runs: epochs of planned batches, steps, padding steps
+    engine.py       the student wrapped by DeepSpeed: precision and the generated DeepSpeed config
+    checkpoint.py   save / restore: DeepSpeed state plus the run's position (RunState)
+    metrics.py      metrics.csv, TensorBoard events and loss_curve.png (rank 0)
+    export.py       student.safetensors and student.json at the end of the run
+    collectives.py  the sums and gathers the loop needs across ranks
+
+It reads the cache through `pipeline.cache.reader` only.
+"""

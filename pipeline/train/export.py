@@ -1,0 +1,84 @@
+"""The end of a run: the trained student as a plain open_clip state dict, and its record.
+
+``student.safetensors`` is the fp32 master weights of the trainable parameters over the teacher's
+frozen ones; ``student.json`` says where it came from (backbone, weights, cache fingerprint,
+config), how it ended (steps, loss), and that every rank holds the same weights (per-rank digests);
+``probe_features.npy`` is the in-job feature map of one cached image, which the exported file must
+reproduce.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+import spar
+from pipeline import storage
+from pipeline.codecs import npy_bytes
+from pipeline.config import to_dict
+from pipeline.train.collectives import all_gather_str
+from pipeline.train.engine import fp32_param, resolve_precision
+
+log = logging.getLogger(__name__)
+
+
+def gather_trained(engine, keep: bool) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(the fp32 trainable weights if `keep`, else {}; every rank's sha256 digest of its copy).
+    Every rank must call it: under ZeRO the full weights are gathered collectively."""
+    full, digest = {}, hashlib.sha256()
+    for name, p in engine.module.named_parameters():
+        if p.requires_grad:
+            value = fp32_param(p).detach().float().cpu()  # a collective under ZeRO: every rank calls it
+            digest.update(value.numpy().tobytes())
+            if keep:
+                full[name] = value
+    return full, all_gather_str(digest.hexdigest()[:16])
+
+
+def probe_features(engine, probe: dict, device: torch.device) -> torch.Tensor:
+    """The engine's feature map of one cached image, as the run computes it."""
+    with torch.no_grad():
+        x = engine.module.normalize(torch.from_numpy(probe["image"]).to(device))
+        return engine(x).float().cpu()
+
+
+def write_student(run_dir: str, source: dict, trainable: str, trained: dict, record: dict, probe: dict,
+                  in_job: torch.Tensor) -> dict:
+    """Write ``student.safetensors`` (trained weights over a fresh teacher), the probe features and
+    ``student.json`` (`record` plus the model and probe fields); returns the record."""
+    fresh = spar.load_backbone(source["backbone"], pretrained=source["pretrained"], init_seed=source["init_seed"])
+    with torch.no_grad():
+        for name, value in trained.items():
+            fresh.get_parameter(name).copy_(value)
+        exported = fresh.dense(fresh.normalize(torch.from_numpy(probe["image"])))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = spar.export_open_clip(fresh, os.path.join(tmp, "student.safetensors"))
+        storage.upload(str(path), storage.join(run_dir, "student.safetensors"))
+    storage.write_bytes(storage.join(run_dir, "probe_features.npy"), npy_bytes(in_job.numpy()))
+    info = {"backbone": source["backbone"], "model_name": fresh.model_name, "weights": source["weights"],
+            "trainable": spar.trainable_parameter_names(fresh, trainable),
+            **record, "probe_key": probe["key"], "probe_max_abs_diff": float((exported - in_job).abs().max()),
+            "created": time.time()}
+    storage.write_text(storage.join(run_dir, "student.json"),
+                       json.dumps(info, indent=2, default=lambda o: np.asarray(o).tolist()))
+    log.info("exported %s (probe max |diff| vs in-job features: %.3g)",
+             storage.public_url(storage.join(run_dir, "student.safetensors")), info["probe_max_abs_diff"])
+    return info
+
+
+def run_record(cfg, fingerprint: dict, state, final_loss: float, digests: list[str], nodes: list[str]) -> dict:
+    """The run's fields of ``student.json``."""
+    return {
+        "cache": storage.public_url(cfg.cache), "cache_fingerprint": fingerprint["fingerprint"],
+        "steps": state.step, "epochs_completed": state.epoch, "final_loss": final_loss,
+        "precision": resolve_precision(cfg.precision),
+        "rank_weight_digests": digests,  # sha256 of each rank's fp32 trainable weights: all equal
+        "rank_nodes": nodes,  # Ray node id of each rank
+        "config": to_dict(cfg),
+    }

@@ -1,0 +1,183 @@
+"""What every Ray Train worker runs: epochs of planned batches through the DeepSpeed student.
+
+    train_loop(config)            Ray Train's entry point on every rank
+      Trainer.__init__            open the cache, build the engine, restore the latest checkpoint
+      Trainer.fit                 epochs -> final checkpoint -> export
+        Trainer.run_epoch         this rank's planned batches, padding steps, checkpoints
+          Trainer.step            forward, MSE against the cached target, backward, optimizer step
+          Window                  the running numbers behind each metrics row
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import spar
+from pipeline.cache.reader import open_cache
+from pipeline.logs import rank_zero_info
+from pipeline.train import loader
+from pipeline.train.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.train.collectives import all_gather_str, all_sum, barrier
+from pipeline.train.engine import build_engine, setup_env
+from pipeline.train.export import gather_trained, probe_features, run_record, write_student
+from pipeline.train.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Window:
+    """Sums since the last metrics row (and over the epoch, for its loss)."""
+
+    loss: float = 0.0
+    n: int = 0
+    wait: float = 0.0
+    samples: int = 0
+    tokens: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+
+    def add(self, batch: dict, loss: float) -> None:
+        """Count one real (non-padding) batch."""
+        n = len(batch["keys"])
+        self.samples += n
+        self.tokens += n * batch["target"].shape[1] * batch["target"].shape[2]
+        self.loss += loss
+        self.n += 1
+
+    def row(self, step: int, epoch: int, lr: float, world: int, device: torch.device) -> dict:
+        """The metrics row of this window, summed over ranks."""
+        loss_sum, n, samples, tokens, wait = all_sum([self.loss, self.n, self.samples, self.tokens, self.wait], device)
+        elapsed = time.perf_counter() - self.t0
+        return {"kind": "step", "step": step, "epoch": epoch, "loss": loss_sum / max(n, 1),
+                "samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed,
+                "data_wait_share": wait / world / elapsed, "lr": lr}
+
+
+class Trainer:
+    """One rank's training run: epochs of planned batches, checkpoints, metrics, export."""
+
+    def __init__(self, config: dict):
+        import ray.train
+
+        from pipeline import storage
+
+        self.cfg, self.source, self.fingerprint = config["cfg"], config["student"], config["fingerprint"]
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        for url in (self.cfg.cache, self.cfg.output):
+            if self.cfg.storage_options:
+                storage.configure(storage.protocol(url), self.cfg.storage_options)
+        self.cache = open_cache(self.cfg.cache)
+        self.refs = loader.manifest_refs(self.cache.manifest)
+        self.engine = build_engine(self.cfg, self.source, self.world, config.get("deepspeed"))
+        self.state = load_checkpoint(self.engine, self.world)
+        rank_zero_info(log, "rank %d/%d on %s, %d torch threads, %d trainable parameters", self.rank, self.world,
+                       self.device, torch.get_num_threads(),
+                       sum(p.numel() for p in self.engine.module.parameters() if p.requires_grad))
+        self.metrics = Metrics(self.cfg.run_dir, enabled=self.rank == 0)
+        self.last_loss = float("nan")
+        self.last_checkpoint_step = self.state.step if self.state.step else -1
+
+    def done(self) -> bool:
+        return self.cfg.max_steps is not None and self.state.step >= self.cfg.max_steps
+
+    def fit(self) -> None:
+        while self.state.epoch < self.cfg.epochs and not self.done():
+            self.run_epoch()
+        self.checkpoint()
+        self.export()
+
+    def run_epoch(self) -> None:
+        cfg, st = self.cfg, self.state
+        plan = loader.plan_epoch(self.refs, seed=cfg.seed, epoch=st.epoch, rank=self.rank, world_size=self.world,
+                                 workers=cfg.data.loader_workers, batch_size=cfg.batch_size,
+                                 shuffle_buffer=cfg.data.shuffle_buffer)
+        if len(st.consumed) != cfg.data.loader_workers:
+            st.consumed = [0] * cfg.data.loader_workers
+        batches = iter(loader.make_loader(cfg.cache, plan, st.consumed, prefetch=cfg.data.prefetch,
+                                          verify=cfg.data.verify_checksums, storage_options=cfg.storage_options))
+        window, epoch = Window(), Window()
+        while st.epoch_step < plan.steps and not self.done():
+            t = time.perf_counter()
+            batch = next(batches, None)
+            window.wait += time.perf_counter() - t
+            # A rank whose batches are used up (fewer than the longest rank's, or all consumed before a
+            # resume) still steps with the others: a zero-weight padding step keeps the collectives in line.
+            real = batch is not None
+            loss = self.step(batch if real else self.padding_batch(), weight=1.0 if real else 0.0)
+            st.step, st.epoch_step = st.step + 1, st.epoch_step + 1
+            if real:
+                st.consumed[batch["worker"]] += 1
+                st.samples += len(batch["keys"])
+                window.add(batch, loss)
+                epoch.add(batch, loss)
+            if st.step % cfg.log_every == 0:
+                self.log_row(window.row(st.step, st.epoch, cfg.lr, self.world, self.device))
+                window = Window()
+            if cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0:
+                self.checkpoint()
+        total, count = all_sum([epoch.loss, epoch.n], self.device)
+        if st.epoch_step >= plan.steps:  # the epoch is complete (not cut by max_steps)
+            self.last_loss = total / max(count, 1)
+            self.metrics.log({"kind": "epoch", "step": st.step, "epoch": st.epoch, "loss": self.last_loss})
+            st.epoch, st.epoch_step, st.consumed = st.epoch + 1, 0, [0] * cfg.data.loader_workers
+            if not cfg.checkpoint_every:
+                self.checkpoint()
+
+    def padding_batch(self) -> dict:
+        """One black window-sized image with a zero target: a forward/backward through every trainable
+        parameter whose loss is then weighted by zero."""
+        spec = spar.get_spec(self.source["backbone"])
+        side, grid = spec.window, spec.window // spec.patch_size
+        return {"image": torch.zeros(1, side, side, 3, dtype=torch.uint8),
+                "target": torch.zeros(1, grid, grid, spec.dim)}
+
+    def step(self, batch: dict, weight: float) -> float:
+        """One forward/backward/step; returns the (unweighted) loss."""
+        images = batch["image"].to(self.device, non_blocking=True)
+        x = self.engine.module.normalize(images)
+        target = loader.target_to_float(batch, self.device)
+        pred = self.engine(x)
+        loss = spar.feature_loss(pred, target, self.cfg.loss)
+        self.engine.backward(loss * weight)
+        self.engine.step()
+        return float(loss.detach())
+
+    def log_row(self, row: dict) -> None:
+        self.metrics.log(row)
+        rank_zero_info(log, "step %d epoch %d loss %.5g | %.2f samples/s | data wait %.1f%%", row["step"],
+                       row["epoch"], row["loss"], row["samples_per_s"], 100 * row["data_wait_share"])
+
+    def checkpoint(self) -> None:
+        if self.state.step == self.last_checkpoint_step:
+            return  # nothing new since the last one (e.g. the final checkpoint right after an epoch's)
+        self.last_checkpoint_step = self.state.step
+        self.metrics.sync()
+        save_checkpoint(self.engine, self.state, {"step": self.state.step, "epoch": self.state.epoch,
+                                                  "loss": self.last_loss, "samples": self.state.samples})
+
+    def export(self) -> None:
+        """student.safetensors, student.json, the probe's in-job features, and the loss curve."""
+        import ray
+
+        trained, digests = gather_trained(self.engine, keep=self.rank == 0)
+        nodes = all_gather_str(ray.get_runtime_context().get_node_id())
+        probe = next(iter(self.cache))
+        in_job = probe_features(self.engine, probe, self.device)
+        if self.rank == 0:
+            record = run_record(self.cfg, self.fingerprint, self.state, self.last_loss, digests, nodes)
+            write_student(self.cfg.run_dir, self.source, self.cfg.trainable, trained, record, probe, in_job)
+            self.metrics.plot()
+        barrier()
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train entry point (``train_loop_per_worker``)."""
+    setup_env()
+    logging.getLogger("pipeline").setLevel(logging.INFO)  # Ray already attached a handler to the root
+    Trainer(config).fit()
+    barrier()  # every rank leaves together (DeepSpeed can abort at exit otherwise)

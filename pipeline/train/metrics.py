@@ -1,0 +1,76 @@
+"""Rank-0 metrics of a run: CSV and TensorBoard events in a local dir, mirrored to the run dir,
+and the loss curve drawn from the CSV at the end."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+from pipeline import storage
+
+
+class Metrics:
+    """Rank-0 metrics: CSV + TensorBoard in a local dir, mirrored to the run dir."""
+
+    COLUMNS = ("kind", "step", "epoch", "loss", "samples_per_s", "tokens_per_s", "data_wait_share", "lr")
+
+    def __init__(self, run_dir: str, enabled: bool):
+        self.run_dir, self.enabled = run_dir, enabled
+        self.local = tempfile.mkdtemp(prefix="spar-metrics-")
+        self.csv = os.path.join(self.local, "metrics.csv")
+        self.writer = None
+        if enabled:
+            remote = storage.join(run_dir, "metrics.csv")
+            if storage.exists(remote):  # a resumed run appends
+                storage.download(remote, self.csv)
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(self.local, "tensorboard"))
+
+    def log(self, row: dict) -> None:
+        """One CSV row with the fixed COLUMNS (blank where a row kind has no value)."""
+        if not self.enabled:
+            return
+        new = not os.path.exists(self.csv)
+        with open(self.csv, "a") as f:
+            if new:
+                f.write(",".join(self.COLUMNS) + "\n")
+            cells = (row.get(c, "") for c in self.COLUMNS)
+            f.write(",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in cells) + "\n")
+        for k, v in row.items():
+            if k not in ("step", "epoch", "kind"):
+                self.writer.add_scalar(f"{row['kind']}/{k}", v, row["step"])
+
+    def sync(self) -> None:
+        """Copy CSV and event files to the run dir."""
+        if not self.enabled:
+            return
+        self.writer.flush()
+        for root, _, files in os.walk(self.local):
+            for name in files:
+                path = os.path.join(root, name)
+                storage.upload(path, storage.join(self.run_dir, os.path.relpath(path, self.local)))
+
+    def plot(self) -> None:
+        """loss_curve.png from the CSV."""
+        if not self.enabled or not os.path.exists(self.csv):
+            return
+        import csv
+
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        with open(self.csv) as f:
+            rows = [r for r in csv.DictReader(f) if r["kind"] == "step"]
+        if not rows:
+            return
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], lw=1)
+        ax.set(xlabel="step", ylabel="feature MSE" if "loss" in rows[0] else "loss", yscale="log",
+               title="student vs teacher")
+        ax.grid(alpha=0.3)
+        path = os.path.join(self.local, "loss_curve.png")
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        storage.upload(path, storage.join(self.run_dir, "loss_curve.png"))
