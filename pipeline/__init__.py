@@ -8,7 +8,7 @@
 
 Shared by every stage: `storage` (fsspec URLs), `config` (typed job configs), `cli` (the jobs'
 wrapper), `logs`, `devices` (device and precision names), `ray_utils` (attach or start Ray),
-`codecs` (image and .npy bytes). A stage imports the shared modules and no other stage, except
+`codecs` (image and .npy bytes), `samples` (built-in images, reading image URIs). A stage imports the shared modules and no other stage, except
 the cache's reader (`pipeline.cache.reader`, also `pipeline.open_cache`), which train and
 evaluate may use.
 """

@@ -32,10 +32,10 @@ def _load_preset(arg: str):
         path = PRESET_DIR / f"{arg}.yaml"
     if path.is_file():
         return OmegaConf.load(path)
-    if "://" in arg:
-        from pipeline import storage
+    if "://" in arg:  # read before the config (and its storage_options) exists: standard credentials
+        from pipeline.storage import Storage
 
-        return OmegaConf.create(storage.read_text(arg))
+        return OmegaConf.create(Storage().read_text(arg))
     known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
     raise ConfigError(f"argument {arg!r} is neither key=value, a YAML file, nor a preset ({known})")
 
@@ -80,6 +80,28 @@ def to_dict(cfg: Any) -> dict:
 def to_yaml(cfg: Any) -> str:
     """The resolved, secret-free config as YAML."""
     return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
+
+
+def resolve_paths(cfg: Any, *names: str) -> None:
+    """Make the named location fields of `cfg` absolute (local) in place, so they mean the same in
+    every process of the job whatever its working directory (call from ``__post_init__``)."""
+    from pipeline.storage import resolve
+
+    for name in names:
+        setattr(cfg, name, resolve(getattr(cfg, name)))
+
+
+def resolve_weights(value: str | None) -> str | None:
+    """A ``pretrained`` / ``checkpoint`` value with a local file path made absolute; open_clip tags,
+    ``default``, URLs and null are kept."""
+    import os
+
+    from pipeline.storage import is_local, resolve
+
+    if not value or not is_local(value):
+        return value
+    looks_like_path = os.sep in value or value.startswith(("~", ".", "file:")) or os.path.exists(value)
+    return resolve(value) if looks_like_path else value
 
 
 def check(condition: bool, message: str) -> None:

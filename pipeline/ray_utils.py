@@ -36,3 +36,36 @@ def cluster_gpus() -> int:
 def cpu_nodes() -> int:
     """Alive nodes that offer CPUs (CPU-only clusters get one teacher actor per node)."""
     return max(1, sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0))
+
+
+class NotOnEveryNode(FileNotFoundError):
+    """A local path that this machine sees and other nodes of the cluster do not."""
+
+
+def nodes_missing(path: str) -> list[str]:
+    """Alive nodes (``<ip>/<node id prefix>``) on which the local `path` does not exist; [] on a
+    one-node cluster."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) <= 1:
+        return []
+    exists = ray.remote(num_cpus=0)(os.path.exists)
+    refs = {f"{n['NodeManagerAddress']}/{n['NodeID'][:8]}": exists.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(path) for n in nodes}
+    return [name for name, ref in refs.items() if not ray.get(ref)]
+
+
+def require_on_every_node(url: str, what: str) -> None:
+    """Refuse a local `url` that some node of the cluster cannot see (before any work starts):
+    its tasks would read nothing, or write where nobody looks."""
+    from pipeline import storage
+
+    if not storage.is_local(url):
+        return
+    missing = nodes_missing(storage.local_path(url))
+    if missing:
+        raise NotOnEveryNode(
+            f"{what} {url} is a local path that {len(missing)} node(s) of the cluster do not see "
+            f"({', '.join(missing[:4])}): on a multi-node cluster use shared storage, an object store URL "
+            "(s3://bucket/...) or a filesystem mounted at the same path on every node")

@@ -1,10 +1,20 @@
 """One storage layer over fsspec: every location is a URL (``/dir``, ``file://``, ``s3://``, ``gs://``).
 
-Local paths take the plain ``os`` route (atomic renames, no fsspec overhead); everything else goes
-through ``fsspec.url_to_fs``. Credentials come from each filesystem's standard provider chain
-(instance roles, environment, profiles) or from `storage_options` given at runtime; this module
-never writes them anywhere. For S3-compatible servers set ``AWS_ENDPOINT_URL`` (or pass
-``storage_options={"endpoint_url": ...}``).
+A `Storage` is the storage context of a job: the fsspec options (endpoint, credentials, ...) that
+every read and write of that job uses. It is a small picklable value, built once from the job's
+``storage_options`` and passed explicitly to every stage, Ray task, actor and loader process that
+touches storage, so the same options apply everywhere whatever process does the I/O::
+
+    store = Storage({"endpoint_url": "http://127.0.0.1:9000", "key": "...", "secret": "..."})
+    store.write_text("s3://bucket/x.txt", "hello")
+
+Options are flat fsspec keyword arguments for the object stores (s3, gs, az, ...), or a mapping
+per protocol (``{"s3": {...}, "gs": {...}}``). Without options, each filesystem uses its standard
+provider chain (instance roles, environment, profiles). Local paths take the plain ``os`` route
+(atomic renames, no fsspec overhead). Nothing here writes options anywhere, and a `Storage`'s
+repr hides them.
+
+The module-level functions are pure URL arithmetic: no I/O, no options.
 """
 from __future__ import annotations
 
@@ -12,20 +22,17 @@ import os
 import shutil
 import urllib.parse
 import uuid
-from typing import IO, Any, Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any
 
 import fsspec
 
 from spar.weights import public_url  # noqa: F401  (one definition, shared with the model library)
 
-_OPTIONS: dict[str, dict] = {}  # per-protocol storage options set by `configure`
+OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
+_ALIASES = {"s3a": "s3", "gcs": "gs", "abfss": "abfs"}  # per-protocol options may name either spelling
 # Many processes write the same prefixes: a cached listing would hide their objects.
-_DEFAULTS = {p: {"use_listings_cache": False} for p in ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")}
-
-
-def configure(protocol: str, options: dict[str, Any] | None) -> None:
-    """Default fsspec options for a protocol (e.g. ``{"endpoint_url": ...}`` for s3) in this process."""
-    _OPTIONS[protocol] = dict(options or {})
+_DEFAULTS = {p: {"use_listings_cache": False} for p in OBJECT_STORES}
 
 
 def protocol(url: str) -> str:
@@ -45,6 +52,14 @@ def local_path(url: str) -> str:
     return urllib.parse.urlparse(url).path if url.startswith("file://") else url
 
 
+def resolve(url: str) -> str:
+    """The absolute form of a location, to be fixed on the driver before it travels to other
+    processes: local paths (and ``file://``) become absolute paths, ``~`` expanded; URLs are kept."""
+    if not url or not is_local(url):
+        return url
+    return os.path.abspath(os.path.expanduser(local_path(url)))
+
+
 def join(url: str, *parts: str) -> str:
     """Join path parts onto a URL or path with ``/``."""
     out = str(url).rstrip("/")
@@ -53,136 +68,150 @@ def join(url: str, *parts: str) -> str:
     return out
 
 
-def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem and in-filesystem path of `url`."""
-    proto = protocol(url)
-    if proto == "file":
-        return fsspec.filesystem("file"), os.path.abspath(local_path(url))
-    options = {**_DEFAULTS.get(proto, {}), **_OPTIONS.get(proto, {})}
-    fs, path = fsspec.core.url_to_fs(str(url), **options)
-    return fs, path
+@dataclass(frozen=True)
+class Storage:
+    """The storage context of a job: fsspec options for every remote URL it reads or writes."""
 
+    options: dict[str, Any] = field(default_factory=dict, repr=False)
 
-def _url(fs: fsspec.AbstractFileSystem, path: str, like: str) -> str:
-    proto = protocol(like)
-    return path if proto == "file" else f"{proto}://{path}"
+    def options_for(self, url: str) -> dict[str, Any]:
+        """The fsspec options that apply to `url` (``{}`` for local paths and other protocols)."""
+        proto = protocol(url)
+        if proto == "file":
+            return {}
+        if any(isinstance(v, dict) for v in self.options.values()):  # per protocol
+            return dict(self.options.get(proto) or self.options.get(_ALIASES.get(proto, proto)) or {})
+        return dict(self.options) if proto in OBJECT_STORES else {}
 
+    def filesystem(self, url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+        """The fsspec filesystem and in-filesystem path of `url`."""
+        proto = protocol(url)
+        if proto == "file":
+            return fsspec.filesystem("file"), os.path.abspath(local_path(url))
+        return fsspec.core.url_to_fs(str(url), **{**_DEFAULTS.get(proto, {}), **self.options_for(url)})
 
-def open_file(url: str, mode: str = "rb") -> IO:
-    """Open a file for reading or writing (local writes create parent dirs)."""
-    if is_local(url):
-        path = local_path(url)
-        if "w" in mode or "a" in mode:
+    def open(self, url: str, mode: str = "rb", **kwargs) -> IO:
+        """Open a file for reading or writing (local writes create parent dirs). `kwargs` go to the
+        remote filesystem's ``open`` (e.g. ``block_size``) and are ignored for local files."""
+        if is_local(url):
+            path = local_path(url)
+            if "w" in mode or "a" in mode:
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            return open(path, mode)
+        fs, path = self.filesystem(url)
+        return fs.open(path, mode, **kwargs)
+
+    def exists(self, url: str) -> bool:
+        """Whether a file or directory exists at `url`."""
+        if is_local(url):
+            return os.path.exists(local_path(url))
+        fs, path = self.filesystem(url)
+        return fs.exists(path)
+
+    def read_bytes(self, url: str) -> bytes:
+        """The whole content of a file."""
+        with self.open(url, "rb") as f:
+            return f.read()
+
+    def read_text(self, url: str) -> str:
+        """The whole content of a UTF-8 text file."""
+        return self.read_bytes(url).decode("utf-8")
+
+    def write_bytes(self, url: str, data: bytes) -> None:
+        """Write a whole file atomically: readers see the old content or the new, never a part.
+
+        Local: write a temp file, then ``os.replace``. Object stores: one PUT is already atomic.
+        """
+        if is_local(url):
+            path = local_path(url)
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        return open(path, mode)
-    fs, path = filesystem(url)
-    return fs.open(path, mode)
+            tmp = f"{path}.part{uuid.uuid4().hex[:8]}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+            return
+        fs, path = self.filesystem(url)
+        fs.pipe_file(path, data)
 
+    def write_text(self, url: str, text: str) -> None:
+        """`write_bytes` for UTF-8 text."""
+        self.write_bytes(url, text.encode("utf-8"))
 
-def exists(url: str) -> bool:
-    """Whether a file or directory exists at `url`."""
-    if is_local(url):
-        return os.path.exists(local_path(url))
-    fs, path = filesystem(url)
-    return fs.exists(path)
+    def upload(self, local: str, url: str) -> None:
+        """Copy a local file to `url` (a rename when `url` is local too)."""
+        if is_local(url):
+            dst = local_path(url)
+            os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+            tmp = f"{dst}.part{uuid.uuid4().hex[:8]}"
+            shutil.copyfile(local, tmp)
+            os.replace(tmp, dst)
+            return
+        fs, path = self.filesystem(url)
+        fs.put_file(local, path)
 
+    def download(self, url: str, local: str) -> None:
+        """Copy `url` to a local file."""
+        if is_local(url):
+            shutil.copyfile(local_path(url), local)
+            return
+        fs, path = self.filesystem(url)
+        fs.get_file(path, local)
 
-def read_bytes(url: str) -> bytes:
-    """The whole content of a file."""
-    with open_file(url, "rb") as f:
-        return f.read()
+    def remove(self, url: str, recursive: bool = False) -> None:
+        """Delete a file (or a tree with `recursive`); missing paths are fine."""
+        if is_local(url):
+            path = local_path(url)
+            if os.path.isdir(path) and recursive:
+                shutil.rmtree(path, ignore_errors=True)
+            elif os.path.exists(path):
+                os.remove(path)
+            return
+        fs, path = self.filesystem(url)
+        try:
+            fs.rm(path, recursive=recursive)
+        except FileNotFoundError:
+            pass
 
+    def makedirs(self, url: str) -> None:
+        """Create a directory (object stores have no directories: a no-op there)."""
+        if is_local(url):
+            os.makedirs(local_path(url), exist_ok=True)
 
-def read_text(url: str) -> str:
-    """The whole content of a UTF-8 text file."""
-    return read_bytes(url).decode("utf-8")
+    def list_files(self, url: str, suffixes: tuple[str, ...] | None = None, recursive: bool = True) -> list[str]:
+        """Sorted URLs of the files under `url` (optionally only those ending in `suffixes`, case-insensitive)."""
+        fs, path = self.filesystem(url)
+        if not fs.exists(path):
+            return []
+        if fs.isfile(path):
+            found = [path]
+        elif recursive:
+            found = fs.find(path)
+        else:
+            found = [p["name"] for p in fs.ls(path, detail=True) if p["type"] == "file"]
+        if suffixes:
+            found = [p for p in found if p.lower().endswith(tuple(s.lower() for s in suffixes))]
+        proto = protocol(url)
+        return sorted(p if proto == "file" else f"{proto}://{p}" for p in found)
 
+    def relative(self, url: str, base: str) -> str:
+        """The path of `url` below `base`, ``/``-separated (both listed by this storage)."""
+        root = self.filesystem(base)[1].rstrip("/") + "/"
+        path = self.filesystem(url)[1]
+        if not path.startswith(root):
+            raise ValueError(f"{url} is not under {base}")
+        return path[len(root):]
 
-def write_bytes(url: str, data: bytes) -> None:
-    """Write a whole file atomically: readers see the old content or the new, never a part.
+    def size(self, url: str) -> int:
+        """Size of a file in bytes."""
+        if is_local(url):
+            return os.path.getsize(local_path(url))
+        fs, path = self.filesystem(url)
+        return int(fs.size(path))
 
-    Local: write a temp file, then ``os.replace``. Object stores: one PUT is already atomic.
-    """
-    if is_local(url):
-        path = local_path(url)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.part{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-        return
-    fs, path = filesystem(url)
-    fs.pipe_file(path, data)
+    def pyarrow_filesystem(self, url: str):
+        """(a pyarrow filesystem, path) for libraries that take pyarrow's (Ray Train's checkpoints):
+        the same fsspec filesystem and options as every other read and write."""
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-
-def write_text(url: str, text: str) -> None:
-    """`write_bytes` for UTF-8 text."""
-    write_bytes(url, text.encode("utf-8"))
-
-
-def upload(local: str, url: str) -> None:
-    """Copy a local file to `url` (a rename when `url` is local too)."""
-    if is_local(url):
-        dst = local_path(url)
-        os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-        tmp = f"{dst}.part{uuid.uuid4().hex[:8]}"
-        shutil.copyfile(local, tmp)
-        os.replace(tmp, dst)
-        return
-    fs, path = filesystem(url)
-    fs.put_file(local, path)
-
-
-def download(url: str, local: str) -> None:
-    """Copy `url` to a local file."""
-    if is_local(url):
-        shutil.copyfile(local_path(url), local)
-        return
-    fs, path = filesystem(url)
-    fs.get_file(path, local)
-
-
-def remove(url: str, recursive: bool = False) -> None:
-    """Delete a file (or a tree with `recursive`); missing paths are fine."""
-    if is_local(url):
-        path = local_path(url)
-        if os.path.isdir(path) and recursive:
-            shutil.rmtree(path, ignore_errors=True)
-        elif os.path.exists(path):
-            os.remove(path)
-        return
-    fs, path = filesystem(url)
-    try:
-        fs.rm(path, recursive=recursive)
-    except FileNotFoundError:
-        pass
-
-
-def makedirs(url: str) -> None:
-    """Create a directory (object stores have no directories: a no-op there)."""
-    if is_local(url):
-        os.makedirs(local_path(url), exist_ok=True)
-
-
-def list_files(url: str, suffixes: tuple[str, ...] | None = None, recursive: bool = True) -> list[str]:
-    """Sorted URLs of the files under `url` (optionally only those ending in `suffixes`, case-insensitive)."""
-    fs, path = filesystem(url)
-    if not fs.exists(path):
-        return []
-    if fs.isfile(path):
-        found = [path]
-    elif recursive:
-        found = fs.find(path)
-    else:
-        found = [p["name"] for p in fs.ls(path, detail=True) if p["type"] == "file"]
-    if suffixes:
-        found = [p for p in found if p.lower().endswith(tuple(s.lower() for s in suffixes))]
-    return sorted(_url(fs, p, url) for p in found)
-
-
-def size(url: str) -> int:
-    """Size of a file in bytes."""
-    if is_local(url):
-        return os.path.getsize(local_path(url))
-    fs, path = filesystem(url)
-    return int(fs.size(path))
+        fs, path = self.filesystem(url)
+        return PyFileSystem(FSSpecHandler(fs)), path

@@ -350,6 +350,7 @@ def load_backbone(
     dtype: torch.dtype | None = None,
     *,
     init_seed: int = 0,
+    storage_options: dict | None = None,
 ) -> Backbone:
     """Build a registered backbone in eval mode.
 
@@ -360,11 +361,12 @@ def load_backbone(
         device, dtype: where and in which dtype to place the parameters.
         init_seed: seed of the random initialisation, so that ``pretrained=None`` is reproducible
             (a cache's teacher and the student built from its fingerprint must agree).
+        storage_options: fsspec options (endpoint, credentials) for a remote `pretrained` URL.
     """
     spec = get_spec(name)
     if pretrained == DEFAULT:
         pretrained = spec.default_pretrained
-    resolved = resolve_pretrained(spec.model_name, pretrained)
+    resolved = resolve_pretrained(spec.model_name, pretrained, storage_options)
     on_meta = str(device) == "meta"  # shapes only (FLOP counting, planning): no memory, no weights
     if on_meta and resolved is not None:
         raise ValueError("device='meta' builds shapes only; use pretrained=None")

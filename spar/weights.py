@@ -53,8 +53,9 @@ def _weights_cache_dir() -> Path:
     return Path(root) / "weights"
 
 
-def _fetch_url(url: str) -> str:
-    """Copy a remote weights file to the local cache (keyed by URL) and return its local path."""
+def _fetch_url(url: str, storage_options: dict | None = None) -> str:
+    """Copy a remote weights file to the local cache (keyed by URL) and return its local path.
+    `storage_options` are the fsspec options of the URL's filesystem (endpoint, credentials)."""
     import fsspec  # only needed for remote weights; keeps the library import light
 
     if url.startswith("file://"):
@@ -67,7 +68,7 @@ def _fetch_url(url: str) -> str:
     local.parent.mkdir(parents=True, exist_ok=True)
     tmp = local.with_name(local.name + f".part{os.getpid()}")
     log.info("fetching weights %s -> %s", public_url(url), local)
-    with fsspec.open(url, "rb") as src, open(tmp, "wb") as dst:
+    with fsspec.open(url, "rb", **(storage_options or {})) as src, open(tmp, "wb") as dst:
         while chunk := src.read(16 << 20):
             dst.write(chunk)
     os.replace(tmp, local)  # atomic: concurrent fetchers never see a partial file
@@ -99,8 +100,9 @@ def _cached_hub_file(hf_hub: str) -> str | None:
     return None
 
 
-def resolve_pretrained(model_name: str, pretrained: str | None) -> str | None:
-    """Turn `pretrained` into a tag or a local file that `open_clip.create_model` loads without waiting.
+def resolve_pretrained(model_name: str, pretrained: str | None, storage_options: dict | None = None) -> str | None:
+    """Turn `pretrained` into a tag or a local file that `open_clip.create_model` loads without waiting
+    (a remote file is fetched with `storage_options`, its filesystem's fsspec options).
 
     Raises ``RuntimeError`` at once (no minute of HTTP retries) when a tag must be downloaded but the
     hub cannot be reached, naming both offline options.
@@ -125,19 +127,19 @@ def resolve_pretrained(model_name: str, pretrained: str | None) -> str | None:
             )
         return pretrained
     if _is_url(pretrained):
-        return _fetch_url(pretrained)
+        return _fetch_url(pretrained, storage_options)
     if os.path.isfile(pretrained):
         return pretrained
     raise _unknown_weights(model_name, pretrained)
 
 
-def weights_identity(model_name: str, pretrained: str | None) -> dict:
+def weights_identity(model_name: str, pretrained: str | None, storage_options: dict | None = None) -> dict:
     """What identifies the weights, for fingerprints: the tag, or the sha256 of the file."""
     if pretrained is None or pretrained == "":
         return {"kind": "random", "value": None}
     if open_clip.get_pretrained_cfg(model_name, str(pretrained)):
         return {"kind": "tag", "value": str(pretrained)}
-    local = _fetch_url(pretrained) if _is_url(pretrained) else pretrained
+    local = _fetch_url(pretrained, storage_options) if _is_url(pretrained) else pretrained
     if not os.path.isfile(local):
         raise _unknown_weights(model_name, pretrained)
     digest = hashlib.sha256()

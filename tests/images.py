@@ -6,7 +6,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from pipeline.cache.sources import synthetic_scene
+from pipeline.samples import synthetic_scene
 
 
 def png(img: Image.Image) -> bytes:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.cache.sources import synthetic_scene
+from pipeline.samples import synthetic_scene
 
 VOC_PALETTE = [0, 0, 0] * 256  # palette PNGs store indices; the colours do not matter to readers
 for _i in range(256):

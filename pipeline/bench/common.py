@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from pipeline import storage
+from pipeline.storage import Storage
 from pipeline.devices import synchronize
 
 
@@ -41,17 +42,17 @@ def synthetic_cache(work: str, name: str, *, backbone: str, count: int, sizes: l
     URL, the job's wall seconds). Runs over one source with growing `count` see the same keys, so
     the same views."""
     from pipeline.cache.job import CacheConfig, run
-    from pipeline.cache.sources import synthetic_scene
+    from pipeline.samples import synthetic_scene
     from pipeline.codecs import png_bytes
 
     src, out = storage.join(work, source), storage.join(work, name)
     for i in range(count):
         path = storage.join(src, f"{i:04d}.png")
-        if not storage.exists(path):
+        if not Storage().exists(path):
             img = synthetic_scene(*sizes[i % len(sizes)], seed=i)
             if noise:
                 img = np.clip(img + np.random.default_rng(i).normal(0, noise, img.shape), 0, 255).astype(np.uint8)
-            storage.write_bytes(path, png_bytes(img))
+            Storage().write_bytes(path, png_bytes(img))
     cfg = CacheConfig(source=src, output=out, backbone=backbone, pretrained=None, limit=count, **cache_keys)
     t = time.perf_counter()
     run(cfg)
@@ -61,4 +62,4 @@ def synthetic_cache(work: str, name: str, *, backbone: str, count: int, sizes: l
 def save_result(result: dict, out: str | None) -> None:
     """Write a result as JSON to `out` (a path or URL), if given."""
     if out:
-        storage.write_text(out, json.dumps(result, indent=2))
+        Storage().write_text(out, json.dumps(result, indent=2))

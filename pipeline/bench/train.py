@@ -11,6 +11,7 @@ import torch
 
 import spar
 from pipeline import storage
+from pipeline.storage import Storage
 from pipeline.bench.common import synthetic_cache
 from pipeline.cache.augment import AugmentConfig
 from pipeline.devices import device_name
@@ -52,7 +53,7 @@ def _plain_loop(cfg: TrainBench, cache_url: str) -> dict:
     for epoch in range(cfg.epochs):
         plan = loader.plan_epoch(refs, seed=0, epoch=epoch, rank=0, world_size=1, workers=cfg.loader_workers,
                                  batch_size=1, shuffle_buffer=8)
-        it = iter(loader.make_loader(cache_url, plan, [0] * cfg.loader_workers))
+        it = iter(loader.make_loader(cache_url, Storage(), plan, [0] * cfg.loader_workers))
         while True:
             t0 = time.perf_counter()
             batch = next(it, None)
@@ -89,7 +90,7 @@ def _ray_loop(cfg: TrainBench, cache_url: str, work: str, zero_stage: int) -> di
                     scaling=ScalingSettings(num_workers=1, cpus_per_worker=cfg.cpus),
                     data=DataSettings(loader_workers=cfg.loader_workers)))
     wall = time.perf_counter() - t
-    rows = list(csv.DictReader(io.StringIO(storage.read_text(storage.join(work, "runs", name, "metrics.csv")))))
+    rows = list(csv.DictReader(io.StringIO(Storage().read_text(storage.join(work, "runs", name, "metrics.csv")))))
     # rows whose window lies past the warm-up; each covers `log_every` steps of one sample (batch 1)
     steady = [r for r in rows if r["kind"] == "step" and int(r["step"]) - cfg.log_every >= cfg.warmup_steps]
     step_s = [cfg.log_every / float(r["samples_per_s"]) for r in steady]
@@ -108,7 +109,7 @@ def _loader_rate(cache_url: str, workers: int) -> float:
     refs = loader.manifest_refs(open_cache(cache_url).manifest)
     plan = loader.plan_epoch(refs, seed=0, epoch=0, rank=0, world_size=1, workers=workers, batch_size=1,
                              shuffle_buffer=8)
-    it = iter(loader.make_loader(cache_url, plan, [0] * workers))
+    it = iter(loader.make_loader(cache_url, Storage(), plan, [0] * workers))
     next(it)  # start-up excluded
     t, n = time.perf_counter(), 0
     for _ in it:

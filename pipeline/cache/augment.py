@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.config import check
+from pipeline.storage import Storage
 
 
 @dataclass(kw_only=True)
@@ -97,13 +98,13 @@ def augment(image: np.ndarray, seed: int, key: str, view: int, cfg: AugmentConfi
 
 
 def augment_row(row: dict, *, seed: int, cfg: AugmentConfig, max_pixels: int, min_source_side: int,
-                max_aspect: float, png_level: int) -> dict:
+                max_aspect: float, png_level: int, store: Storage) -> dict:
     """Ray Data stage ``row -> row``: read, decode, augment and PNG-encode one (source, view).
 
     Bad inputs become rows with an ``error`` reason (recorded later); storage and decode failures
     are bad inputs, anything else is a bug and raises.
     """
-    from pipeline.cache.sources import read_bytes
+    from pipeline.samples import read_bytes
     from pipeline.codecs import BadImage, decode_image, png_bytes
     from pipeline.storage import public_url
 
@@ -112,7 +113,7 @@ def augment_row(row: dict, *, seed: int, cfg: AugmentConfig, max_pixels: int, mi
     if row.get("error"):  # recorded upstream (an unreadable tar)
         return dict(out, error=row["error"])
     try:
-        data = row["data"] if row.get("data") is not None else read_bytes(row["source"])
+        data = row["data"] if row.get("data") is not None else read_bytes(row["source"], store)
         image = decode_image(data, max_pixels=max_pixels, min_side=min_source_side, max_aspect=max_aspect)
     except BadImage as e:
         return dict(out, error=str(e))

@@ -25,9 +25,9 @@ from pipeline.cache.augment import AugmentConfig, augment_row
 from pipeline.cache.encode import ENCODINGS, IMAGE_EXT, META_EXT, SCALE_EXT, TARGET_EXT
 from pipeline.cache.reader import FORMAT, FingerprintMismatch, fingerprint_diff, fingerprint_digest
 from pipeline.cache.teacher import TeacherActor
-from pipeline.config import ConfigError, check, to_dict, to_yaml
+from pipeline.config import check, resolve_paths, resolve_weights, to_dict, to_yaml
 from pipeline.devices import AMP_DTYPES
-from pipeline.storage import public_url
+from pipeline.storage import Storage, public_url
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class CacheConfig:
     views: int = 1  # augmented views per source image
     encoding: str = "float16"  # target encoding: float16 | float32 | int8 (per-token scales)
     shard_size: int = 32  # max samples per shard tar
-    limit: Optional[int] = None  # only the first N source images (sorted by URI; not for tar sources)
+    limit: Optional[int] = None  # only the first N source images (natural order; tars: natural order, then tar order)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     max_pixels: int = 100_000_000  # decompression-bomb cap on source pixels
@@ -75,7 +75,7 @@ class CacheConfig:
     png_compress_level: int = 1  # 0-9: PNG is lossless at every level; 1 is fast
     read_cpus: float = -1.0  # CPUs per read/augment task; -1 = 1 with GPUs, else 0.5 (fits beside CPU actors)
     write_cpus: float = 0.5  # CPUs per shard-writer task
-    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for output/source protocol
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options (endpoint, keys) for every read/write
     ray_address: Optional[str] = None  # "auto": this node's cluster; default RAY_ADDRESS, else a new local one
     num_cpus: Optional[int] = None  # CPUs of a local cluster this job starts
 
@@ -96,18 +96,20 @@ class CacheConfig:
         check(self.augment.min_side >= crop, f"augment.min_side {self.augment.min_side} < teacher crop {crop}")
         if self.pretrained == "default":
             self.pretrained = spec.default_pretrained
+        self.pretrained = resolve_weights(self.pretrained)
+        resolve_paths(self, "source", "output")  # builtin:samples and URLs stay as they are
 
 
 class TooManyFailures(RuntimeError):
     """More inputs failed than `max_failed_fraction` allows (the cache keeps what succeeded)."""
 
 
-def build_fingerprint(cfg: CacheConfig) -> dict:
+def build_fingerprint(cfg: CacheConfig, store: Storage) -> dict:
     """The teacher's identity: everything that changes what a target contains."""
     from spar.weights import weights_identity
 
     spec = spar.get_spec(cfg.backbone)
-    weights = weights_identity(spec.model_name, cfg.pretrained)
+    weights = weights_identity(spec.model_name, cfg.pretrained, store.options_for(cfg.pretrained or ""))
     if weights["kind"] == "file":
         weights["uri"] = public_url(cfg.pretrained)
     if weights["kind"] == "random":
@@ -126,44 +128,51 @@ def build_fingerprint(cfg: CacheConfig) -> dict:
     return fp
 
 
-def claim_output(cfg: CacheConfig) -> dict:
+def claim_output(cfg: CacheConfig, store: Storage) -> dict:
     """Write the fingerprint into a new output, or check it against an existing one.
 
     An output whose earlier run committed nothing (it failed before its first shard, e.g. weights that
     could not be fetched) is not a cache yet: its fingerprint is replaced, with a warning.
     """
-    fp = build_fingerprint(cfg)
+    fp = build_fingerprint(cfg, store)
     path = storage.join(cfg.output, "teacher.json")
-    if storage.exists(path):
-        old = shards.read_json(path)
+    if store.exists(path):
+        old = shards.read_json(store, path)
         if old.get("fingerprint") == fp["fingerprint"]:
             return old
         diff = "\n  ".join(fingerprint_diff(old, fp)) or "(fingerprint digest differs)"
-        if shards.committed_shards(cfg.output):
+        if shards.committed_shards(store, cfg.output):
             raise FingerprintMismatch(
                 f"{cfg.output} holds a cache made with different teacher settings; refusing to mix them:\n  "
                 f"{diff}\nUse another output, or the original settings to resume or extend it.")
         log.warning("%s holds no committed shard yet; replacing its fingerprint:\n  %s", cfg.output, diff)
-    shards.write_json(path, fp)
+    shards.write_json(store, path, fp)
     return fp
 
 
-def work_items(cfg: CacheConfig, done: set[str]) -> tuple[list[dict], int, bool]:
-    """(items to compute, source images listed, whether items are tars to expand)."""
-    kind = sources.source_kind(cfg.source)
+def work_items(cfg: CacheConfig, store: Storage, done: set[str]) -> tuple[list[dict], int, bool]:
+    """(items to compute, source images listed, whether items are tars to expand).
+
+    Tar sources are expanded on the workers, one streaming pass per tar. With ``limit=N`` the driver
+    first decides which members are the first N (tars in natural order, members in tar order) from
+    the tars' headers, so a rerun or an extension with a larger N picks the same images first.
+    """
+    kind = sources.source_kind(cfg.source, store)
     if kind == "tars":
-        if cfg.limit is not None:  # members are only known once each tar is streamed, on the workers
-            raise ConfigError("limit= does not apply to tar sources; select tars instead (e.g. sa1b-{000..009}.tar)")
-        tars = sources.list_tars(cfg.source)
-        return [{"tar": t} for t in tars], -1, True
-    listed = sources.list_source(cfg.source)[: cfg.limit]
+        tars = sources.list_tars(cfg.source, store)
+        if cfg.limit is None:
+            return [{"tar": t} for t in tars], -1, True
+        plan = sources.plan_tar_limit(tars, store, cfg.limit)
+        return [{"tar": t, "members": names} for t, names in plan], sum(len(n) for _, n in plan), True
+    listed = sources.list_source(cfg.source, store)[: cfg.limit]
     items = [{"key": it.key, "sample_key": f"{it.key}_v{v}", "source": it.uri, "view": v}
              for it in listed for v in range(cfg.views)]
     return [it for it in items if it["sample_key"] not in done], len(listed), False
 
 
-def expand_tar(row: dict, *, views: int, done: Any) -> Iterator[dict]:
-    """Ray Data flat_map: one tar -> its image members x views that are not committed yet.
+def expand_tar(row: dict, *, views: int, done: Any, store: Storage) -> Iterator[dict]:
+    """Ray Data flat_map: one tar -> its image members (those of ``row["members"]`` if the driver
+    chose them) x views that are not committed yet.
 
     One streaming pass, one member in memory at a time (Ray Data cuts the output into blocks as it
     goes), so SA-1B's 10 GB tars cost a task about a block of memory. A tar that cannot be read to its
@@ -174,8 +183,9 @@ def expand_tar(row: dict, *, views: int, done: Any) -> Iterator[dict]:
 
     done_keys = ray.get(done) if isinstance(done, ray.ObjectRef) else done
     tar = row["tar"]
+    members = set(row["members"]) if row.get("members") is not None else None
     try:
-        for item, data in sources.iter_tar_images(tar):
+        for item, data in sources.iter_tar_images(tar, store, members):
             for v in range(views):
                 if f"{item.key}_v{v}" not in done_keys:
                     yield {"key": item.key, "sample_key": f"{item.key}_v{v}", "source": item.uri, "view": v,
@@ -186,9 +196,8 @@ def expand_tar(row: dict, *, views: int, done: Any) -> Iterator[dict]:
                "error": f"unreadable tar: {type(e).__name__}: {e}"}
 
 
-def write_batch(batch: dict[str, np.ndarray], *, output: str, storage_options: dict) -> dict[str, np.ndarray]:
+def write_batch(batch: dict[str, np.ndarray], *, output: str, store: Storage) -> dict[str, np.ndarray]:
     """Ray Data stage: commit one shard (and record errors) from a batch of teacher outputs."""
-    _configure_storage(output, storage_options)
     samples, rows, errors = [], [], []
     for i in range(len(batch["sample_key"])):
         key, source = str(batch["sample_key"][i]), str(batch["source"][i])
@@ -205,19 +214,15 @@ def write_batch(batch: dict[str, np.ndarray], *, output: str, storage_options: d
                      "height": meta["image_size"][0], "width": meta["image_size"][1], "grid_h": meta["grid"][0],
                      "grid_w": meta["grid"][1], "target_bytes": len(members[TARGET_EXT]),
                      "target_checksum": meta["target_checksum"], "windows": meta["windows"]})
-    shards.write_errors(output, errors)
-    shard = shards.commit_shard(output, samples, rows) if samples else {"shard": "", "bytes": 0, "skipped": False}
+    shards.write_errors(store, output, errors)
+    shard = (shards.commit_shard(store, output, samples, rows) if samples
+             else {"shard": "", "bytes": 0, "skipped": False})
     return {"shard": np.array([shard["shard"]]), "samples": np.array([len(samples)]),
             "errors": np.array([len(errors)]), "bytes": np.array([shard["bytes"]]),
             "windows": np.array([int(np.sum(batch["windows"]))]), "skipped": np.array([shard["skipped"]])}
 
 
-def _configure_storage(url: str, options: dict) -> None:
-    if options:
-        storage.configure(storage.protocol(url), options)
-
-
-def build_dataset(cfg: CacheConfig, items: list[dict], is_tars: bool, done: set[str], fp: dict):
+def build_dataset(cfg: CacheConfig, store: Storage, items: list[dict], is_tars: bool, done: set[str], fp: dict):
     """The streaming Ray Data pipeline for `items` (not executed yet)."""
     import ray
     from ray.data import ActorPoolStrategy
@@ -228,10 +233,11 @@ def build_dataset(cfg: CacheConfig, items: list[dict], is_tars: bool, done: set[
     read_cpus = cfg.read_cpus if cfg.read_cpus > 0 else (1.0 if gpus else 0.5)
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
     if is_tars:
-        ds = ds.flat_map(expand_tar, fn_kwargs={"views": cfg.views, "done": ray.put(done)}, num_cpus=read_cpus)
+        ds = ds.flat_map(expand_tar, fn_kwargs={"views": cfg.views, "done": ray.put(done), "store": store},
+                         num_cpus=read_cpus)
     ds = ds.map(augment_row, num_cpus=read_cpus, fn_kwargs={
         "seed": cfg.seed, "cfg": cfg.augment, "max_pixels": cfg.max_pixels, "min_source_side": cfg.min_source_side,
-        "max_aspect": cfg.max_aspect, "png_level": cfg.png_compress_level})
+        "max_aspect": cfg.max_aspect, "png_level": cfg.png_compress_level, "store": store})
     t = cfg.teacher
     num_gpus = t.num_gpus if t.num_gpus >= 0 else (1.0 if gpus else 0.0)
     num_cpus = t.num_cpus if t.num_cpus >= 0 else (1.0 if num_gpus else 0.5)
@@ -243,36 +249,37 @@ def build_dataset(cfg: CacheConfig, items: list[dict], is_tars: bool, done: set[
         num_gpus=num_gpus, num_cpus=num_cpus, scheduling_strategy="SPREAD", fn_constructor_kwargs={
             "backbone": cfg.backbone, "pretrained": cfg.pretrained, "crop": cfg.crop, "stride": cfg.stride,
             "window_batch": t.window_batch, "amp_dtype": t.amp_dtype, "encoding": cfg.encoding,
-            "device": t.device, "threads": t.threads, "fingerprint": fp["fingerprint"], "init_seed": cfg.init_seed})
+            "device": t.device, "threads": t.threads, "fingerprint": fp["fingerprint"], "init_seed": cfg.init_seed,
+            "store": store})
     return ds.map_batches(write_batch, batch_size=cfg.shard_size, batch_format="numpy", num_cpus=cfg.write_cpus,
-                          fn_kwargs={"output": cfg.output, "storage_options": cfg.storage_options})
+                          fn_kwargs={"output": cfg.output, "store": store})
 
 
 def run(cfg: CacheConfig) -> dict:
     """Run (or resume) the cache job; returns the summary. Raises `TooManyFailures` after writing
     everything that succeeded if too many inputs failed."""
-    from pipeline.ray_utils import init_ray
+    from pipeline.ray_utils import init_ray, require_on_every_node
 
-    _configure_storage(cfg.output, cfg.storage_options)
-    _configure_storage(cfg.source, cfg.storage_options)
-    fp = claim_output(cfg)
-    shards.clean_uncommitted(cfg.output)
-    shards.reset_errors(cfg.output)
+    store = Storage(cfg.storage_options)
+    fp = claim_output(cfg, store)
+    shards.clean_uncommitted(store, cfg.output)
+    shards.reset_errors(store, cfg.output)
     run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    storage.write_text(storage.join(cfg.output, "config.yaml"), to_yaml(cfg))
-    storage.write_text(storage.join(cfg.output, "runs", run_id, "config.yaml"), to_yaml(cfg))
-    committed, _ = shards.read_manifest(cfg.output)
+    store.write_text(storage.join(cfg.output, "config.yaml"), to_yaml(cfg))
+    store.write_text(storage.join(cfg.output, "runs", run_id, "config.yaml"), to_yaml(cfg))
+    committed, _ = shards.read_manifest(store, cfg.output)
     done = set(committed.column("key").to_pylist())
-    items, listed, is_tars = work_items(cfg, done)
+    items, listed, is_tars = work_items(cfg, store, done)
     log.info("fingerprint %s; %d samples already committed; %d work items", fp["fingerprint"][:19], len(done),
              len(items))
     started = init_ray(cfg.ray_address, cfg.num_cpus)
     t0 = time.perf_counter()
     totals = {"samples": 0, "errors": 0, "bytes": 0, "windows": 0, "shards": 0, "rewrites_skipped": 0}
     try:
+        require_on_every_node(storage.join(cfg.output, "teacher.json"), "the cache output")
         if items:
-            for batch in build_dataset(cfg, items, is_tars, done, fp).iter_batches(batch_size=None,
-                                                                                   batch_format="numpy"):
+            for batch in build_dataset(cfg, store, items, is_tars, done, fp).iter_batches(batch_size=None,
+                                                                                          batch_format="numpy"):
                 for k in ("samples", "errors", "bytes", "windows"):
                     totals[k] += int(np.sum(batch[k]))
                 totals["shards"] += int(np.sum(batch["samples"] > 0))
@@ -282,11 +289,12 @@ def run(cfg: CacheConfig) -> dict:
             import ray
 
             ray.shutdown()
-    return _summarize(cfg, run_id, totals, len(done), listed, time.perf_counter() - t0)
+    return _summarize(cfg, store, run_id, totals, len(done), listed, time.perf_counter() - t0)
 
 
-def _summarize(cfg: CacheConfig, run_id: str, totals: dict, before: int, listed: int, seconds: float) -> dict:
-    samples_now, _ = shards.read_manifest(cfg.output)
+def _summarize(cfg: CacheConfig, store: Storage, run_id: str, totals: dict, before: int, listed: int,
+               seconds: float) -> dict:
+    samples_now, _ = shards.read_manifest(store, cfg.output)
     attempted = totals["samples"] + totals["errors"]
     summary = {
         "run": run_id, "output": public_url(cfg.output), "source_images": listed,
@@ -297,7 +305,7 @@ def _summarize(cfg: CacheConfig, run_id: str, totals: dict, before: int, listed:
         "images_per_s": totals["samples"] / seconds if seconds else 0.0,
         "windows_per_s": totals["windows"] / seconds if seconds else 0.0,
     }
-    shards.write_json(storage.join(cfg.output, "runs", run_id, "summary.json"), summary)
+    shards.write_json(store, storage.join(cfg.output, "runs", run_id, "summary.json"), summary)
     log.info("summary: %s", json.dumps(summary))
     if summary["failed_fraction"] > cfg.max_failed_fraction:
         raise TooManyFailures(f"{totals['errors']} of {attempted} inputs failed "

@@ -10,16 +10,15 @@ Only committed shards are read, and every member is checked against its checksum
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import logging
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import pyarrow as pa
-import webdataset as wds
 
 from pipeline import storage
+from pipeline.storage import Storage
 from pipeline.cache import shards
 from pipeline.cache.encode import CorruptSample, decode_members, decode_stored  # noqa: F401  (readers' API)
 from pipeline.cache.shards import shard_url  # noqa: F401  (readers' API)
@@ -50,26 +49,19 @@ def fingerprint_diff(a: dict, b: dict) -> list[str]:
     return [f"{k}: {a.get(k)!r} != {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 
 
-def register_gopen_schemes() -> None:
-    """Let webdataset open every fsspec URL (it has no s3:// handler of its own)."""
-    gopen = importlib.import_module("webdataset.gopen")
+def iter_raw_shard(url: str, store: Storage) -> Iterator[dict]:
+    """Undecoded samples (member bytes by extension) of one shard, in tar order. The tar is opened
+    through `store` and streamed into webdataset's tar expander, so it reads every fsspec URL with
+    the job's options."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
 
-    def _open(url, mode="rb", bufsize=8192, **kw):
-        return storage.open_file(url, mode)
-
-    for scheme in ("s3", "gs", "gcs", "az", "abfs", "abfss", "memory", "hf", "http", "https"):
-        gopen.gopen_schemes[scheme] = _open
-
-
-def iter_raw_shard(url: str) -> Iterator[dict]:
-    """Undecoded samples (member bytes by extension) of one shard, in tar order."""
-    register_gopen_schemes()
-    yield from wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=wds.reraise_exception))
+    with store.open(url, "rb") as stream:
+        yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
 
 
-def iter_shard(url: str, verify: bool = True) -> Iterator[dict]:
+def iter_shard(url: str, store: Storage, verify: bool = True) -> Iterator[dict]:
     """Decoded samples of one shard, in tar order."""
-    for raw in iter_raw_shard(url):
+    for raw in iter_raw_shard(url, store):
         yield decode_members(raw, verify=verify)
 
 
@@ -79,6 +71,7 @@ class Cache:
 
     url: str
     fingerprint: dict
+    store: Storage = field(repr=False)  # how the cache's objects are read (options of its filesystem)
     manifest: pa.Table  # one row per sample: key, source, view, shard, sizes, grid, checksum, windows
     shards: pa.Table  # one row per committed shard: shard, samples, bytes, sha256
     _errors: pa.Table | None = field(default=None, repr=False)
@@ -90,7 +83,7 @@ class Cache:
     def errors(self) -> pa.Table:
         """Inputs the latest run skipped: key, source, reason."""
         if self._errors is None:
-            self._errors = shards.read_errors(self.url)
+            self._errors = shards.read_errors(self.store, self.url)
         return self._errors
 
     def keys(self) -> list[str]:
@@ -107,7 +100,7 @@ class Cache:
         """Every committed sample once: ``{key, image, target, meta}``."""
         wanted = set(self.keys())
         for url in self.shard_urls():
-            for sample in iter_shard(url, verify=verify):
+            for sample in iter_shard(url, self.store, verify=verify):
                 if sample["key"] in wanted:  # a key duplicated by a retried batch is yielded once
                     wanted.discard(sample["key"])
                     yield sample
@@ -117,7 +110,7 @@ class Cache:
         bad = []
         for name, sha in zip(self.shards.column("shard").to_pylist(), self.shards.column("sha256").to_pylist()):
             digest = hashlib.sha256()
-            with storage.open_file(shards.shard_url(self.url, name), "rb") as f:
+            with self.store.open(shards.shard_url(self.url, name), "rb") as f:
                 while chunk := f.read(16 << 20):
                     digest.update(chunk)
             if digest.hexdigest() != sha:
@@ -125,20 +118,26 @@ class Cache:
         return bad
 
 
-def read_fingerprint(url: str) -> dict:
+def read_fingerprint(url: str, store: Storage) -> dict:
     """The ``teacher.json`` of a cache, or `CacheError` if there is none."""
     path = storage.join(url, "teacher.json")
-    if not storage.exists(path):
+    if not store.exists(path):
         raise CacheError(f"{url} is not a teacher cache: {path} does not exist")
-    return shards.read_json(path)
+    return shards.read_json(store, path)
 
 
-def open_cache(url: str, *, require_samples: bool = True) -> Cache:
-    """Open a cache written by ``jobs/cache_teacher.py`` (local path or fsspec URL)."""
-    fp = read_fingerprint(url)
+def open_cache(url: str, storage_options: dict | Storage | None = None, *, require_samples: bool = True) -> Cache:
+    """Open a cache written by ``jobs/cache_teacher.py`` (local path or fsspec URL).
+
+    `storage_options`: fsspec options of the cache's filesystem (endpoint, credentials), or a job's
+    `Storage`; default: the filesystem's standard credentials.
+    """
+    store = storage_options if isinstance(storage_options, Storage) else Storage(dict(storage_options or {}))
+    url = storage.resolve(url)
+    fp = read_fingerprint(url, store)
     if fp.get("format") != FORMAT:
         raise CacheError(f"{url}: unsupported cache format {fp.get('format')!r} (this reader: {FORMAT})")
-    samples, shard_table = shards.read_manifest(url)
+    samples, shard_table = shards.read_manifest(store, url)
     if require_samples and samples.num_rows == 0:
         raise CacheError(f"{url} holds no committed samples (has the cache job finished a shard yet?)")
-    return Cache(url=url, fingerprint=fp, manifest=samples, shards=shard_table)
+    return Cache(url=url, fingerprint=fp, store=store, manifest=samples, shards=shard_table)

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 import webdataset as wds
 
 from pipeline import storage
+from pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +61,14 @@ def shard_name(keys: Iterable[str]) -> str:
     return "shard-" + hashlib.sha1("\n".join(sorted(keys)).encode()).hexdigest()[:20]
 
 
-def _write_table(url: str, table: pa.Table) -> None:
+def _write_table(store: Storage, url: str, table: pa.Table) -> None:
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    storage.write_bytes(url, buf.getvalue())
+    store.write_bytes(url, buf.getvalue())
 
 
-def _read_table(url: str) -> pa.Table:
-    with storage.open_file(url, "rb") as f:
+def _read_table(store: Storage, url: str) -> pa.Table:
+    with store.open(url, "rb") as f:
         return pq.read_table(f)
 
 
@@ -86,7 +87,7 @@ class _HashingWriter(io.RawIOBase):
         return self.f.write(b)
 
 
-def _write_tar(url: str, samples: list[dict], mtime: float) -> tuple[int, str]:
+def _write_tar(store: Storage, url: str, samples: list[dict], mtime: float) -> tuple[int, str]:
     """Write WebDataset samples to one tar; returns (bytes, sha256). Local tars go via a temp file."""
     if storage.is_local(url):
         path = storage.local_path(url)
@@ -96,7 +97,7 @@ def _write_tar(url: str, samples: list[dict], mtime: float) -> tuple[int, str]:
             n, sha = _tar_into(raw, samples, mtime)
         os.replace(tmp, path)
         return n, sha
-    with storage.open_file(url, "wb") as raw:  # an object appears only when its upload completes
+    with store.open(url, "wb") as raw:  # an object appears only when its upload completes
         return _tar_into(raw, samples, mtime)
 
 
@@ -108,61 +109,61 @@ def _tar_into(raw, samples: list[dict], mtime: float) -> tuple[int, str]:
     return hw.n, hw.sha.hexdigest()
 
 
-def is_committed(output: str, name: str) -> bool:
-    return storage.exists(commit_url(output, name))
+def is_committed(store: Storage, output: str, name: str) -> bool:
+    return store.exists(commit_url(output, name))
 
 
-def commit_shard(output: str, samples: list[dict], rows: list[dict]) -> dict:
+def commit_shard(store: Storage, output: str, samples: list[dict], rows: list[dict]) -> dict:
     """Write one shard and commit it. `samples` are tar member dicts, `rows` their manifest rows.
 
     Returns the shard row. If the shard is already committed (a retried task), writes nothing.
     """
     name = shard_name(r["key"] for r in rows)
-    if is_committed(output, name):
+    if is_committed(store, output, name):
         log.info("shard %s already committed; skipping the rewrite", name)
         return {"shard": name, "samples": len(rows), "bytes": 0, "sha256": "", "created": 0.0, "skipped": True}
     created = time.time()
-    nbytes, sha = _write_tar(shard_url(output, name), samples, mtime=created)
+    nbytes, sha = _write_tar(store, shard_url(output, name), samples, mtime=created)
     for r in rows:
         r["shard"] = name
     sample_table = pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
-    _write_table(samples_url(output, name), sample_table)
+    _write_table(store, samples_url(output, name), sample_table)
     shard_row = {"shard": name, "samples": len(rows), "bytes": nbytes, "sha256": sha, "created": created}
-    _write_table(commit_url(output, name), pa.Table.from_pylist([shard_row], schema=SHARD_SCHEMA))
+    _write_table(store, commit_url(output, name), pa.Table.from_pylist([shard_row], schema=SHARD_SCHEMA))
     # A writer of a killed run can outlive its driver for a moment, and the next run's clean-up may
     # have removed this shard's files between the writes above. Put them back (the tar byte for
     # byte: same members, same mtime), so a commit always has its tar and its rows.
-    if not storage.exists(shard_url(output, name)):
+    if not store.exists(shard_url(output, name)):
         log.warning("shard %s: tar removed before its commit landed; rewriting it", name)
-        _write_tar(shard_url(output, name), samples, mtime=created)
-    if not storage.exists(samples_url(output, name)):
+        _write_tar(store, shard_url(output, name), samples, mtime=created)
+    if not store.exists(samples_url(output, name)):
         log.warning("shard %s: sample rows removed before the commit landed; rewriting them", name)
-        _write_table(samples_url(output, name), sample_table)
+        _write_table(store, samples_url(output, name), sample_table)
     return dict(shard_row, skipped=False)
 
 
-def write_errors(output: str, errors: list[dict]) -> None:
+def write_errors(store: Storage, output: str, errors: list[dict]) -> None:
     """Record skipped inputs (one parquet per writer batch)."""
     if errors:
         name = shard_name(e["key"] for e in errors)
-        _write_table(storage.join(output, "errors", f"{name}.parquet"),
+        _write_table(store, storage.join(output, "errors", f"{name}.parquet"),
                      pa.Table.from_pylist(errors, schema=ERROR_SCHEMA))
 
 
-def committed_shards(output: str) -> list[str]:
+def committed_shards(store: Storage, output: str) -> list[str]:
     """Names of committed shards."""
-    urls = storage.list_files(storage.join(output, "manifest", "shards"), suffixes=(".parquet",))
+    urls = store.list_files(storage.join(output, "manifest", "shards"), suffixes=(".parquet",))
     return sorted(u.rsplit("/", 1)[1][: -len(".parquet")] for u in urls)
 
 
-def read_manifest(output: str) -> tuple[pa.Table, pa.Table]:
+def read_manifest(store: Storage, output: str) -> tuple[pa.Table, pa.Table]:
     """(samples, shards) tables of the committed shards; a key in several shards is kept once
     (first shard by name), so a retried batch can never duplicate samples for readers."""
-    names = committed_shards(output)
+    names = committed_shards(store, output)
     if not names:
         return SAMPLE_SCHEMA.empty_table(), SHARD_SCHEMA.empty_table()
-    shards = pa.concat_tables([_read_table(commit_url(output, n)) for n in names])
-    samples = pa.concat_tables([_read_table(samples_url(output, n)) for n in names])
+    shards = pa.concat_tables([_read_table(store, commit_url(output, n)) for n in names])
+    samples = pa.concat_tables([_read_table(store, samples_url(output, n)) for n in names])
     keys = samples.column("key").to_pylist()
     if len(set(keys)) != len(keys):
         seen, keep = set(), []
@@ -174,43 +175,43 @@ def read_manifest(output: str) -> tuple[pa.Table, pa.Table]:
     return samples, shards
 
 
-def read_errors(output: str) -> pa.Table:
+def read_errors(store: Storage, output: str) -> pa.Table:
     """Inputs skipped by the latest run."""
-    urls = storage.list_files(storage.join(output, "errors"), suffixes=(".parquet",))
+    urls = store.list_files(storage.join(output, "errors"), suffixes=(".parquet",))
     if not urls:
         return ERROR_SCHEMA.empty_table()
-    return pa.concat_tables([_read_table(u) for u in urls])
+    return pa.concat_tables([_read_table(store, u) for u in urls])
 
 
-def clean_uncommitted(output: str) -> int:
+def clean_uncommitted(store: Storage, output: str) -> int:
     """Delete tars and sample rows that have no commit (left by a crashed run). Returns the count.
 
     Call only while no other job writes to `output`.
     """
-    committed = set(committed_shards(output))
+    committed = set(committed_shards(store, output))
     removed = 0
-    for url in storage.list_files(storage.join(output, "shards")):
+    for url in store.list_files(storage.join(output, "shards")):
         stem = url.rsplit("/", 1)[1].split(".")[0]
         if stem not in committed:
-            storage.remove(url)
+            store.remove(url)
             removed += 1
-    for url in storage.list_files(storage.join(output, "manifest", "samples")):
+    for url in store.list_files(storage.join(output, "manifest", "samples")):
         if url.rsplit("/", 1)[1][: -len(".parquet")] not in committed:
-            storage.remove(url)
+            store.remove(url)
             removed += 1
     if removed:
         log.info("removed %d uncommitted objects left by an earlier run", removed)
     return removed
 
 
-def reset_errors(output: str) -> None:
+def reset_errors(store: Storage, output: str) -> None:
     """Forget the previous run's errors: every uncommitted input is retried and re-recorded."""
-    storage.remove(storage.join(output, "errors"), recursive=True)
+    store.remove(storage.join(output, "errors"), recursive=True)
 
 
-def write_json(url: str, obj: dict) -> None:
-    storage.write_text(url, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+def write_json(store: Storage, url: str, obj: dict) -> None:
+    store.write_text(url, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def read_json(url: str) -> dict:
-    return json.loads(storage.read_text(url))
+def read_json(store: Storage, url: str) -> dict:
+    return json.loads(store.read_text(url))

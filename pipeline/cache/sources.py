@@ -17,7 +17,6 @@ extensions of a source find the same keys. Keys contain no dots (WebDataset spli
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import re
 import tarfile
@@ -26,16 +25,13 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Iterator
 
-import numpy as np
-from PIL import Image
-
 from pipeline import storage
+from pipeline.samples import BUILTIN, builtin_uris
+from pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
-BUILTIN = "builtin:samples"
-_BUILTIN_SYNTHETIC = [(480, 640), (768, 1024), (1200, 800), (600, 1500), (512, 512)]  # (h, w)
 
 
 @dataclass(frozen=True)
@@ -57,13 +53,19 @@ def make_key(uri: str) -> str:
     return f"{stem}_{hashlib.sha1(uri.encode()).hexdigest()[:12]}"
 
 
+def natural_key(text: str) -> tuple:
+    """Sort key that orders digit runs by value: ``sa_2.jpg`` < ``sa_10.jpg``, ``sa_000009.tar`` <
+    ``sa_000010.tar`` (the order people mean by "the first N images")."""
+    return tuple((0, int(part), part) if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text))
+
+
 def _expand_braces(pattern: str) -> list[str]:
     import braceexpand  # a webdataset dependency
 
     return list(braceexpand.braceexpand(pattern))
 
 
-def source_kind(source: str) -> str:
+def source_kind(source: str, store: Storage) -> str:
     """``builtin`` | ``list`` | ``tars`` | ``images`` for a source string."""
     if source == BUILTIN:
         return "builtin"
@@ -72,7 +74,7 @@ def source_kind(source: str) -> str:
         return "list"
     if low.endswith(".tar") or ("{" in source and ".tar" in low):
         return "tars"
-    files = storage.list_files(source, suffixes=(".tar",) + IMAGE_EXTENSIONS)
+    files = store.list_files(source, suffixes=(".tar",) + IMAGE_EXTENSIONS)
     has_tars = any(f.lower().endswith(".tar") for f in files)
     has_images = any(not f.lower().endswith(".tar") for f in files)
     if has_tars and not has_images:
@@ -80,45 +82,46 @@ def source_kind(source: str) -> str:
     return "images"
 
 
-def list_source(source: str) -> list[SourceItem]:
-    """All items of a source, sorted by URI (tars are listed member by member)."""
-    kind = source_kind(source)
+def list_source(source: str, store: Storage) -> list[SourceItem]:
+    """All items of a source in natural URI order (tars in natural order, then member by member in tar
+    order), so ``limit=N`` takes the first N as a person counts them."""
+    kind = source_kind(source, store)
     if kind == "builtin":
         uris = builtin_uris()
     elif kind == "list":
-        uris = _read_list(source)
+        uris = _read_list(source, store)
     elif kind == "tars":
-        return [item for tar in list_tars(source) for item, _ in iter_tar_images(tar)]  # streams every tar
+        return [item for tar in list_tars(source, store) for item, _ in iter_tar_images(tar, store)]  # streams every tar
     else:
-        if not storage.exists(source):
+        if not store.exists(source):
             raise FileNotFoundError(f"source {source!r} does not exist")
-        uris = storage.list_files(source, suffixes=IMAGE_EXTENSIONS)
-    items = [SourceItem(make_key(u), u) for u in sorted(set(uris))]
+        uris = store.list_files(source, suffixes=IMAGE_EXTENSIONS)
+    items = [SourceItem(make_key(u), u) for u in sorted(set(uris), key=natural_key)]
     _check_unique(items)
     return items
 
 
-def list_tars(source: str) -> list[str]:
-    """The tar URLs of a tar source."""
+def list_tars(source: str, store: Storage) -> list[str]:
+    """The tar URLs of a tar source, in natural order (a brace pattern keeps its own order)."""
     if "{" in source:
         return _expand_braces(source)
     if source.lower().endswith(".tar"):
         return [source]
-    return storage.list_files(source, suffixes=(".tar",))
+    return sorted(store.list_files(source, suffixes=(".tar",)), key=natural_key)
 
 
-def _read_list(source: str) -> list[str]:
+def _read_list(source: str, store: Storage) -> list[str]:
     if source.lower().endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        with storage.open_file(source, "rb") as f:
+        with store.open(source, "rb") as f:
             table = pq.read_table(f)
         column = next((c for c in ("uri", "url", "path") if c in table.column_names), None)
         if column is None:
             raise ValueError(f"{source}: a parquet list needs a 'uri', 'url' or 'path' column, has {table.column_names}")
         entries = [str(v) for v in table.column(column).to_pylist() if v]
     else:
-        entries = [ln.strip() for ln in storage.read_text(source).splitlines()]
+        entries = [ln.strip() for ln in store.read_text(source).splitlines()]
         entries = [e for e in entries if e and not e.startswith("#")]
     base = source.rsplit("/", 1)[0]
     return [e if "://" in e or e.startswith("/") else storage.join(base, e) for e in entries]
@@ -131,69 +134,43 @@ def _check_unique(items: list[SourceItem]) -> None:
             raise ValueError(f"key collision: {it.uri} and {seen[it.key]} share key {it.key}")
 
 
-def iter_tar_images(tar_url: str) -> Iterator[tuple[SourceItem, bytes]]:
-    """(item, bytes) for each image member of one tar, streaming it once, one member at a time."""
-    with storage.open_file(tar_url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tf:
+def iter_tar_images(tar_url: str, store: Storage, members: set[str] | None = None
+                    ) -> Iterator[tuple[SourceItem, bytes]]:
+    """(item, bytes) for each image member of one tar (only `members`, if given), streaming it once,
+    one member at a time."""
+    with store.open(tar_url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tf:
         for m in tf:
-            if m.isfile() and m.name.lower().endswith(IMAGE_EXTENSIONS):
+            if m.isfile() and m.name.lower().endswith(IMAGE_EXTENSIONS) and (members is None or m.name in members):
                 uri = f"{tar_url}#{m.name}"
                 yield SourceItem(make_key(uri), uri, tar=tar_url, member=m.name), tf.extractfile(m).read()
 
 
-def read_bytes(uri: str) -> bytes:
-    """Bytes of an image URI (builtin samples are rendered on the fly)."""
-    if uri.startswith("builtin://"):
-        return _builtin_bytes(uri)
-    return storage.read_bytes(uri)
-
-
-# -- builtin samples ----------------------------------------------------------------------------
-
-def builtin_uris() -> list[str]:
-    """URIs of the built-in sample images."""
-    uris = [f"builtin://synthetic/{i}" for i in range(len(_BUILTIN_SYNTHETIC))]
-    if _matplotlib_photo() is not None:
-        uris.insert(0, "builtin://photo/grace_hopper.jpg")
-    return uris
-
-
-def _matplotlib_photo() -> str | None:
+def list_tar_images(tar_url: str, store: Storage, limit: int) -> list[str]:
+    """Names of the first `limit` image members of a tar, in tar order, reading headers only (member
+    data is skipped with seeks, so a 10 GB SA-1B tar costs its headers, not its bytes). A tar that
+    breaks off keeps the members listed before the break (streaming it records the error)."""
+    names: list[str] = []
     try:
-        import matplotlib
-    except ImportError:
-        return None
-    import os
-
-    path = os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")
-    return path if os.path.isfile(path) else None
-
-
-def _builtin_bytes(uri: str) -> bytes:
-    if uri == "builtin://photo/grace_hopper.jpg":
-        with open(_matplotlib_photo(), "rb") as f:
-            return f.read()
-    index = int(uri.rsplit("/", 1)[1])
-    buf = io.BytesIO()
-    Image.fromarray(synthetic_scene(*_BUILTIN_SYNTHETIC[index], seed=index)).save(buf, format="PNG")
-    return buf.getvalue()
+        with store.open(tar_url, "rb", block_size=1 << 16) as f, tarfile.open(fileobj=f, mode="r:") as tf:
+            for m in tf:
+                if m.isfile() and m.name.lower().endswith(IMAGE_EXTENSIONS):
+                    names.append(m.name)
+                    if len(names) >= limit:
+                        break
+    except (tarfile.TarError, OSError, EOFError) as e:
+        log.warning("listing %s stopped after %d images: %s", storage.public_url(tar_url), len(names), e)
+    return names
 
 
-def synthetic_scene(height: int, width: int, seed: int = 0) -> np.ndarray:
-    """A deterministic RGB scene: a sky/ground gradient with textured discs and boxes."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    horizon = height * rng.uniform(0.4, 0.7)
-    sky = np.stack([90 + 60 * yy / height, 140 + 50 * yy / height, 230 - 30 * yy / height], -1)
-    ground = np.stack([80 + 40 * np.sin(xx / 37.0), 120 + 30 * np.cos(yy / 23.0), 60 + 0 * xx], -1)
-    img = np.where((yy < horizon)[..., None], sky, ground)
-    for _ in range(int(rng.integers(4, 9))):
-        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
-        r = rng.uniform(0.05, 0.2) * min(height, width)
-        colour = rng.uniform(0, 255, size=3)
-        if rng.random() < 0.5:
-            mask = (yy - cy) ** 2 + (xx - cx) ** 2 < r ** 2
-        else:
-            mask = (np.abs(yy - cy) < r) & (np.abs(xx - cx) < 1.6 * r)
-        texture = 25 * np.sin((xx + yy) / rng.uniform(3, 12))[..., None]
-        img = np.where(mask[..., None], colour + texture, img)
-    return np.clip(img, 0, 255).astype(np.uint8)
+def plan_tar_limit(tars: list[str], store: Storage, limit: int) -> list[tuple[str, list[str]]]:
+    """The first `limit` images of a tar source as (tar, member names): tars in the given (natural)
+    order, members in tar order. Only the tars needed are read, and of them only their headers."""
+    plan, left = [], limit
+    for tar in tars:
+        if left <= 0:
+            break
+        names = list_tar_images(tar, store, left)
+        if names:
+            plan.append((tar, names))
+            left -= len(names)
+    return plan

@@ -17,6 +17,7 @@ import torch
 
 import spar
 from pipeline.devices import AMP_DTYPES, pick_device
+from pipeline.storage import Storage
 from pipeline.cache.encode import IMAGE_EXT, META_EXT, SCALE_EXT, TARGET_EXT, encode_members, quantize
 
 log = logging.getLogger(__name__)
@@ -29,12 +30,15 @@ class TeacherActor:
 
     def __init__(self, *, backbone: str, pretrained: str | None, crop: int | None, stride: int,
                  window_batch: int, amp_dtype: str, encoding: str, device: str = "auto",
-                 threads: int | None = None, fingerprint: str = "", init_seed: int = 0):
+                 threads: int | None = None, fingerprint: str = "", init_seed: int = 0,
+                 store: Storage | None = None):
         self.device = pick_device(device)
         if self.device.type == "cpu":
             # Ray pins OMP_NUM_THREADS to the actor's (fractional) CPU share; the teacher wants the cores.
             torch.set_num_threads(threads or os.cpu_count() or 1)
-        self.bb = spar.load_backbone(backbone, pretrained=pretrained, init_seed=init_seed).drop_text_tower()
+        options = (store or Storage()).options_for(pretrained or "")
+        self.bb = spar.load_backbone(backbone, pretrained=pretrained, init_seed=init_seed,
+                                     storage_options=options).drop_text_tower()
         self.bb.to(self.device)
         self.crop = crop or self.bb.window
         self.stride, self.window_batch, self.encoding = stride, window_batch, encoding

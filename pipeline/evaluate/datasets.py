@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline import storage
+from pipeline.storage import Storage
 from pipeline.codecs import BadImage, decode_image
 
 CLASS_DIR = Path(__file__).parent / "classes"
@@ -112,12 +113,13 @@ def get_dataset(name: str) -> DatasetSpec:
         raise DatasetError(f"unknown dataset {name!r}; known: {list_datasets()}") from None
 
 
-def load_class_lines(source: str) -> list[str]:
-    """Class lines of a dataset name (its packaged file) or of a class file at a path / URL."""
+def load_class_lines(source: str, store: Storage | None = None) -> list[str]:
+    """Class lines of a dataset name (its packaged file) or of a class file at a path / URL (read
+    through `store`, default: standard credentials)."""
     if source.lower() in DATASETS:
         text = DATASETS[source.lower()].class_file.read_text(encoding="utf-8")
     else:
-        text = storage.read_text(source)
+        text = (store or Storage()).read_text(source)
     return [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
 
 
@@ -126,23 +128,22 @@ def _layout_error(spec: DatasetSpec, root: str, problem: str) -> DatasetError:
                         f"{LAYOUTS[spec.layout]}")
 
 
-def _find_base(spec: DatasetSpec, root: str, candidates: list[str], marker: str) -> str:
+def _find_base(spec: DatasetSpec, store: Storage, root: str, candidates: list[str], marker: str) -> str:
     """The first of `root`/<candidate> that contains `marker` (a relative path)."""
-    if not storage.exists(root):
+    if not store.exists(root):
         raise DatasetError(f"{spec.name}: dataset root {root!r} does not exist")
     for sub in candidates:
         base = storage.join(root, sub) if sub else root
-        if storage.exists(storage.join(base, marker)):
+        if store.exists(storage.join(base, marker)):
             return base
     raise _layout_error(spec, root, f"found no {marker}")
 
 
-def _names(url: str, suffix: str, recursive: bool = False) -> dict[str, str]:
+def _names(store: Storage, url: str, suffix: str, recursive: bool = False) -> dict[str, str]:
     """{relative path without `suffix`: URL} of the files under `url` that end in `suffix`."""
-    base = storage.filesystem(url)[1].rstrip("/") + "/"
     out = {}
-    for f in storage.list_files(url, suffixes=(suffix,), recursive=recursive):
-        rel = storage.filesystem(f)[1][len(base):] if recursive else posixpath.basename(f)
+    for f in store.list_files(url, suffixes=(suffix,), recursive=recursive):
+        rel = store.relative(f, url) if recursive else posixpath.basename(f)
         out[rel[: -len(suffix)]] = f
     return out
 
@@ -157,45 +158,47 @@ def _check_pairs(spec: DatasetSpec, root: str, wanted: list[str], images: dict, 
     return [Sample(k, images[k], labels[k]) for k in wanted]
 
 
-def _list_voc_like(spec: DatasetSpec, root: str, split: str) -> list[Sample]:
+def _list_voc_like(spec: DatasetSpec, store: Storage, root: str, split: str) -> list[Sample]:
     year, label_dir, list_dir = (("VOC2012", "SegmentationClass", "Segmentation") if spec.layout == "voc"
                                  else ("VOC2010", "SegmentationClassContext", "SegmentationContext"))
     split_file = f"ImageSets/{list_dir}/{split}.txt"
-    base = _find_base(spec, root, [f"VOCdevkit/{year}", year, ""], split_file)
-    ids = [ln.split()[0] for ln in storage.read_text(storage.join(base, split_file)).splitlines() if ln.strip()]
-    images = _names(storage.join(base, "JPEGImages"), ".jpg")
-    labels = _names(storage.join(base, label_dir), ".png")
+    base = _find_base(spec, store, root, [f"VOCdevkit/{year}", year, ""], split_file)
+    ids = [ln.split()[0] for ln in store.read_text(storage.join(base, split_file)).splitlines() if ln.strip()]
+    images = _names(store, storage.join(base, "JPEGImages"), ".jpg")
+    labels = _names(store, storage.join(base, label_dir), ".png")
     return _check_pairs(spec, root, ids, images, labels)
 
 
-def _list_cityscapes(spec: DatasetSpec, root: str, split: str) -> list[Sample]:
-    base = _find_base(spec, root, ["", "cityscapes"], f"gtFine/{split}")
-    if not storage.exists(storage.join(base, "leftImg8bit", split)):
+def _list_cityscapes(spec: DatasetSpec, store: Storage, root: str, split: str) -> list[Sample]:
+    base = _find_base(spec, store, root, ["", "cityscapes"], f"gtFine/{split}")
+    if not store.exists(storage.join(base, "leftImg8bit", split)):
         raise _layout_error(spec, root, f"found gtFine/{split} but no leftImg8bit/{split}")
-    images = _names(storage.join(base, "leftImg8bit", split), "_leftImg8bit.png", recursive=True)
-    ids = _names(storage.join(base, "gtFine", split), "_gtFine_labelIds.png", recursive=True)
-    train_ids = _names(storage.join(base, "gtFine", split), "_gtFine_labelTrainIds.png", recursive=True)
+    images = _names(store, storage.join(base, "leftImg8bit", split), "_leftImg8bit.png", recursive=True)
+    ids = _names(store, storage.join(base, "gtFine", split), "_gtFine_labelIds.png", recursive=True)
+    train_ids = _names(store, storage.join(base, "gtFine", split), "_gtFine_labelTrainIds.png", recursive=True)
     labels = {**{k: (v, "index") for k, v in train_ids.items()}, **{k: (v, "cityscapes_ids") for k, v in ids.items()}}
     pairs = _check_pairs(spec, root, sorted(images), images, labels)
     return [Sample(s.key, s.image, s.label[0], s.label[1]) for s in pairs]
 
 
-def _list_ade(spec: DatasetSpec, root: str, split: str) -> list[Sample]:
+def _list_ade(spec: DatasetSpec, store: Storage, root: str, split: str) -> list[Sample]:
     folder = {"val": "validation", "train": "training"}.get(split, split)
-    base = _find_base(spec, root, ["ADEChallengeData2016", ""], f"annotations/{folder}")
-    images = _names(storage.join(base, "images", folder), ".jpg")
-    labels = _names(storage.join(base, "annotations", folder), ".png")
+    base = _find_base(spec, store, root, ["ADEChallengeData2016", ""], f"annotations/{folder}")
+    images = _names(store, storage.join(base, "images", folder), ".jpg")
+    labels = _names(store, storage.join(base, "annotations", folder), ".png")
     return _check_pairs(spec, root, sorted(images) or sorted(labels), images, labels)
 
 
 _LISTERS = {"voc": _list_voc_like, "context": _list_voc_like, "cityscapes": _list_cityscapes, "ade": _list_ade}
 
 
-def list_samples(spec: DatasetSpec | str, root: str, split: str = "val") -> list[Sample]:
+def list_samples(spec: DatasetSpec | str, root: str, split: str = "val", store: Storage | None = None) -> list[Sample]:
     """Every (image, label) pair of a split, sorted by key; DatasetError if the tree is not the
-    expected layout or a listed file is missing."""
+    expected layout or a listed file is missing. `store`: how to read `root` (default: standard
+    credentials)."""
     spec = get_dataset(spec) if isinstance(spec, str) else spec
-    return sorted(_LISTERS[spec.layout](spec, str(root).rstrip("/") or "/", split), key=lambda s: s.key)
+    root = str(root).rstrip("/") or "/"
+    return sorted(_LISTERS[spec.layout](spec, store or Storage(), root, split), key=lambda s: s.key)
 
 
 def decode_label(spec: DatasetSpec, data: bytes, label_format: str = "index", name: str = "label") -> np.ndarray:
@@ -233,10 +236,11 @@ def decode_rgb(data: bytes, name: str = "image", max_pixels: int = 100_000_000) 
         raise DatasetError(f"{name}: {e}") from None
 
 
-def load_sample(spec: DatasetSpec, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+def load_sample(spec: DatasetSpec, sample: Sample, store: Storage | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Read one sample: RGB uint8 ``(H, W, 3)`` and its mapped label ``(H, W)``."""
-    image = decode_rgb(storage.read_bytes(sample.image), sample.image)
-    label = decode_label(spec, storage.read_bytes(sample.label), sample.label_format, sample.label)
+    store = store or Storage()
+    image = decode_rgb(store.read_bytes(sample.image), sample.image)
+    label = decode_label(spec, store.read_bytes(sample.label), sample.label_format, sample.label)
     if image.shape[:2] != label.shape:
         raise DatasetError(f"{sample.key}: image {image.shape[1]}x{image.shape[0]} and label "
                            f"{label.shape[1]}x{label.shape[0]} differ in size")

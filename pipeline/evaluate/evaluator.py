@@ -11,9 +11,10 @@ import numpy as np
 import torch
 
 import spar
-from pipeline.config import ConfigError, check
+from pipeline.config import ConfigError, check, resolve_paths, resolve_weights
 from pipeline.devices import AMP_DTYPES, device_name, pick_device, synchronize
 from pipeline.evaluate.datasets import DatasetSpec, get_dataset, load_class_lines
+from pipeline.storage import Storage
 from spar.metrics import confusion_matrix
 from spar.segment import FeatureSettings, PostProcess, segment_image
 
@@ -74,6 +75,8 @@ class EvalConfig:
               f"features={self.features} needs checkpoint=<student.safetensors path or URL>")
         if self.pretrained == "default":
             self.pretrained = spar.get_spec(self.backbone).default_pretrained
+        self.pretrained, self.checkpoint = resolve_weights(self.pretrained), resolve_weights(self.checkpoint)
+        resolve_paths(self, "root", "output", "classes")
 
     @property
     def modes(self) -> list[str]:
@@ -101,11 +104,11 @@ class Evaluator:
     `student` loads the checkpoint into the same architecture.
     """
 
-    def __init__(self, cfg: EvalConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: EvalConfig, store: Storage):
+        self.cfg, self.store = cfg, store
         self.spec = get_dataset(cfg.dataset)
         self.device = pick_device(cfg.device)
-        lines = load_class_lines(cfg.classes or self.spec.name)
+        lines = load_class_lines(cfg.classes or self.spec.name, store)
         base = None
         self.models: dict[str, spar.Backbone] = {}
         for mode in cfg.modes:
@@ -138,7 +141,7 @@ class Evaluator:
 
     def _load(self, weights: str | None) -> spar.Backbone:
         return spar.load_backbone(self.cfg.backbone, pretrained=weights, device=self.device,
-                                  init_seed=self.cfg.init_seed)
+                                  init_seed=self.cfg.init_seed, storage_options=self.store.options_for(weights or ""))
 
     def warmup(self) -> None:
         """One untimed pass per mode on a window-sized image (kernel selection, allocator, lazy init)."""

@@ -15,7 +15,7 @@ import os
 import numpy as np
 import torch
 
-from pipeline import storage
+from pipeline.storage import Storage
 from pipeline.evaluate.datasets import DatasetError, DatasetSpec, Sample, load_class_lines, load_sample
 from pipeline.devices import pick_device
 from pipeline.evaluate.evaluator import EvalConfig, Evaluator, Totals
@@ -27,14 +27,12 @@ log = logging.getLogger(__name__)
 class EvalActor:
     """``batch of samples -> batch``: key, error, and per mode ``cm_<mode>`` (C*C,) and ``s_<mode>`` seconds."""
 
-    def __init__(self, *, cfg: EvalConfig):
-        if cfg.storage_options:
-            for url in (cfg.root, cfg.checkpoint or ""):
-                storage.configure(storage.protocol(url), cfg.storage_options)
+    def __init__(self, *, cfg: EvalConfig, store: Storage):
+        self.store = store
         if pick_device(cfg.device).type == "cpu":
             # Ray pins OMP_NUM_THREADS to the actor's (fractional) CPU share; inference wants the cores.
             torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
-        self.ev = Evaluator(cfg)
+        self.ev = Evaluator(cfg, store)
         if cfg.warmup:
             self.ev.warmup()
         self.cfg = cfg
@@ -49,7 +47,7 @@ class EvalActor:
             sample = Sample(str(batch["key"][i]), str(batch["image"][i]), str(batch["label"][i]),
                             str(batch["label_format"][i]))
             try:
-                image, label = load_sample(self.ev.spec, sample)
+                image, label = load_sample(self.ev.spec, sample, self.store)
             except (DatasetError, OSError) as e:
                 if not self.cfg.skip_bad:
                     raise
@@ -73,25 +71,27 @@ def _resources(cfg: EvalConfig) -> tuple[int, float, float]:
     return actors, num_gpus, num_cpus
 
 
-def run_ray(cfg: EvalConfig, spec: DatasetSpec, samples: list[Sample]) -> tuple[dict[str, Totals], list, tuple]:
+def run_ray(cfg: EvalConfig, store: Storage, spec: DatasetSpec, samples: list[Sample]
+            ) -> tuple[dict[str, Totals], list, tuple]:
     """Score `samples` on an actor pool; (totals per mode, skipped samples, class names)."""
     import ray
     from ray.data import ActorPoolStrategy
 
-    from pipeline.ray_utils import init_ray
+    from pipeline.ray_utils import init_ray, require_on_every_node
 
-    names = tuple(c[0] for c in parse_class_lines(load_class_lines(cfg.classes or spec.name)))
+    names = tuple(c[0] for c in parse_class_lines(load_class_lines(cfg.classes or spec.name, store)))
     c = spec.num_classes
     totals = {m: Totals(np.zeros((c, c), dtype=np.int64)) for m in cfg.modes}
     skipped = []
     started = init_ray(cfg.ray_address, cfg.num_cpus)
     try:
+        require_on_every_node(cfg.root, "the dataset root")
         actors, num_gpus, num_cpus = _resources(cfg)
         log.info("evaluation: %d actor(s), %.2g GPU + %.2g CPU each", actors, num_gpus, num_cpus)
         items = [dataclasses.asdict(s) for s in samples]
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
         ds = ds.map_batches(EvalActor, batch_size=1, batch_format="numpy", compute=ActorPoolStrategy(size=actors),
-                            num_gpus=num_gpus, num_cpus=num_cpus, fn_constructor_kwargs={"cfg": cfg})
+                            num_gpus=num_gpus, num_cpus=num_cpus, fn_constructor_kwargs={"cfg": cfg, "store": store})
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for i in range(len(batch["key"])):
                 if batch["error"][i]:

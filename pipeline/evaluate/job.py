@@ -26,6 +26,7 @@ import torch
 
 from pipeline import storage
 from pipeline.config import to_dict, to_yaml
+from pipeline.storage import Storage
 from pipeline.evaluate.datasets import DatasetSpec, Sample, get_dataset, list_samples, load_sample
 from pipeline.evaluate.evaluator import EvalConfig, Evaluator, Totals, postprocess_settings
 from pipeline.evaluate.tables import mode_label, write_tables
@@ -54,19 +55,20 @@ def _prefetched(fn, items: list, depth: int) -> Iterator[tuple[Any, Any, BaseExc
                 yield item, None, e
 
 
-def _run_local(cfg: EvalConfig, spec: DatasetSpec, samples: list[Sample]) -> tuple[dict[str, Totals], list, tuple]:
+def _run_local(cfg: EvalConfig, store: Storage, spec: DatasetSpec, samples: list[Sample]
+               ) -> tuple[dict[str, Totals], list, tuple]:
     from tqdm import tqdm
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    ev = Evaluator(cfg)
+    ev = Evaluator(cfg, store)
     if cfg.warmup:
         ev.warmup()
     c = spec.num_classes
     totals = {m: Totals(np.zeros((c, c), dtype=np.int64), device=ev.device_name) for m in cfg.modes}
     skipped = []
     with torch.no_grad():
-        for sample, loaded, error in tqdm(_prefetched(lambda s: load_sample(spec, s), samples, cfg.prefetch),
+        for sample, loaded, error in tqdm(_prefetched(lambda s: load_sample(spec, s, store), samples, cfg.prefetch),
                                           total=len(samples), desc=f"{spec.name}", disable=None, mininterval=10):
             if error is not None:
                 if not cfg.skip_bad:
@@ -80,11 +82,9 @@ def _run_local(cfg: EvalConfig, spec: DatasetSpec, samples: list[Sample]) -> tup
 
 def run(cfg: EvalConfig) -> dict:
     """Evaluate, write the per-mode results and the comparison tables; returns the results."""
-    if cfg.storage_options:
-        for url in (cfg.root, cfg.output):
-            storage.configure(storage.protocol(url), cfg.storage_options)
+    store = Storage(cfg.storage_options)
     spec = get_dataset(cfg.dataset)
-    samples = list_samples(spec, cfg.root, cfg.split)
+    samples = list_samples(spec, cfg.root, cfg.split, store)
     listed = len(samples)
     samples = samples[: cfg.limit]
     log.info("%s/%s: %d of %d images, modes %s, backbone %s", spec.name, cfg.split, len(samples), listed,
@@ -93,16 +93,16 @@ def run(cfg: EvalConfig) -> dict:
     if cfg.ray:
         from pipeline.evaluate.fanout import run_ray
 
-        totals, skipped, class_names = run_ray(cfg, spec, samples)
+        totals, skipped, class_names = run_ray(cfg, store, spec, samples)
     else:
-        totals, skipped, class_names = _run_local(cfg, spec, samples)
+        totals, skipped, class_names = _run_local(cfg, store, spec, samples)
     wall = time.perf_counter() - t0
     results = {m: _result(cfg, spec, m, t, class_names, listed, skipped, wall) for m, t in totals.items()}
     run_dir = storage.join(cfg.output, cfg.backbone, spec.name)
-    storage.write_text(storage.join(run_dir, "config.yaml"), to_yaml(cfg))
+    store.write_text(storage.join(run_dir, "config.yaml"), to_yaml(cfg))
     for r in results.values():
-        storage.write_text(storage.join(run_dir, f"{r['label']}.json"), _json(r))
-    tables = write_tables(cfg.output)
+        store.write_text(storage.join(run_dir, f"{r['label']}.json"), _json(r))
+    tables = write_tables(cfg.output, store)
     for r in results.values():
         log.info("%s %s: mIoU %.2f over %d images, %.3g images/s", spec.name, r["label"], r["miou"] or 0.0,
                  r["images"], r["images_per_s"])

@@ -28,10 +28,12 @@ from PIL import Image, ImageDraw, ImageFont
 
 import spar
 from pipeline import storage
-from pipeline.config import ConfigError, check, to_dict
+from pipeline.config import ConfigError, check, resolve_paths, resolve_weights, to_dict
 from pipeline.evaluate.datasets import DATASETS, load_class_lines
 from pipeline.codecs import decode_image, npy_bytes, png_bytes
 from pipeline.devices import AMP_DTYPES, pick_device
+from pipeline.samples import read_bytes
+from pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,7 @@ log = logging.getLogger(__name__)
 class SegmentConfig:
     """`jobs/segment.py`: open-vocabulary segmentation of one image."""
 
-    image: str = ""  # path or URL (file://, s3://, https://...) of the image (required)
+    image: str = ""  # path or URL (file://, s3://, https://..., builtin://photo/grace_hopper.jpg) of the image (required)
     classes: str = ""  # "cat, dog, sky"; synonyms with | ("person | man | woman, sky"); a dataset name; or a class file (required)
     output: str = "out/segment"  # directory for <stem>.png etc., or the overlay's .png path
     backbone: str = "maskclip"
@@ -79,16 +81,22 @@ class SegmentConfig:
         check(self.scale is None or (len(self.scale) == 2 and min(self.scale) >= 1), "scale must be [long, short] or null")
         if self.pretrained == "default":
             self.pretrained = spar.get_spec(self.backbone).default_pretrained
+        self.pretrained, self.checkpoint = resolve_weights(self.pretrained), resolve_weights(self.checkpoint)
+        resolve_paths(self, "image", "output")
+        if _is_class_file(self.classes):
+            resolve_paths(self, "classes")
 
 
-def parse_classes(text: str) -> list[str]:
+def _is_class_file(text: str) -> bool:
+    return text.strip().lower().endswith(".txt") and "," not in text
+
+
+def parse_classes(text: str, store: Storage | None = None) -> list[str]:
     """`classes=` -> class lines: a dataset name, a class file (``.txt`` path or URL), or inline
     ``"a, b | b2, c"`` (commas separate classes, ``|`` separates a class's synonyms)."""
     text = text.strip()
-    if text.lower() in DATASETS:
-        return load_class_lines(text)
-    if text.lower().endswith(".txt") and "," not in text:
-        return load_class_lines(text)
+    if text.lower() in DATASETS or _is_class_file(text):
+        return load_class_lines(text, store)
     lines = []
     for part in text.split(","):
         syns = [s.strip() for s in part.split("|")]
@@ -188,16 +196,15 @@ def _mask_png(pred: np.ndarray, colors: np.ndarray) -> bytes:
 
 def run(cfg: SegmentConfig) -> dict:
     """Segment `cfg.image`; write the overlay, mask, summary (and features); return the summary."""
-    if cfg.storage_options:
-        for url in (cfg.image, cfg.output):
-            storage.configure(storage.protocol(url), cfg.storage_options)
-    lines = parse_classes(cfg.classes)
-    image = decode_image(storage.read_bytes(cfg.image), max_pixels=cfg.max_pixels)
+    store = Storage(cfg.storage_options)
+    lines = parse_classes(cfg.classes, store)
+    image = decode_image(read_bytes(cfg.image, store), max_pixels=cfg.max_pixels)
     device = pick_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    bb = spar.load_backbone(cfg.backbone, pretrained=cfg.checkpoint or cfg.pretrained, device=device,
-                            init_seed=cfg.init_seed)
+    weights = cfg.checkpoint or cfg.pretrained
+    bb = spar.load_backbone(cfg.backbone, pretrained=weights, device=device, init_seed=cfg.init_seed,
+                            storage_options=store.options_for(weights or ""))
     clf = spar.build_classifier(bb, lines)
     settings = spar.FeatureSettings(mode=cfg.features, sliding_mode=cfg.sliding_mode, stride=cfg.stride,
                                     crop=cfg.crop, window_batch=cfg.window_batch, amp_dtype=AMP_DTYPES[cfg.amp_dtype])
@@ -210,10 +217,10 @@ def run(cfg: SegmentConfig) -> dict:
     colors = class_colors(clf.num_classes)
     overlay, legend = render_overlay(image, pred, clf.class_names, cfg.alpha, colors)
     paths = output_paths(cfg)
-    storage.write_bytes(paths["overlay"], png_bytes(np.asarray(overlay), compress_level=6))
-    storage.write_bytes(paths["mask"], _mask_png(pred, colors))
+    store.write_bytes(paths["overlay"], png_bytes(np.asarray(overlay), compress_level=6))
+    store.write_bytes(paths["mask"], _mask_png(pred, colors))
     if cfg.save_features:
-        storage.write_bytes(paths["features"], npy_bytes(seg.features.cpu().numpy()))
+        store.write_bytes(paths["features"], npy_bytes(seg.features.cpu().numpy()))
     counts = np.bincount(pred.ravel(), minlength=clf.num_classes)
     owner = clf.synonym_to_class.tolist()
     synonyms = [[s for s, o in zip(clf.synonyms, owner) if o == i] for i in range(clf.num_classes)]
@@ -226,7 +233,7 @@ def run(cfg: SegmentConfig) -> dict:
                      "fraction": float(counts[i] / pred.size)} for i, n in enumerate(clf.class_names)],
         "legend_hidden": legend.hidden, "seconds": seconds, "config": to_dict(cfg),
     }
-    storage.write_text(paths["json"], json.dumps(summary, indent=2))
+    store.write_text(paths["json"], json.dumps(summary, indent=2))
     log.info("wrote %s (%dx%d, %d classes, %.2f s)", paths["overlay"], image.shape[1], image.shape[0],
              clf.num_classes, seconds)
     return summary

@@ -12,6 +12,7 @@ import logging
 import posixpath
 
 from pipeline import storage
+from pipeline.storage import Storage
 from pipeline.evaluate.datasets import DATASETS
 
 log = logging.getLogger(__name__)
@@ -37,16 +38,15 @@ def describe(result: dict) -> str:
     return {"single": "single pass", "student": "SPAR student"}.get(result["mode"], result["mode"])
 
 
-def collect_results(output: str) -> list[dict]:
+def collect_results(output: str, store: Storage) -> list[dict]:
     """Every per-mode result JSON under ``<output>/<backbone>/<dataset>/``."""
     found = []
-    base = storage.filesystem(output)[1].rstrip("/")
-    for url in storage.list_files(output, suffixes=(".json",)):
-        rel = storage.filesystem(url)[1][len(base) + 1:]
+    for url in store.list_files(output, suffixes=(".json",)):
+        rel = store.relative(url, output)
         if rel.count("/") != 2 or posixpath.basename(posixpath.dirname(rel)) not in DATASETS:
             continue
         try:
-            r = json.loads(storage.read_text(url))
+            r = json.loads(store.read_text(url))
         except (OSError, ValueError) as e:
             log.warning("skipping unreadable result %s: %s", url, e)
             continue
@@ -109,9 +109,9 @@ def _markdown(table: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_tables(output: str) -> dict:
+def write_tables(output: str, store: Storage) -> dict:
     """Rebuild ``table.md`` and ``table.json`` under `output` from every result there."""
-    tables = build_tables(collect_results(output))
-    storage.write_text(storage.join(output, "table.md"), tables["markdown"])
-    storage.write_text(storage.join(output, "table.json"), json.dumps(tables["json"], indent=2))
+    tables = build_tables(collect_results(output, store))
+    store.write_text(storage.join(output, "table.md"), tables["markdown"])
+    store.write_text(storage.join(output, "table.json"), json.dumps(tables["json"], indent=2))
     return tables

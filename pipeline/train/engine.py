@@ -51,11 +51,14 @@ def _deep_update(base: dict, extra: dict) -> None:
             base[k] = v
 
 
-def build_engine(cfg, source: dict, world_size: int, ds_extra: dict | None = None):
-    """The student (= teacher weights), trainable per spec, wrapped by `deepspeed.initialize`."""
+def build_engine(cfg, source: dict, world_size: int, ds_extra: dict | None = None,
+                 storage_options: dict | None = None):
+    """The student (= teacher weights, fetched with `storage_options` if remote), trainable per
+    spec, wrapped by `deepspeed.initialize`."""
     import deepspeed
 
-    student = spar.load_backbone(source["backbone"], pretrained=source["pretrained"], init_seed=source["init_seed"])
+    student = spar.load_backbone(source["backbone"], pretrained=source["pretrained"], init_seed=source["init_seed"],
+                                 storage_options=storage_options)
     spar.set_trainable(student, cfg.trainable)
     student.drop_text_tower()  # never used here; export re-attaches it from the teacher's weights
     student.train()

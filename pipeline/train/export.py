@@ -22,6 +22,7 @@ import spar
 from pipeline import storage
 from pipeline.codecs import npy_bytes
 from pipeline.config import to_dict
+from pipeline.storage import Storage
 from pipeline.train.collectives import all_gather_str
 from pipeline.train.engine import fp32_param, resolve_precision
 
@@ -48,24 +49,25 @@ def probe_features(engine, probe: dict, device: torch.device) -> torch.Tensor:
         return engine(x).float().cpu()
 
 
-def write_student(run_dir: str, source: dict, trainable: str, trained: dict, record: dict, probe: dict,
-                  in_job: torch.Tensor) -> dict:
+def write_student(store: Storage, run_dir: str, source: dict, trainable: str, trained: dict, record: dict,
+                  probe: dict, in_job: torch.Tensor) -> dict:
     """Write ``student.safetensors`` (trained weights over a fresh teacher), the probe features and
     ``student.json`` (`record` plus the model and probe fields); returns the record."""
-    fresh = spar.load_backbone(source["backbone"], pretrained=source["pretrained"], init_seed=source["init_seed"])
+    fresh = spar.load_backbone(source["backbone"], pretrained=source["pretrained"], init_seed=source["init_seed"],
+                               storage_options=store.options_for(source["pretrained"] or ""))
     with torch.no_grad():
         for name, value in trained.items():
             fresh.get_parameter(name).copy_(value)
         exported = fresh.dense(fresh.normalize(torch.from_numpy(probe["image"])))
     with tempfile.TemporaryDirectory() as tmp:
         path = spar.export_open_clip(fresh, os.path.join(tmp, "student.safetensors"))
-        storage.upload(str(path), storage.join(run_dir, "student.safetensors"))
-    storage.write_bytes(storage.join(run_dir, "probe_features.npy"), npy_bytes(in_job.numpy()))
+        store.upload(str(path), storage.join(run_dir, "student.safetensors"))
+    store.write_bytes(storage.join(run_dir, "probe_features.npy"), npy_bytes(in_job.numpy()))
     info = {"backbone": source["backbone"], "model_name": fresh.model_name, "weights": source["weights"],
             "trainable": spar.trainable_parameter_names(fresh, trainable),
             **record, "probe_key": probe["key"], "probe_max_abs_diff": float((exported - in_job).abs().max()),
             "created": time.time()}
-    storage.write_text(storage.join(run_dir, "student.json"),
+    store.write_text(storage.join(run_dir, "student.json"),
                        json.dumps(info, indent=2, default=lambda o: np.asarray(o).tolist()))
     log.info("exported %s (probe max |diff| vs in-job features: %.3g)",
              storage.public_url(storage.join(run_dir, "student.safetensors")), info["probe_max_abs_diff"])

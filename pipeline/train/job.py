@@ -16,7 +16,8 @@ import spar
 from pipeline import storage
 from pipeline.cache.reader import CacheError, FingerprintMismatch, open_cache
 from pipeline.storage import public_url
-from pipeline.config import ConfigError, check, to_yaml
+from pipeline.config import ConfigError, check, resolve_paths, resolve_weights, to_yaml
+from pipeline.storage import Storage
 from pipeline.train.engine import PRECISIONS
 
 log = logging.getLogger(__name__)
@@ -89,13 +90,16 @@ class TrainConfig:
         check(self.data.loader_workers >= 1, "data.loader_workers must be >= 1")
         check(self.backbone == FROM_CACHE or self.backbone in spar.list_backbones(),
               f"unknown backbone {self.backbone!r}; known: {spar.list_backbones()}")
+        resolve_paths(self, "cache", "output", "deepspeed_config")
+        if self.pretrained != FROM_CACHE:
+            self.pretrained = resolve_weights(self.pretrained)
 
     @property
     def run_dir(self) -> str:
         return storage.join(self.output, self.name)
 
 
-def student_source(cfg: TrainConfig, fingerprint: dict) -> dict:
+def student_source(cfg: TrainConfig, fingerprint: dict, store: Storage) -> dict:
     """Backbone and weights of the student (= the cache's teacher); refuses explicit mismatches."""
     from spar.weights import weights_identity
 
@@ -105,7 +109,7 @@ def student_source(cfg: TrainConfig, fingerprint: dict) -> dict:
                                   "the student must start from the teacher")
     weights = fingerprint["weights"]
     if cfg.pretrained != FROM_CACHE:
-        given = weights_identity(fingerprint["model_name"], cfg.pretrained)
+        given = weights_identity(fingerprint["model_name"], cfg.pretrained, store.options_for(cfg.pretrained or ""))
         if (given["kind"], given["value"]) != (weights["kind"], weights["value"]):
             raise FingerprintMismatch(f"pretrained={cfg.pretrained!r} is {given['kind']} {given['value']}, but the "
                                       f"cache's teacher used {weights['kind']} {weights['value']}")
@@ -118,43 +122,26 @@ def student_source(cfg: TrainConfig, fingerprint: dict) -> dict:
 
 def run(cfg: TrainConfig) -> dict:
     """Validate the cache, then train with Ray Train; returns the final metrics."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from pipeline.ray_utils import init_ray, require_on_every_node
 
-    from pipeline.ray_utils import init_ray
-    from pipeline.train.loop import train_loop
-
-    if cfg.storage_options:
-        for url in (cfg.cache, cfg.output):
-            storage.configure(storage.protocol(url), cfg.storage_options)
+    store = Storage(cfg.storage_options)
     try:
-        cache = open_cache(cfg.cache)
+        cache = open_cache(cfg.cache, store)
     except CacheError:
         raise
     except FileNotFoundError as e:
         raise CacheError(f"cannot read the cache {cfg.cache}: {e}") from None
-    source = student_source(cfg, cache.fingerprint)
+    source = student_source(cfg, cache.fingerprint, store)
     if cache.manifest.num_rows < cfg.scaling.num_workers:
         raise CacheError(f"{cfg.cache} has {cache.manifest.num_rows} samples, fewer than the "
                          f"{cfg.scaling.num_workers} workers")
-    storage.write_text(storage.join(cfg.run_dir, "config.yaml"), to_yaml(cfg))
+    deepspeed_extra = _read_deepspeed_json(cfg.deepspeed_config, store)
+    store.write_text(storage.join(cfg.run_dir, "config.yaml"), to_yaml(cfg))
     started = init_ray(cfg.ray_address, cfg.num_cpus)
-    resources = {"CPU": cfg.scaling.cpus_per_worker}
-    if cfg.scaling.use_gpu:
-        resources["GPU"] = cfg.scaling.gpus_per_worker
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"cfg": cfg, "student": source, "fingerprint": cache.fingerprint,
-                           "deepspeed": _read_deepspeed_json(cfg.deepspeed_config)},
-        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(
-            name=cfg.name, **_ray_storage(cfg),
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
-    )
     try:
-        result = trainer.fit()
+        require_on_every_node(storage.join(cfg.cache, "teacher.json"), "the cache")
+        require_on_every_node(storage.join(cfg.run_dir, "config.yaml"), "the output")
+        result = _fit(cfg, store, source, cache.fingerprint, deepspeed_extra)
     finally:
         if started:
             import ray
@@ -167,19 +154,42 @@ def run(cfg: TrainConfig) -> dict:
     return metrics
 
 
-def _read_deepspeed_json(url: str | None) -> dict:
+def _fit(cfg: TrainConfig, store: Storage, source: dict, fingerprint: dict, deepspeed_extra: dict):
+    """Ray Train's TorchTrainer over every rank's `train_loop`, fitted; returns its result."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.train.loop import train_loop
+
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if cfg.scaling.use_gpu:
+        resources["GPU"] = cfg.scaling.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg, "student": source, "fingerprint": fingerprint, "deepspeed": deepspeed_extra},
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.name, **_ray_storage(cfg, store),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+    )
+    return trainer.fit()
+
+
+def _read_deepspeed_json(url: str | None, store: Storage) -> dict:
     """The user's DeepSpeed JSON, read once by the driver (workers may not share its files)."""
     if not url:
         return {}
     import json
 
     try:
-        return json.loads(storage.read_text(url))
+        return json.loads(store.read_text(url))
     except (OSError, ValueError) as e:
         raise ConfigError(f"deepspeed_config={url}: {e}") from None
 
 
-def _ray_storage(cfg: TrainConfig) -> dict:
+def _ray_storage(cfg: TrainConfig, store: Storage) -> dict:
     """`storage_path` (and `storage_filesystem`) for Ray Train's checkpoints.
 
     A local output is an absolute path. A remote one is a URI that Ray opens with pyarrow's own
@@ -188,12 +198,8 @@ def _ray_storage(cfg: TrainConfig) -> dict:
     an `endpoint_url` or key given there applies to them too.
     """
     if storage.is_local(cfg.output):
-        import os
-
-        return {"storage_path": os.path.abspath(storage.local_path(cfg.output))}
-    if not cfg.storage_options:
+        return {"storage_path": storage.resolve(cfg.output)}
+    if not store.options_for(cfg.output):
         return {"storage_path": public_url(cfg.output)}
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    fs, path = storage.filesystem(cfg.output)
-    return {"storage_path": path, "storage_filesystem": PyFileSystem(FSSpecHandler(fs))}
+    fs, path = store.pyarrow_filesystem(cfg.output)
+    return {"storage_path": path, "storage_filesystem": fs}

@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.cache.reader import decode_stored, iter_raw_shard, shard_url
+from pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -144,10 +145,8 @@ def decode_for_training(raw: dict, verify: bool = True) -> dict:
 class PlannedBatches(IterableDataset):
     """Yields this rank's planned batches; loader worker ``w`` makes ``worker_batches[w]``."""
 
-    def __init__(self, cache_url: str, plan: EpochPlan, skip: list[int], verify: bool = True,
-                 storage_options: dict | None = None):
-        self.cache_url, self.plan, self.skip, self.verify = cache_url, plan, skip, verify
-        self.storage_options = storage_options or {}
+    def __init__(self, cache_url: str, store: Storage, plan: EpochPlan, skip: list[int], verify: bool = True):
+        self.cache_url, self.store, self.plan, self.skip, self.verify = cache_url, store, plan, skip, verify
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -156,15 +155,11 @@ class PlannedBatches(IterableDataset):
             yield from self._worker(w)
 
     def _worker(self, w: int) -> Iterator[dict]:
-        from pipeline import storage
-
-        if self.storage_options:
-            storage.configure(storage.protocol(self.cache_url), self.storage_options)
         batches = self.plan.worker_batches[w]
         skipped = {r.key for b in batches[: self.skip[w]] for r in b}
         wanted = {r.key for b in batches for r in b}
         stream = (raw for name in self.plan.worker_shards[w]
-                  for raw in iter_raw_shard(shard_url(self.cache_url, name)))
+                  for raw in iter_raw_shard(shard_url(self.cache_url, name), self.store))
         pending: dict[str, dict] = {}
         for index in range(self.skip[w], len(batches)):
             for ref in batches[index]:
@@ -184,11 +179,12 @@ def _collate(samples: list[dict], worker: int, index: int) -> dict:
     return out
 
 
-def make_loader(cache_url: str, plan: EpochPlan, skip: list[int], *, prefetch: int = 4, verify: bool = True,
-                storage_options: dict | None = None) -> DataLoader:
-    """A DataLoader that decodes planned batches in ``len(plan.worker_batches)`` background processes."""
+def make_loader(cache_url: str, store: Storage, plan: EpochPlan, skip: list[int], *, prefetch: int = 4,
+                verify: bool = True) -> DataLoader:
+    """A DataLoader that decodes planned batches in ``len(plan.worker_batches)`` background processes
+    (each reads the shards through `store`, the job's storage context)."""
     workers = len(plan.worker_batches)
-    ds = PlannedBatches(cache_url, plan, skip, verify, storage_options)
+    ds = PlannedBatches(cache_url, store, plan, skip, verify)
     if workers == 0:
         raise ValueError("at least one loader worker is needed")
     return DataLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=prefetch,

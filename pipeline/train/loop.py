@@ -18,6 +18,7 @@ import torch
 import spar
 from pipeline.cache.reader import open_cache
 from pipeline.logs import rank_zero_info
+from pipeline.storage import Storage
 from pipeline.train import loader
 from pipeline.train.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.train.collectives import all_gather_str, all_sum, barrier
@@ -62,23 +63,20 @@ class Trainer:
     def __init__(self, config: dict):
         import ray.train
 
-        from pipeline import storage
-
         self.cfg, self.source, self.fingerprint = config["cfg"], config["student"], config["fingerprint"]
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
-        for url in (self.cfg.cache, self.cfg.output):
-            if self.cfg.storage_options:
-                storage.configure(storage.protocol(url), self.cfg.storage_options)
-        self.cache = open_cache(self.cfg.cache)
+        self.store = Storage(self.cfg.storage_options)
+        self.cache = open_cache(self.cfg.cache, self.store)
         self.refs = loader.manifest_refs(self.cache.manifest)
-        self.engine = build_engine(self.cfg, self.source, self.world, config.get("deepspeed"))
+        self.engine = build_engine(self.cfg, self.source, self.world, config.get("deepspeed"),
+                                   self.store.options_for(self.source["pretrained"] or ""))
         self.state = load_checkpoint(self.engine, self.world)
         rank_zero_info(log, "rank %d/%d on %s, %d torch threads, %d trainable parameters", self.rank, self.world,
                        self.device, torch.get_num_threads(),
                        sum(p.numel() for p in self.engine.module.parameters() if p.requires_grad))
-        self.metrics = Metrics(self.cfg.run_dir, enabled=self.rank == 0)
+        self.metrics = Metrics(self.cfg.run_dir, self.store, enabled=self.rank == 0)
         self.last_loss = float("nan")
         self.last_checkpoint_step = self.state.step if self.state.step else -1
 
@@ -98,8 +96,8 @@ class Trainer:
                                  shuffle_buffer=cfg.data.shuffle_buffer)
         if len(st.consumed) != cfg.data.loader_workers:
             st.consumed = [0] * cfg.data.loader_workers
-        batches = iter(loader.make_loader(cfg.cache, plan, st.consumed, prefetch=cfg.data.prefetch,
-                                          verify=cfg.data.verify_checksums, storage_options=cfg.storage_options))
+        batches = iter(loader.make_loader(cfg.cache, self.store, plan, st.consumed, prefetch=cfg.data.prefetch,
+                                          verify=cfg.data.verify_checksums))
         window, epoch = Window(), Window()
         while st.epoch_step < plan.steps and not self.done():
             t = time.perf_counter()
@@ -170,7 +168,7 @@ class Trainer:
         in_job = probe_features(self.engine, probe, self.device)
         if self.rank == 0:
             record = run_record(self.cfg, self.fingerprint, self.state, self.last_loss, digests, nodes)
-            write_student(self.cfg.run_dir, self.source, self.cfg.trainable, trained, record, probe, in_job)
+            write_student(self.store, self.cfg.run_dir, self.source, self.cfg.trainable, trained, record, probe, in_job)
             self.metrics.plot()
         barrier()
 

@@ -6,6 +6,7 @@ import os
 import tempfile
 
 from pipeline import storage
+from pipeline.storage import Storage
 
 
 class Metrics:
@@ -13,15 +14,15 @@ class Metrics:
 
     COLUMNS = ("kind", "step", "epoch", "loss", "samples_per_s", "tokens_per_s", "data_wait_share", "lr")
 
-    def __init__(self, run_dir: str, enabled: bool):
-        self.run_dir, self.enabled = run_dir, enabled
+    def __init__(self, run_dir: str, store: Storage, enabled: bool):
+        self.run_dir, self.store, self.enabled = run_dir, store, enabled
         self.local = tempfile.mkdtemp(prefix="spar-metrics-")
         self.csv = os.path.join(self.local, "metrics.csv")
         self.writer = None
         if enabled:
             remote = storage.join(run_dir, "metrics.csv")
-            if storage.exists(remote):  # a resumed run appends
-                storage.download(remote, self.csv)
+            if store.exists(remote):  # a resumed run appends
+                store.download(remote, self.csv)
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(os.path.join(self.local, "tensorboard"))
@@ -48,7 +49,7 @@ class Metrics:
         for root, _, files in os.walk(self.local):
             for name in files:
                 path = os.path.join(root, name)
-                storage.upload(path, storage.join(self.run_dir, os.path.relpath(path, self.local)))
+                self.store.upload(path, storage.join(self.run_dir, os.path.relpath(path, self.local)))
 
     def plot(self) -> None:
         """loss_curve.png from the CSV."""
@@ -73,4 +74,4 @@ class Metrics:
         path = os.path.join(self.local, "loss_curve.png")
         fig.savefig(path, dpi=120, bbox_inches="tight")
         plt.close(fig)
-        storage.upload(path, storage.join(self.run_dir, "loss_curve.png"))
+        self.store.upload(path, storage.join(self.run_dir, "loss_curve.png"))

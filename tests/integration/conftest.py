@@ -7,6 +7,7 @@ import socket
 import uuid
 
 import pytest
+from pipeline.storage import Storage
 
 
 def free_port() -> int:
@@ -71,4 +72,4 @@ def put_files(root: str, files: dict[str, bytes]) -> None:
     from pipeline import storage
 
     for name, data in files.items():
-        storage.write_bytes(storage.join(root, name), data)
+        Storage().write_bytes(storage.join(root, name), data)

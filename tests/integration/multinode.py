@@ -18,6 +18,7 @@ from ray.cluster_utils import Cluster
 
 from jobs import cache_teacher, train_student
 from pipeline.cache import shards
+from pipeline.storage import Storage
 
 FAST_FAILURE_DETECTION = {"health_check_period_ms": 500, "health_check_failure_threshold": 3,
                           "health_check_initial_delay_ms": 0}
@@ -45,13 +46,13 @@ def cache(source: str, output: str) -> dict:
         [*TINY, f"source={source}", f"output={output}", "shard_size=2", "teacher.batch_images=1"])))
     job.start()
     deadline, actor_nodes = time.monotonic() + 240, set()
-    while job.is_alive() and not (actor_nodes and shards.committed_shards(output)):
+    while job.is_alive() and not (actor_nodes and shards.committed_shards(Storage(), output)):
         assert time.monotonic() < deadline, "no commit within 240 s"
         actor_nodes |= set(teacher_actor_nodes())
         time.sleep(0.2)
     victim = next(n for n in nodes if n.node_id in actor_nodes)  # a node running a teacher actor
     running_at_removal = job.is_alive()
-    committed_at_removal = len(shards.committed_shards(output))
+    committed_at_removal = len(shards.committed_shards(Storage(), output))
     cluster.remove_node(victim)  # main thread only (Ray requirement)
     job.join(timeout=600)
     result.update(actor_nodes=sorted(set(actor_nodes)), removed=victim.node_id, running_at_removal=running_at_removal,

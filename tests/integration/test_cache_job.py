@@ -17,6 +17,7 @@ from pipeline.cache.augment import AugmentConfig, augment
 from pipeline.cache.reader import CacheError
 from pipeline.cache.sources import make_key
 from pipeline.codecs import decode_image
+from pipeline.storage import Storage
 from tests.images import bad_inputs, converted_images, good_images
 from tests.integration.conftest import put_files
 
@@ -96,12 +97,12 @@ def test_fingerprint_mismatch_is_refused_and_nothing_is_lost(ray_cluster, storag
     src, out = storage.join(storage_root, "images"), storage.join(storage_root, "cache")
     put_files(src, good_images(2))
     run_job(f"source={src}", f"output={out}")
-    before = {u: storage.read_bytes(u) for u in storage.list_files(out)}
+    before = {u: Storage().read_bytes(u) for u in Storage().list_files(out)}
     with pytest.raises(SystemExit):
         run_job(f"source={src}", f"output={out}", "stride=32")
     with pytest.raises(SystemExit):
         run_job(f"source={src}", f"output={out}", "encoding=int8")
-    after = {u: storage.read_bytes(u) for u in storage.list_files(out)}
+    after = {u: Storage().read_bytes(u) for u in Storage().list_files(out)}
     assert before == after
 
 
@@ -109,13 +110,13 @@ def test_extend_and_resume_compute_only_new_samples(ray_cluster, storage_root):
     src, out = storage.join(storage_root, "images"), storage.join(storage_root, "cache")
     put_files(src, good_images(6))
     first = run_job(f"source={src}", f"output={out}", "limit=4")
-    shards_before = {u: storage.read_bytes(u) for u in storage.list_files(storage.join(out, "shards"))}
+    shards_before = {u: Storage().read_bytes(u) for u in Storage().list_files(storage.join(out, "shards"))}
     again = run_job(f"source={src}", f"output={out}", "limit=4")
     extended = run_job(f"source={src}", f"output={out}")
     assert (first["computed"], again["computed"], extended["computed"]) == (4, 0, 2)
     assert extended["already_committed"] == 4 and len(open_cache(out)) == 6
     for url, data in shards_before.items():
-        assert storage.read_bytes(url) == data  # committed shards were not rewritten
+        assert Storage().read_bytes(url) == data  # committed shards were not rewritten
     more_views = run_job(f"source={src}", f"output={out}", "views=2")
     assert more_views["computed"] == 6 and len(open_cache(out)) == 12
 
@@ -127,11 +128,11 @@ def test_list_sources(ray_cluster, storage_root):
     files = good_images(4)
     put_files(src, files)
     names = sorted(files)
-    storage.write_text(storage.join(storage_root, "list.txt"), "# two images\n" + "\n".join(f"images/{n}" for n in names[:2]))
+    Storage().write_text(storage.join(storage_root, "list.txt"), "# two images\n" + "\n".join(f"images/{n}" for n in names[:2]))
     run_job(f"source={storage.join(storage_root, 'list.txt')}", f"output={out}")
     assert len(open_cache(out)) == 2
     table = pa.table({"uri": [storage.join(src, n) for n in names]})
-    with storage.open_file(storage.join(storage_root, "list.parquet"), "wb") as f:
+    with Storage().open(storage.join(storage_root, "list.parquet"), "wb") as f:
         pq.write_table(table, f)
     summary = run_job(f"source={storage.join(storage_root, 'list.parquet')}", f"output={out}")
     assert summary["computed"] == 2 and len(open_cache(out)) == 4  # same URIs -> same keys
@@ -143,7 +144,7 @@ def test_webdataset_tar_source(ray_cluster, storage_root):
     src, out = storage.join(storage_root, "tars"), storage.join(storage_root, "cache")
     files = list(good_images(5).items())
     for t in range(2):
-        with storage.open_file(storage.join(src, f"part-{t:03d}.tar"), "wb") as f, wds.TarWriter(f) as tw:
+        with Storage().open(storage.join(src, f"part-{t:03d}.tar"), "wb") as f, wds.TarWriter(f) as tw:
             for name, data in files[t::2]:
                 tw.write({"__key__": f"sa_{name.split('.')[0]}", name.split(".")[1]: data, "json": b"{}"})
     # A third tar: a good member, an empty one, then cut off in the middle of a third member.
@@ -152,7 +153,7 @@ def test_webdataset_tar_source(ray_cluster, storage_root):
         for key, data in [("sa_ok", files[0][1]), ("sa_empty", b""), ("sa_cut", files[1][1])]:
             tw.write({"__key__": key, "png": data})
     cut = next(m for m in tarfile.open(fileobj=io.BytesIO(buf.getvalue())) if m.name == "sa_cut.png")
-    storage.write_bytes(storage.join(src, "part-002.tar"), buf.getvalue()[: cut.offset_data + cut.size // 2])
+    Storage().write_bytes(storage.join(src, "part-002.tar"), buf.getvalue()[: cut.offset_data + cut.size // 2])
     summary = run_job(f"source={src}", f"output={out}", "max_failed_fraction=0.5")
     cache = open_cache(out)
     assert summary["computed"] == len(cache) == 6 and summary["failed"] == 2
@@ -173,7 +174,7 @@ def test_builtin_sample_source_default_settings(ray_cluster, tmp_path):
     assert summary["failed"] == 0 and len(cache) == summary["computed"] >= 6
     for row in cache.manifest.to_pylist():
         assert min(row["height"], row["width"]) >= 512 and max(row["height"], row["width"]) <= 2048
-    assert storage.exists(str(tmp_path / "cache" / "config.yaml"))
+    assert Storage().exists(str(tmp_path / "cache" / "config.yaml"))
 
 
 def test_open_cache_errors(tmp_path):

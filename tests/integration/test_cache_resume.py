@@ -14,6 +14,7 @@ import psutil
 from jobs import cache_teacher
 from pipeline import open_cache, storage
 from pipeline.cache import shards
+from pipeline.storage import Storage
 from tests.images import good_images
 from tests.integration.conftest import put_files
 from tests.integration.test_cache_job import TINY
@@ -23,7 +24,7 @@ N = 12
 
 
 def _commits(out: str) -> int:
-    return len(shards.committed_shards(out)) if os.path.isdir(os.path.join(out, "manifest", "shards")) else 0
+    return len(shards.committed_shards(Storage(), out)) if os.path.isdir(os.path.join(out, "manifest", "shards")) else 0
 
 
 def test_sigkill_then_rerun_resumes_exactly_once(ray_cluster, tmp_path):
@@ -54,7 +55,7 @@ def test_sigkill_then_rerun_resumes_exactly_once(ray_cluster, tmp_path):
     before = open_cache(out, require_samples=False)
     committed_before = set(before.keys())
     assert 0 < len(committed_before) < N, "the kill came too late to test a resume"
-    kept = {u: storage.read_bytes(u) for u in before.shard_urls()}
+    kept = {u: Storage().read_bytes(u) for u in before.shard_urls()}
 
     summary = cache_teacher.main(args)
 
@@ -64,8 +65,8 @@ def test_sigkill_then_rerun_resumes_exactly_once(ray_cluster, tmp_path):
     assert summary["already_committed"] == len(committed_before)
     assert summary["computed"] == N - len(committed_before)  # committed work was not recomputed
     for url, data in kept.items():
-        assert storage.read_bytes(url) == data
-    committed = set(shards.committed_shards(out))
+        assert Storage().read_bytes(url) == data
+    committed = set(shards.committed_shards(Storage(), out))
     on_disk = {p.name.split(".")[0] for p in Path(out, "shards").iterdir()}
     assert on_disk == committed  # no uncommitted tar (or temp file) is left
     assert {p.stem for p in Path(out, "manifest", "samples").iterdir()} == committed

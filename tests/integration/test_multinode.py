@@ -13,6 +13,7 @@ import pyarrow.parquet  # noqa: F401  (pa.parquet)
 
 from pipeline import open_cache, storage
 from pipeline.cache import shards
+from pipeline.storage import Storage
 from tests.images import good_images
 from tests.integration.conftest import put_files
 
@@ -45,7 +46,7 @@ def test_cache_job_survives_losing_a_worker_node_then_training_runs_across_nodes
     keys = cache.keys()
     assert sorted(keys) == sorted(set(keys)) and len(keys) == N  # every expected key, exactly once
     physical = pa.concat_tables([pa.parquet.read_table(storage.local_path(shards.samples_url(out, n)))
-                                 for n in shards.committed_shards(out)]).column("key").to_pylist()
+                                 for n in shards.committed_shards(Storage(), out)]).column("key").to_pylist()
     assert sorted(set(physical)) == sorted(keys)
     assert cache.verify() == [] and sum(1 for _ in cache) == N
 

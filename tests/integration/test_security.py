@@ -10,6 +10,7 @@ from pathlib import Path
 import boto3
 
 from pipeline import open_cache, storage
+from pipeline.storage import Storage
 from tests.images import good_images
 from tests.integration.conftest import make_bucket
 
@@ -36,7 +37,7 @@ def test_fake_credentials_never_land_in_outputs_or_logs(s3_endpoint, tmp_path):
     signed = [s3.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": f"src/{n}"}, ExpiresIn=3600)
               for n in sorted(images)]
     assert all("Signature=" in u for u in signed)
-    storage.write_text(str(tmp_path / "signed.txt"), "\n".join(signed))
+    Storage().write_text(str(tmp_path / "signed.txt"), "\n".join(signed))
     env = dict(os.environ, **FAKE, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", DS_ACCELERATOR="cpu")
     env.pop("AWS_ENDPOINT_URL")  # the server is reachable only through storage_options (checkpoints too)
     opts = [f"storage_options.key={OPTION_KEY}", f"storage_options.secret={OPTION_SECRET}",

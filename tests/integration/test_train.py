@@ -15,6 +15,7 @@ from jobs import cache_teacher, train_student
 from pipeline import open_cache, storage
 from pipeline.cache import shards
 from pipeline.codecs import load_npy
+from pipeline.storage import Storage
 from tests.images import good_images
 from tests.integration.conftest import make_bucket, put_files
 from tests.integration.test_cache_job import TINY
@@ -32,7 +33,7 @@ def _committed_checkpoints(snapshot) -> list:
 
 
 def _csv_rows(run_dir: str) -> list[dict]:
-    return list(csv.DictReader(io.StringIO(storage.read_text(storage.join(run_dir, "metrics.csv")))))
+    return list(csv.DictReader(io.StringIO(Storage().read_text(storage.join(run_dir, "metrics.csv")))))
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def trained(caches):
 
 
 def test_loss_decreases_and_ranks_agree(trained):
-    info = json.loads(storage.read_text(storage.join(trained["run_dir"], "student.json")))
+    info = json.loads(Storage().read_text(storage.join(trained["run_dir"], "student.json")))
     epochs = [float(r["loss"]) for r in _csv_rows(trained["run_dir"]) if r["kind"] == "epoch"]
     assert len(epochs) == 4 and epochs[-1] < epochs[0]
     assert len(info["rank_weight_digests"]) == 2 and len(set(info["rank_weight_digests"])) == 1
@@ -65,8 +66,8 @@ def test_loss_decreases_and_ranks_agree(trained):
 
 
 def test_checkpoints_and_artifacts_land_on_s3(trained):
-    files = [u.rsplit("/", 1)[1] for u in storage.list_files(trained["run_dir"])]
-    assert any("checkpoint_" in u for u in storage.list_files(trained["run_dir"]))
+    files = [u.rsplit("/", 1)[1] for u in Storage().list_files(trained["run_dir"])]
+    assert any("checkpoint_" in u for u in Storage().list_files(trained["run_dir"]))
     for name in ("student.safetensors", "student.json", "metrics.csv", "loss_curve.png", "config.yaml"):
         assert name in files
     assert any(f.startswith("events.out.tfevents") for f in files)
@@ -74,10 +75,10 @@ def test_checkpoints_and_artifacts_land_on_s3(trained):
 
 def test_exported_student_reproduces_in_job_features(trained, tmp_path):
     run_dir = trained["run_dir"]
-    info = json.loads(storage.read_text(storage.join(run_dir, "student.json")))
+    info = json.loads(Storage().read_text(storage.join(run_dir, "student.json")))
     local = tmp_path / "student.safetensors"
-    storage.download(storage.join(run_dir, "student.safetensors"), str(local))
-    in_job = load_npy(storage.read_bytes(storage.join(run_dir, "probe_features.npy")))
+    Storage().download(storage.join(run_dir, "student.safetensors"), str(local))
+    in_job = load_npy(Storage().read_bytes(storage.join(run_dir, "probe_features.npy")))
     probe = next(s for s in open_cache(f"{trained['root']}/cache") if s["key"] == info["probe_key"])
     bb = spar.load_backbone("maskclip-test", pretrained=str(local))
     with torch.no_grad():
@@ -92,7 +93,7 @@ def test_exported_student_reproduces_in_job_features(trained, tmp_path):
 
 def test_distillation_beats_the_untrained_single_pass_on_held_out_images(trained, tmp_path):
     local = tmp_path / "student.safetensors"
-    storage.download(storage.join(trained["run_dir"], "student.safetensors"), str(local))
+    Storage().download(storage.join(trained["run_dir"], "student.safetensors"), str(local))
     student = spar.load_backbone("maskclip-test", pretrained=str(local))
     untrained = spar.load_backbone("maskclip-test", pretrained=None)
     mse_student, mse_untrained = [], []
@@ -108,7 +109,7 @@ def test_distillation_beats_the_untrained_single_pass_on_held_out_images(trained
 
 
 def test_rerun_continues_from_the_checkpoint(trained):
-    before = json.loads(storage.read_text(storage.join(trained["run_dir"], "student.json")))["steps"]
+    before = json.loads(Storage().read_text(storage.join(trained["run_dir"], "student.json")))["steps"]
     metrics = train_student.main([f"cache={trained['root']}/cache", f"output={trained['out']}", "name=tiny",
                                   "epochs=5", *TRAIN])
     rows = [r for r in _csv_rows(trained["run_dir"]) if r["kind"] == "step"]
@@ -139,7 +140,7 @@ def test_missing_and_empty_caches_are_clear_errors(tmp_path, caplog):
         train_student.main([f"cache={tmp_path / 'nothing'}", f"output={tmp_path / 'o'}"])
     assert "is not a teacher cache" in caplog.text
     empty = tmp_path / "empty"
-    shards.write_json(str(empty / "teacher.json"), {"format": "spar-teacher-cache/1"})
+    shards.write_json(Storage(), str(empty / "teacher.json"), {"format": "spar-teacher-cache/1"})
     with pytest.raises(SystemExit):
         train_student.main([f"cache={empty}", f"output={tmp_path / 'o'}"])
     assert "holds no committed samples" in caplog.text
@@ -183,7 +184,7 @@ def test_killed_worker_is_recovered_from_its_last_checkpoint(caches, tmp_path):
     text = log_path.read_text()
     resumed = [int(line.split("resumed at step ")[1].split()[0]) for line in text.splitlines() if "resumed at step" in line]
     assert resumed and min(resumed) >= 12, text[-3000:]
-    info = json.loads(storage.read_text(str(tmp_path / "runs" / "killed" / "student.json")))
+    info = json.loads(Storage().read_text(str(tmp_path / "runs" / "killed" / "student.json")))
     assert info["steps"] == 12 * 6 and len(set(info["rank_weight_digests"])) == 1
 
 

@@ -4,7 +4,7 @@ import pytest
 
 from pipeline.cache.augment import AugmentConfig, apply_view, augment, plan_view
 from pipeline.config import ConfigError
-from pipeline.cache.sources import synthetic_scene
+from pipeline.samples import synthetic_scene
 
 CFG = AugmentConfig()
 

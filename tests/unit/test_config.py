@@ -3,6 +3,7 @@ import pytest
 
 from pipeline.cache.job import CacheConfig
 from pipeline.config import ConfigError, parse_config, to_yaml
+from pipeline.storage import Storage
 
 
 def test_defaults_are_the_papers():
@@ -47,12 +48,12 @@ def test_an_output_with_nothing_committed_takes_a_new_fingerprint(tmp_path):
     from pipeline.cache.shards import read_json
 
     out = str(tmp_path / "cache")
-    first = claim_output(parse_config(CacheConfig, ["backbone=maskclip-test", f"output={out}"]))
-    second = claim_output(parse_config(CacheConfig, ["backbone=maskclip-test", f"output={out}", "stride=32"]))
+    first = claim_output(parse_config(CacheConfig, ["backbone=maskclip-test", f"output={out}"]), Storage())
+    second = claim_output(parse_config(CacheConfig, ["backbone=maskclip-test", f"output={out}", "stride=32"]), Storage())
     assert first["fingerprint"] != second["fingerprint"]
-    assert read_json(str(tmp_path / "cache" / "teacher.json"))["stride"] == 32
+    assert read_json(Storage(), str(tmp_path / "cache" / "teacher.json"))["stride"] == 32
     (tmp_path / "cache" / "manifest" / "shards").mkdir(parents=True)
     (tmp_path / "cache" / "manifest" / "shards" / "shard-0.parquet").write_bytes(b"")  # a committed shard
     with pytest.raises(FingerprintMismatch, match="stride"):
-        claim_output(parse_config(CacheConfig, ["backbone=maskclip-test", f"output={out}"]))
-    assert read_json(str(tmp_path / "cache" / "teacher.json"))["stride"] == 32
+        claim_output(parse_config(CacheConfig, ["backbone=maskclip-test", f"output={out}"]), Storage())
+    assert read_json(Storage(), str(tmp_path / "cache" / "teacher.json"))["stride"] == 32

@@ -8,6 +8,7 @@ from pipeline.cache import shards
 from pipeline.cache.reader import iter_shard, open_cache
 from pipeline.cache.encode import CorruptSample, decode_members, encode_members, quantize
 from pipeline.codecs import png_bytes
+from pipeline.storage import Storage
 
 
 def _sample(key, h=4, w=6, d=32, encoding="float16", seed=0):
@@ -67,48 +68,48 @@ def _rows(samples):
 
 def test_commit_protocol_and_cleanup(tmp_path):
     out = str(tmp_path / "cache")
-    shards.write_json(storage.join(out, "teacher.json"), {"format": "spar-teacher-cache/1"})
+    shards.write_json(Storage(), storage.join(out, "teacher.json"), {"format": "spar-teacher-cache/1"})
     batch = [_sample(f"k{i}", seed=i)[0] for i in range(3)]
-    row = shards.commit_shard(out, batch, _rows(batch))
+    row = shards.commit_shard(Storage(), out, batch, _rows(batch))
     assert row["samples"] == 3 and not row["skipped"]
-    assert shards.commit_shard(out, batch, _rows(batch))["skipped"]  # a retried writer rewrites nothing
+    assert shards.commit_shard(Storage(), out, batch, _rows(batch))["skipped"]  # a retried writer rewrites nothing
     # a crashed writer: tar and sample rows without a commit
     orphan = [_sample("z", seed=9)[0]]
     name = shards.shard_name(["z"])
-    shards._write_tar(shards.shard_url(out, name), orphan, mtime=0.0)
+    shards._write_tar(Storage(), shards.shard_url(out, name), orphan, mtime=0.0)
     cache = open_cache(out)
     assert sorted(cache.keys()) == ["k0", "k1", "k2"] and cache.verify() == []
-    assert [s["key"] for s in iter_shard(cache.shard_urls()[0])] == ["k0", "k1", "k2"]
-    assert shards.clean_uncommitted(out) == 1
-    assert not storage.exists(shards.shard_url(out, name))
+    assert [s["key"] for s in iter_shard(cache.shard_urls()[0], Storage())] == ["k0", "k1", "k2"]
+    assert shards.clean_uncommitted(Storage(), out) == 1
+    assert not Storage().exists(shards.shard_url(out, name))
 
 
 def test_a_commit_racing_a_cleanup_still_has_its_tar_and_rows(tmp_path, monkeypatch):
     """A straggling writer of a killed run commits just after the next run's clean-up removed its
     tar and rows: the writer puts them back, byte for byte."""
     out = str(tmp_path / "cache")
-    shards.write_json(storage.join(out, "teacher.json"), {"format": "spar-teacher-cache/1"})
+    shards.write_json(Storage(), storage.join(out, "teacher.json"), {"format": "spar-teacher-cache/1"})
     write_table = shards._write_table
 
-    def cleanup_then_write(url, table):
+    def cleanup_then_write(store, url, table):
         if "/manifest/shards/" in url:  # the commit: a concurrent clean-up runs right before it lands
-            assert shards.clean_uncommitted(out) == 2
-        write_table(url, table)
+            assert shards.clean_uncommitted(store, out) == 2
+        write_table(store, url, table)
 
     monkeypatch.setattr(shards, "_write_table", cleanup_then_write)
     batch = [_sample(f"k{i}", seed=i)[0] for i in range(2)]
-    shards.commit_shard(out, batch, _rows(batch))
+    shards.commit_shard(Storage(), out, batch, _rows(batch))
     cache = open_cache(out)
     assert sorted(cache.keys()) == ["k0", "k1"] and cache.verify() == []
 
 
 def test_duplicate_keys_across_shards_are_read_once(tmp_path):
     out = str(tmp_path / "cache")
-    shards.write_json(storage.join(out, "teacher.json"), {"format": "spar-teacher-cache/1"})
+    shards.write_json(Storage(), storage.join(out, "teacher.json"), {"format": "spar-teacher-cache/1"})
     a = [_sample(f"k{i}", seed=i)[0] for i in range(2)]
     b = [_sample(f"k{i}", seed=i)[0] for i in range(1, 3)]
-    shards.commit_shard(out, a, _rows(a))
-    shards.commit_shard(out, b, _rows(b))
+    shards.commit_shard(Storage(), out, a, _rows(a))
+    shards.commit_shard(Storage(), out, b, _rows(b))
     cache = open_cache(out)
     assert sorted(cache.keys()) == ["k0", "k1", "k2"]
     assert sorted(s["key"] for s in cache) == ["k0", "k1", "k2"]

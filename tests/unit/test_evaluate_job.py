@@ -12,6 +12,7 @@ from jobs import evaluate
 from pipeline.config import ConfigError, parse_config
 from pipeline.evaluate.datasets import get_dataset
 from pipeline.evaluate.evaluator import EvalConfig, postprocess_settings
+from pipeline.storage import Storage
 from tests.segdata import make_voc
 
 TINY = ["backbone=maskclip-test", "pretrained=null", "scale=[160,96]"]
@@ -127,7 +128,7 @@ def test_student_reuses_the_teachers_text_embeddings_when_its_text_tower_is_unch
 
     cfg = parse_config(EvalConfig, ["dataset=voc20", f"root={bench['voc']}", f"checkpoint={bench['checkpoint']}",
                                     "backbone=maskclip-test", "pretrained=null"])
-    ev = Evaluator(cfg)
+    ev = Evaluator(cfg, Storage())
     # the checkpoint is another random init: its text tower differs, so it has its own embeddings
     assert not torch.equal(ev.classifiers["student"].embeddings, ev.classifiers["single"].embeddings)
     assert ev.classifiers["sliding"] is ev.classifiers["single"]
@@ -137,6 +138,6 @@ def test_student_reuses_the_teachers_text_embeddings_when_its_text_tower_is_unch
     path = spar.export_open_clip(trained, Path(bench["root"]) / "trained.safetensors")
     cfg = parse_config(EvalConfig, ["dataset=voc20", f"root={bench['voc']}", f"checkpoint={path}",
                                     "backbone=maskclip-test", "pretrained=null"])
-    ev = Evaluator(cfg)
+    ev = Evaluator(cfg, Storage())
     assert ev.classifiers["student"] is ev.classifiers["single"]
     assert not torch.equal(ev.models["student"].clip.visual.proj, ev.models["single"].clip.visual.proj)

@@ -9,7 +9,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("cache", "train", "evaluate")
 SHARED = ("pipeline", "pipeline.storage", "pipeline.config", "pipeline.cli", "pipeline.logs", "pipeline.devices",
-          "pipeline.ray_utils", "pipeline.codecs")
+          "pipeline.ray_utils", "pipeline.codecs", "pipeline.samples")
 READER = "pipeline.cache.reader"  # the one module of a stage that other stages may import
 
 

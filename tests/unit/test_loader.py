@@ -10,6 +10,7 @@ from pipeline.cache import shards
 from pipeline.cache.encode import encode_members, quantize
 from pipeline.codecs import png_bytes
 from pipeline.train.loader import SampleRef, _bucket, make_loader, manifest_refs, plan_epoch
+from pipeline.storage import Storage
 
 
 def _refs(n_shards=7, per_shard=5, sizes=((64, 96), (96, 64), (80, 80))):
@@ -70,15 +71,15 @@ def _write_cache(tmp_path, n=10):
         rows.append({"key": f"s{i:02d}", "source": "x", "view": 0, "height": h * 16, "width": w * 16,
                      "grid_h": h, "grid_w": w, "target_bytes": 0, "target_checksum": "", "windows": 1})
     for a in range(0, n, 3):
-        shards.commit_shard(out, members[a:a + 3], rows[a:a + 3])
-    samples, _ = shards.read_manifest(out)
+        shards.commit_shard(Storage(), out, members[a:a + 3], rows[a:a + 3])
+    samples, _ = shards.read_manifest(Storage(), out)
     return out, manifest_refs(samples)
 
 
 def test_loader_yields_the_plan_and_resumes_exactly(tmp_path):
     out, refs = _write_cache(tmp_path)
     plan = plan_epoch(refs, seed=3, epoch=0, rank=0, world_size=1, workers=2, batch_size=2, shuffle_buffer=3)
-    full = list(make_loader(out, plan, [0, 0], prefetch=2))
+    full = list(make_loader(out, Storage(), plan, [0, 0], prefetch=2))
     assert sorted(k for b in full for k in b["keys"]) == [f"s{i:02d}" for i in range(10)]
     for b in full:
         assert b["image"].dtype == torch.uint8 and b["target"].dtype == torch.float16
@@ -86,7 +87,7 @@ def test_loader_yields_the_plan_and_resumes_exactly(tmp_path):
     consumed = collections.Counter()
     for b in full[:3]:
         consumed[b["worker"]] += 1
-    rest = list(make_loader(out, plan, [consumed[0], consumed[1]], prefetch=2))
+    rest = list(make_loader(out, Storage(), plan, [consumed[0], consumed[1]], prefetch=2))
     assert sorted(k for b in rest for k in b["keys"]) == sorted(k for b in full[3:] for k in b["keys"])
 
 
@@ -95,7 +96,7 @@ def test_metrics_csv_has_one_header_whatever_row_comes_first(tmp_path):
 
     from pipeline.train.metrics import Metrics
 
-    m = Metrics(str(tmp_path / "run"), enabled=True)
+    m = Metrics(str(tmp_path / "run"), Storage(), enabled=True)
     m.log({"kind": "epoch", "step": 3, "epoch": 0, "loss": 0.5})  # an epoch row before any step row
     m.log({"kind": "step", "step": 4, "epoch": 1, "loss": 0.25, "samples_per_s": 2.0, "tokens_per_s": 400.0,
            "data_wait_share": 0.01, "lr": 2e-5})

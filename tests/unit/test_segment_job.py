@@ -11,7 +11,7 @@ from PIL import Image
 from jobs import segment
 from pipeline.config import ConfigError, parse_config
 from pipeline.evaluate.segment import SegmentConfig, class_colors, draw_legend, parse_classes
-from pipeline.cache.sources import synthetic_scene
+from pipeline.samples import synthetic_scene
 
 TINY = ["backbone=maskclip-test", "pretrained=null"]
 

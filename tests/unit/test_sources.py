@@ -3,8 +3,10 @@ import numpy as np
 import pytest
 
 from pipeline import storage
-from pipeline.cache.sources import builtin_uris, list_source, make_key, read_bytes, source_kind
+from pipeline.cache.sources import list_source, make_key, source_kind
+from pipeline.samples import builtin_uris, read_bytes
 from pipeline.codecs import BadImage, decode_image
+from pipeline.storage import Storage
 from tests.images import bad_inputs, converted_images, good_images, png, scene
 
 
@@ -18,13 +20,13 @@ def test_keys_are_stable_unique_and_dot_free():
 def test_folder_listing_is_recursive_and_filters_extensions(tmp_path):
     files = good_images(3)
     for name, data in files.items():
-        storage.write_bytes(str(tmp_path / "a" / "b" / name), data)
-    storage.write_bytes(str(tmp_path / "a" / "README.txt"), b"not an image")
-    items = list_source(str(tmp_path / "a"))
+        Storage().write_bytes(str(tmp_path / "a" / "b" / name), data)
+    Storage().write_bytes(str(tmp_path / "a" / "README.txt"), b"not an image")
+    items = list_source(str(tmp_path / "a"), Storage())
     assert [i.uri.rsplit("/", 1)[1] for i in items] == sorted(files)
-    assert source_kind(str(tmp_path / "a")) == "images"
+    assert source_kind(str(tmp_path / "a"), Storage()) == "images"
     with pytest.raises(FileNotFoundError):
-        list_source(str(tmp_path / "missing"))
+        list_source(str(tmp_path / "missing"), Storage())
 
 
 def test_tar_listing_names_image_members(tmp_path):
@@ -34,7 +36,7 @@ def test_tar_listing_names_image_members(tmp_path):
     with open(tmp_path / "part-000.tar", "wb") as f, wds.TarWriter(f) as tw:
         for name, data in files:
             tw.write({"__key__": name.split(".")[0], "png": data, "json": b"{}"})
-    items = list_source(str(tmp_path / "part-000.tar"))
+    items = list_source(str(tmp_path / "part-000.tar"), Storage())
     assert [i.member for i in items] == [name.split(".")[0] + ".png" for name, _ in files]
     assert all(i.uri == f"{tmp_path / 'part-000.tar'}#{i.member}" for i in items)
 
@@ -43,9 +45,9 @@ def test_builtin_samples_need_no_network():
     uris = builtin_uris()
     assert len(uris) >= 5
     for uri in uris:
-        img = decode_image(read_bytes(uri), max_pixels=10**8)
+        img = decode_image(read_bytes(uri, Storage()), max_pixels=10**8)
         assert img.dtype == np.uint8 and img.ndim == 3 and min(img.shape[:2]) >= 256
-    assert np.array_equal(decode_image(read_bytes(uris[-1]), 10**8), decode_image(read_bytes(uris[-1]), 10**8))
+    assert np.array_equal(decode_image(read_bytes(uris[-1], Storage()), 10**8), decode_image(read_bytes(uris[-1], Storage()), 10**8))
 
 
 @pytest.mark.parametrize("name", sorted(converted_images()))
