@@ -15,8 +15,9 @@ evaluate may use.
 __version__ = "0.1.0"
 
 
-def open_cache(url: str, **kwargs):
-    """Open a teacher cache (see `pipeline.cache.reader.open_cache`)."""
+def open_cache(url: str, storage_options=None, **kwargs):
+    """Open a teacher cache; `storage_options` are its filesystem's fsspec options (see
+    `pipeline.cache.reader.open_cache`)."""
     from pipeline.cache.reader import open_cache as _open
 
-    return _open(url, **kwargs)
+    return _open(url, storage_options, **kwargs)

@@ -18,6 +18,7 @@ from ray.cluster_utils import Cluster
 
 from jobs import cache_teacher, train_student
 from pipeline.cache import shards
+from pipeline.ray_utils import nodes_missing
 from pipeline.storage import Storage
 
 FAST_FAILURE_DETECTION = {"health_check_period_ms": 500, "health_check_failure_threshold": 3,
@@ -64,7 +65,9 @@ def train(cache_url: str, output: str) -> dict:
     start(2)
     metrics = train_student.main([f"cache={cache_url}", f"output={output}", "name=multinode", "epochs=1",
                                   "scaling.num_workers=2", "scaling.cpus_per_worker=1", "data.loader_workers=1"])
-    return {"metrics": metrics}
+    # what the jobs' shared-storage check sees on each node: a path they all have, and one none has
+    return {"metrics": metrics, "nodes": len([n for n in ray.nodes() if n["Alive"]]),
+            "missing_cache": nodes_missing(cache_url), "missing_elsewhere": nodes_missing(cache_url + "-elsewhere")}
 
 
 if __name__ == "__main__":

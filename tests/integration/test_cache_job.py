@@ -163,8 +163,38 @@ def test_webdataset_tar_source(ray_cluster, storage_root):
     assert reasons[storage.join(src, "part-002.tar")].startswith("unreadable tar: ReadError")
     again = run_job(f"source={src}", f"output={out}", "max_failed_fraction=1")  # only the failures are retried
     assert (again["computed"], again["failed"], len(open_cache(out))) == (0, 2, 6)
-    with pytest.raises(SystemExit, match="limit= does not apply to tar sources"):
-        run_job(f"source={src}", f"output={out}", "limit=2")
+
+
+def _sa1b_tar(members: list[str], images: list[bytes]) -> bytes:
+    """An SA-1B-like tar: ``sa_<i>.jpg`` + ``sa_<i>.json`` per image, in the given member order."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in zip(members, images):
+            for member, payload in ((f"{name}.jpg", data), (f"{name}.json", b'{"annotations": []}')):
+                info = tarfile.TarInfo(member)
+                info.size = len(payload)
+                tf.addfile(info, io.BytesIO(payload))
+    return buf.getvalue()
+
+
+def test_sa1b_tars_with_limit_take_the_first_images_in_tar_order(ray_cluster, storage_root):
+    """SA-1B as it ships: ``limit=N`` caches the first N images, tars in natural order and members in
+    tar order (not sorted), and a larger limit later adds exactly the next ones."""
+    src, out = storage.join(storage_root, "sa1b"), storage.join(storage_root, "cache")
+    images = list(good_images(9).values())
+    layout = {"sa_000000.tar": ["sa_1", "sa_2", "sa_3"], "sa_000001.tar": ["sa_10", "sa_4", "sa_5"],
+              "sa_000002.tar": ["sa_6", "sa_7", "sa_8"]}
+    for t, (tar, names) in enumerate(layout.items()):
+        put_files(src, {tar: _sa1b_tar(names, images[3 * t:3 * t + 3])})
+    order = [make_key(f"{storage.join(src, tar)}#{n}.jpg") for tar, names in layout.items() for n in names]
+    first = run_job(f"source={src}/", f"output={out}", "limit=5")
+    assert (first["source_images"], first["computed"], first["failed"]) == (5, 5, 0)
+    assert sorted(k.rsplit("_v", 1)[0] for k in open_cache(out).keys()) == sorted(order[:5])
+    again = run_job(f"source={src}/", f"output={out}", "limit=5")
+    assert again["computed"] == 0
+    more = run_job(f"source={src}/", f"output={out}", "limit=8")
+    assert (more["computed"], more["committed_total"]) == (3, 8)
+    assert sorted(k.rsplit("_v", 1)[0] for k in open_cache(out).keys()) == sorted(order[:8])
 
 
 def test_builtin_sample_source_default_settings(ray_cluster, tmp_path):
@@ -180,3 +210,19 @@ def test_builtin_sample_source_default_settings(ray_cluster, tmp_path):
 def test_open_cache_errors(tmp_path):
     with pytest.raises(CacheError, match="not a teacher cache"):
         open_cache(str(tmp_path / "nothing"))
+
+
+def test_a_local_output_that_other_nodes_cannot_see_is_refused_before_any_work(ray_cluster, tmp_path, monkeypatch,
+                                                                              caplog):
+    """On a multi-node cluster a local path would scatter the cache over the nodes' own disks."""
+    import pipeline.ray_utils
+
+    seen = []
+    monkeypatch.setattr(pipeline.ray_utils, "nodes_missing", lambda path: seen.append(path) or ["10.0.0.7/0a1b2c3d"])
+    src = str(tmp_path / "images")
+    put_files(src, good_images(2))
+    with pytest.raises(SystemExit) as exit_info:
+        run_job(f"source={src}", f"output={tmp_path / 'cache'}")
+    assert exit_info.value.code == 2 and seen == [str(tmp_path / "cache" / "teacher.json")]
+    assert "use shared storage" in caplog.text and "10.0.0.7" in caplog.text
+    assert not (tmp_path / "cache" / "shards").exists()

@@ -51,6 +51,8 @@ def test_cache_job_survives_losing_a_worker_node_then_training_runs_across_nodes
     assert cache.verify() == [] and sum(1 for _ in cache) == N
 
     result = _scenario(["train", out, str(tmp_path / "runs")], tmp_path / "train.log")
+    assert result["nodes"] == 3 and result["missing_cache"] == []  # every node sees the local cache path
+    assert len(result["missing_elsewhere"]) == 3  # the check really runs on each node
     info = json.loads((tmp_path / "runs" / "multinode" / "student.json").read_text())
     assert len(set(info["rank_nodes"])) == 2  # the two ranks ran on different nodes
     assert len(set(info["rank_weight_digests"])) == 1 and result["metrics"]["step"] == N // 2

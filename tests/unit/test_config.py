@@ -57,3 +57,40 @@ def test_an_output_with_nothing_committed_takes_a_new_fingerprint(tmp_path):
     with pytest.raises(FingerprintMismatch, match="stride"):
         claim_output(parse_config(CacheConfig, ["backbone=maskclip-test", f"output={out}"]), Storage())
     assert read_json(Storage(), str(tmp_path / "cache" / "teacher.json"))["stride"] == 32
+
+
+def test_paths_are_resolved_on_the_driver(tmp_path, monkeypatch):
+    """Relative paths mean the directory the user ran the command from, in every process of the job."""
+    from pipeline.evaluate.evaluator import EvalConfig
+    from pipeline.evaluate.segment import SegmentConfig
+    from pipeline.train.job import TrainConfig
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    cache = parse_config(CacheConfig, ["source=imgs", "output=out/cache", "pretrained=w.safetensors"])
+    assert (cache.source, cache.output) == (f"{tmp_path}/imgs", f"{tmp_path}/out/cache")
+    assert cache.pretrained == f"{tmp_path}/w.safetensors"
+    assert parse_config(CacheConfig, []).source == "builtin:samples"
+    assert parse_config(CacheConfig, ["pretrained=laion2b_s34b_b88k"]).pretrained == "laion2b_s34b_b88k"
+    train = parse_config(TrainConfig, ["cache=out/cache", "deepspeed_config=zero2.json"])
+    assert (train.cache, train.output, train.run_dir) == (f"{tmp_path}/out/cache", f"{tmp_path}/out/train",
+                                                         f"{tmp_path}/out/train/spar-student")
+    assert train.deepspeed_config == f"{tmp_path}/zero2.json" and train.pretrained == "from-cache"
+    ev = parse_config(EvalConfig, ["dataset=voc21", "root=data/voc", "checkpoint=./s.safetensors",
+                                   "classes=mine.txt"])
+    assert (ev.root, ev.checkpoint, ev.classes) == (f"{tmp_path}/data/voc", f"{tmp_path}/s.safetensors",
+                                                     f"{tmp_path}/mine.txt")
+    seg = parse_config(SegmentConfig, ["image=cat.jpg", "classes=cat, dog", "output=s3://b/seg"])
+    assert (seg.image, seg.classes, seg.output) == (f"{tmp_path}/cat.jpg", "cat, dog", "s3://b/seg")
+    assert to_yaml(train).count(str(tmp_path)) >= 3  # config.yaml records the resolved form
+
+
+def test_a_storage_context_applies_its_options_to_object_stores_only():
+    from pipeline.storage import Storage
+
+    flat = Storage({"endpoint_url": "http://127.0.0.1:9", "key": "K", "secret": "s3cr3t"})
+    assert flat.options_for("s3://b/x")["secret"] == "s3cr3t" and flat.options_for("/local") == {}
+    assert flat.options_for("https://example.com/x.jpg") == {}  # not an object store
+    per = Storage({"s3": {"key": "K3"}, "gs": {"token": "T"}})
+    assert per.options_for("s3a://b/x") == {"key": "K3"} and per.options_for("gcs://b/x") == {"token": "T"}
+    assert "s3cr3t" not in repr(flat) and "K3" not in repr(per)

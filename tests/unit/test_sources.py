@@ -94,3 +94,11 @@ def test_alpha_is_composited_over_white():
     rgba[:, :15] = [10, 20, 30, 255]  # opaque left half, fully transparent right half
     out = decode_image(png(Image.fromarray(rgba)), max_pixels=10**8)
     assert (out[:, :15] == [10, 20, 30]).all() and (out[:, 15:] == 255).all()
+
+
+def test_folders_list_in_natural_order(tmp_path):
+    """"The first N images" means sa_1, sa_2, ..., sa_10, not sa_1, sa_10, sa_100, sa_2."""
+    for i in (10, 2, 1, 100, 9):
+        Storage().write_bytes(str(tmp_path / f"sa_{i}.jpg"), png(scene(40, 40)))
+    names = [it.uri.rsplit("/", 1)[1] for it in list_source(str(tmp_path), Storage())]
+    assert names == ["sa_1.jpg", "sa_2.jpg", "sa_9.jpg", "sa_10.jpg", "sa_100.jpg"]

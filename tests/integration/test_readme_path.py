@@ -1,0 +1,132 @@
+"""The README's commands as a new user runs them: from a fresh working directory, with its relative
+paths, in order (cache -> train -> segment -> evaluate), and every file the README says a command
+writes exists where it says. Then the same path on the S3 server with credentials only in
+``storage_options``: no ``AWS_*`` variable reaches the job processes, and the secret reaches no
+object and no log."""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import boto3
+import braceexpand
+
+from pipeline import open_cache
+from tests.images import good_images
+from tests.integration.conftest import make_bucket
+from tests.segdata import make_ade
+
+REPO = Path(__file__).resolve().parents[2]
+README = (REPO / "README.md").read_text()
+
+
+def _block(marker: str) -> list[str]:
+    """The bash block after ``<!-- marker -->``, as lines with continuations joined."""
+    text = README.split(f"<!-- {marker} -->", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    return text.replace("\\\n", " ").splitlines()
+
+
+def readme_path() -> list[tuple[list[str], list[str]]]:
+    """(command argv, paths it writes) in README order: the run command's job, then the quick start."""
+    first = _block("run-command")[0].rsplit("&& ", 1)[1]
+    steps = [(shlex.split(first), ["out/cache/teacher.json", "out/cache/config.yaml", "out/cache/shards",
+                                   "out/cache/manifest"])]
+    writes: list[str] = []
+    for line in _block("quickstart"):
+        if line.startswith("# writes "):
+            writes = list(braceexpand.braceexpand(line[len("# writes "):].strip()))
+        elif line.strip():
+            steps.append((shlex.split(line), writes))
+    return steps
+
+
+def _argv(words: list[str], subs: dict[str, str]) -> list[str]:
+    assert words[0] == ".venv/bin/python" and words[1].startswith("jobs/"), words
+    return [sys.executable, str(REPO / words[1]), *(subs.get(w, w) for w in words[2:])]
+
+
+def _run(argv: list[str], cwd: Path, env: dict, log: Path) -> None:
+    with open(log, "ab") as f:
+        f.write(f"\n$ {shlex.join(argv[:2])} ...\n".encode())  # the arguments may hold a secret
+        f.flush()
+        proc = subprocess.run(argv, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=900)
+    assert proc.returncode == 0, log.read_text()[-4000:]
+
+
+def _job_env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    return dict(env, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", DS_ACCELERATOR="cpu", **extra)
+
+
+def test_the_readme_commands_run_verbatim_from_a_fresh_directory(tmp_path):
+    work = tmp_path / "fresh"
+    work.mkdir()
+    make_ade(tmp_path / "ade", [(96, 128), (120, 90)])
+    subs = {"root=/data/ADEChallengeData2016": f"root={tmp_path / 'ade' / 'ADEChallengeData2016'}"}
+    steps = readme_path()
+    assert [Path(w[1]).name for w, _ in steps] == ["cache_teacher.py", "train_student.py", "segment.py", "evaluate.py"]
+    log = tmp_path / "jobs.log"
+    for words, writes in steps:
+        _run(_argv(words, subs), work, _job_env(), log)
+        missing = [w for w in writes if not (work / w).exists()]
+        assert not missing, f"{words[1]} did not write {missing} under {work}:\n{log.read_text()[-3000:]}"
+    # nothing landed anywhere else: the run directory holds every artifact, Ray's session dir none
+    run_dir = work / "out" / "train" / "spar-student"
+    assert any(p.name.startswith("events.out.tfevents") for p in (run_dir / "tensorboard").iterdir())
+    assert sorted(p.name for p in work.iterdir()) == ["out"]
+    assert f"exported {run_dir}/student.safetensors" in log.read_text()
+    # the recorded configs hold the resolved, absolute paths
+    assert f"cache: {work}/out/cache" in (run_dir / "config.yaml").read_text()
+    assert f"output: {work}/out/cache" in (work / "out" / "cache" / "config.yaml").read_text()
+
+
+def test_the_readme_path_on_s3_with_credentials_only_in_storage_options(s3_endpoint, tmp_path):
+    """The cache reads an s3:// source and s3:// weights, training writes to s3://, segmentation
+    reads its image and the student from s3://: all with the endpoint and keys given only as
+    ``storage_options``."""
+    import spar
+
+    bucket = make_bucket(s3_endpoint)
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    for name, data in good_images(4).items():
+        s3.put_object(Bucket=bucket, Key=f"src/{name}", Body=data)
+    weights = spar.export_open_clip(spar.load_backbone("maskclip-test", pretrained=None, init_seed=3),
+                                    tmp_path / "w.safetensors")
+    s3.upload_file(str(weights), bucket, "weights/maskclip-test.safetensors")
+    secret = f"optionSecret/{uuid.uuid4().hex}"
+    opts = [f"storage_options.endpoint_url={s3_endpoint}", "storage_options.key=AKIAOPTIONKEY0000003",
+            f"storage_options.secret={secret}"]
+    base, log = f"s3://{bucket}", tmp_path / "jobs.log"
+    work = tmp_path / "fresh"
+    work.mkdir()
+    env = _job_env(SPAR_CACHE_DIR=str(tmp_path / "weights-cache"))
+    py = [sys.executable]
+    _run([*py, str(REPO / "jobs/cache_teacher.py"), "backbone=maskclip-test", f"source={base}/src/",
+          f"output={base}/cache", f"pretrained={base}/weights/maskclip-test.safetensors", "augment.scale=[224,160]",
+          "augment.min_side=64", "num_cpus=2", *opts], work, env, log)
+    _run([*py, str(REPO / "jobs/train_student.py"), f"cache={base}/cache", f"output={base}/runs", "epochs=1",
+          "data.loader_workers=1", "num_cpus=2", *opts], work, env, log)
+    _run([*py, str(REPO / "jobs/segment.py"), f"image={base}/src/{sorted(good_images(4))[0]}", "classes=sky, ground",
+          "backbone=maskclip-test", f"checkpoint={base}/runs/spar-student/student.safetensors",
+          f"output={base}/segment", *opts], work, env, log)
+
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+            for o in page.get("Contents", [])]
+    assert any(k.startswith("cache/shards/") for k in keys) and any("checkpoint_" in k for k in keys)
+    for name in ("student.safetensors", "student.json", "metrics.csv", "config.yaml"):
+        assert f"runs/spar-student/{name}" in keys, name
+    assert any(re.fullmatch(r"segment/.*\.png", k) for k in keys)
+    assert list(work.iterdir()) == []  # nothing was written locally
+    cache = open_cache(f"{base}/cache", {"endpoint_url": s3_endpoint, "key": "AKIAOPTIONKEY0000003",
+                                         "secret": secret})
+    assert cache.fingerprint["weights"]["uri"] == f"{base}/weights/maskclip-test.safetensors"
+    assert len(cache) == 4
+    texts = {"jobs.log": log.read_bytes(), **{k: s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys
+                                               if not k.startswith(("src/", "weights/"))}}
+    for name, data in texts.items():
+        assert secret.encode() not in data, f"the secret is in {name}"
