@@ -208,6 +208,23 @@ class Storage:
         fs, path = self.filesystem(url)
         return int(fs.size(path))
 
+    def modified(self, url: str) -> float:
+        """Last modification time of a file, in seconds since the epoch."""
+        if is_local(url):
+            return os.path.getmtime(local_path(url))
+        fs, path = self.filesystem(url)
+        info = fs.info(path)
+        stamp = info.get("LastModified") or info.get("mtime") or info.get("updated") or info.get("created")
+        if stamp is None:
+            raise OSError(f"{url}: the filesystem reports no modification time")
+        if isinstance(stamp, (int, float)):
+            return float(stamp)
+        if isinstance(stamp, str):
+            import datetime
+
+            stamp = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+        return stamp.timestamp()
+
     def pyarrow_filesystem(self, url: str):
         """(a pyarrow filesystem, path) for libraries that take pyarrow's (Ray Train's checkpoints):
         the same fsspec filesystem and options as every other read and write."""

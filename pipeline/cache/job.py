@@ -23,7 +23,7 @@ from pipeline import __version__, storage
 from pipeline.cache import shards, sources
 from pipeline.cache.augment import AugmentConfig, augment_row
 from pipeline.cache.encode import ENCODINGS, IMAGE_EXT, META_EXT, SCALE_EXT, TARGET_EXT
-from pipeline.cache.reader import FORMAT, FingerprintMismatch, fingerprint_diff, fingerprint_digest
+from pipeline.cache.reader import FORMAT, FingerprintMismatch, check_format, fingerprint_diff, fingerprint_digest
 from pipeline.cache.teacher import TeacherActor
 from pipeline.config import check, resolve_paths, resolve_weights, to_dict, to_yaml
 from pipeline.devices import AMP_DTYPES
@@ -72,6 +72,8 @@ class CacheConfig:
     min_source_side: int = 32  # sources with a shorter side are recorded as too small
     max_aspect: float = 10.0  # sources more elongated than this are recorded (memory bound)
     max_failed_fraction: float = 0.05  # exit non-zero if more of this run's inputs fail
+    orphan_retention_s: float = 3600.0  # tars no commit names are deleted once older (> any tar-to-commit time)
+    manifest_checkpoint_every: int = 1000  # shards between the driver's compactions + checkpoints of the manifest
     png_compress_level: int = 1  # 0-9: PNG is lossless at every level; 1 is fast
     read_cpus: float = -1.0  # CPUs per read/augment task; -1 = 1 with GPUs, else 0.5 (fits beside CPU actors)
     write_cpus: float = 0.5  # CPUs per shard-writer task
@@ -86,6 +88,8 @@ class CacheConfig:
         check(self.shard_size >= 1, "shard_size must be >= 1")
         check(self.stride >= 1, "stride must be >= 1")
         check(0 <= self.max_failed_fraction <= 1, "max_failed_fraction must be in [0, 1]")
+        check(self.orphan_retention_s >= 0 and self.manifest_checkpoint_every >= 1,
+              "orphan_retention_s must be >= 0 and manifest_checkpoint_every >= 1")
         check(self.limit is None or self.limit >= 1, "limit must be >= 1")
         spec = spar.get_spec(self.backbone)
         crop = self.crop or spec.window
@@ -138,10 +142,12 @@ def claim_output(cfg: CacheConfig, store: Storage) -> dict:
     path = storage.join(cfg.output, "teacher.json")
     if store.exists(path):
         old = shards.read_json(store, path)
+        check_format(cfg.output, old)
         if old.get("fingerprint") == fp["fingerprint"]:
             return old
         diff = "\n  ".join(fingerprint_diff(old, fp)) or "(fingerprint digest differs)"
-        if shards.committed_shards(store, cfg.output):
+        manifest = shards.open_table(store, cfg.output)
+        if manifest is not None and manifest.file_uris():
             raise FingerprintMismatch(
                 f"{cfg.output} holds a cache made with different teacher settings; refusing to mix them:\n  "
                 f"{diff}\nUse another output, or the original settings to resume or extend it.")
@@ -196,7 +202,7 @@ def expand_tar(row: dict, *, views: int, done: Any, store: Storage) -> Iterator[
                "error": f"unreadable tar: {type(e).__name__}: {e}"}
 
 
-def write_batch(batch: dict[str, np.ndarray], *, output: str, store: Storage) -> dict[str, np.ndarray]:
+def write_batch(batch: dict[str, np.ndarray], *, output: str, store: Storage, run: str) -> dict[str, np.ndarray]:
     """Ray Data stage: commit one shard (and record errors) from a batch of teacher outputs."""
     samples, rows, errors = [], [], []
     for i in range(len(batch["sample_key"])):
@@ -213,16 +219,17 @@ def write_batch(batch: dict[str, np.ndarray], *, output: str, store: Storage) ->
         rows.append({"key": key, "source": public_url(source), "view": int(batch["view"][i]),
                      "height": meta["image_size"][0], "width": meta["image_size"][1], "grid_h": meta["grid"][0],
                      "grid_w": meta["grid"][1], "target_bytes": len(members[TARGET_EXT]),
-                     "target_checksum": meta["target_checksum"], "windows": meta["windows"]})
-    shards.write_errors(store, output, errors)
-    shard = (shards.commit_shard(store, output, samples, rows) if samples
-             else {"shard": "", "bytes": 0, "skipped": False})
+                     "image_checksum": meta["image_checksum"], "target_checksum": meta["target_checksum"],
+                     "windows": meta["windows"]})
+    shards.write_errors(store, output, errors, run)
+    shard = shards.commit_shard(store, output, samples, rows, run) if samples else {"shard": "", "bytes": 0}
     return {"shard": np.array([shard["shard"]]), "samples": np.array([len(samples)]),
             "errors": np.array([len(errors)]), "bytes": np.array([shard["bytes"]]),
-            "windows": np.array([int(np.sum(batch["windows"]))]), "skipped": np.array([shard["skipped"]])}
+            "windows": np.array([int(np.sum(batch["windows"]))])}
 
 
-def build_dataset(cfg: CacheConfig, store: Storage, items: list[dict], is_tars: bool, done: set[str], fp: dict):
+def build_dataset(cfg: CacheConfig, store: Storage, items: list[dict], is_tars: bool, done: set[str], fp: dict,
+                  run: str):
     """The streaming Ray Data pipeline for `items` (not executed yet)."""
     import ray
     from ray.data import ActorPoolStrategy
@@ -252,7 +259,7 @@ def build_dataset(cfg: CacheConfig, store: Storage, items: list[dict], is_tars: 
             "device": t.device, "threads": t.threads, "fingerprint": fp["fingerprint"], "init_seed": cfg.init_seed,
             "store": store})
     return ds.map_batches(write_batch, batch_size=cfg.shard_size, batch_format="numpy", num_cpus=cfg.write_cpus,
-                          fn_kwargs={"output": cfg.output, "store": store})
+                          fn_kwargs={"output": cfg.output, "store": store, "run": run})
 
 
 def run(cfg: CacheConfig) -> dict:
@@ -262,28 +269,30 @@ def run(cfg: CacheConfig) -> dict:
 
     store = Storage(cfg.storage_options)
     fp = claim_output(cfg, store)
-    shards.clean_uncommitted(store, cfg.output)
-    shards.reset_errors(store, cfg.output)
+    shards.create_tables(store, cfg.output)
+    shards.clean_orphans(store, cfg.output, cfg.orphan_retention_s)
     run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
     store.write_text(storage.join(cfg.output, "config.yaml"), to_yaml(cfg))
     store.write_text(storage.join(cfg.output, "runs", run_id, "config.yaml"), to_yaml(cfg))
-    committed, _ = shards.read_manifest(store, cfg.output)
+    committed, version, _ = shards.read_manifest(store, cfg.output)
     done = set(committed.column("key").to_pylist())
     items, listed, is_tars = work_items(cfg, store, done)
-    log.info("fingerprint %s; %d samples already committed; %d work items", fp["fingerprint"][:19], len(done),
-             len(items))
+    log.info("fingerprint %s; %d samples already committed (manifest version %d); %d work items",
+             fp["fingerprint"][:19], len(done), version, len(items))
     started = init_ray(cfg.ray_address, cfg.num_cpus)
     t0 = time.perf_counter()
-    totals = {"samples": 0, "errors": 0, "bytes": 0, "windows": 0, "shards": 0, "rewrites_skipped": 0}
+    totals = {"samples": 0, "errors": 0, "bytes": 0, "windows": 0, "shards": 0}
     try:
         require_on_every_node(storage.join(cfg.output, "teacher.json"), "the cache output")
         if items:
-            for batch in build_dataset(cfg, store, items, is_tars, done, fp).iter_batches(batch_size=None,
-                                                                                          batch_format="numpy"):
+            dataset = build_dataset(cfg, store, items, is_tars, done, fp, run_id)
+            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
                 for k in ("samples", "errors", "bytes", "windows"):
                     totals[k] += int(np.sum(batch[k]))
-                totals["shards"] += int(np.sum(batch["samples"] > 0))
-                totals["rewrites_skipped"] += int(np.sum(batch["skipped"]))
+                before, totals["shards"] = totals["shards"], totals["shards"] + int(np.sum(batch["samples"] > 0))
+                if before // cfg.manifest_checkpoint_every != totals["shards"] // cfg.manifest_checkpoint_every:
+                    shards.finish(store, cfg.output)  # keeps opening the manifest cheap during long jobs
+        shards.finish(store, cfg.output)
     finally:
         if started:
             import ray
@@ -294,13 +303,14 @@ def run(cfg: CacheConfig) -> dict:
 
 def _summarize(cfg: CacheConfig, store: Storage, run_id: str, totals: dict, before: int, listed: int,
                seconds: float) -> dict:
-    samples_now, _ = shards.read_manifest(store, cfg.output)
+    samples_now, version, duplicates = shards.read_manifest(store, cfg.output)
     attempted = totals["samples"] + totals["errors"]
     summary = {
         "run": run_id, "output": public_url(cfg.output), "source_images": listed,
         "already_committed": before, "computed": totals["samples"], "failed": totals["errors"],
         "failed_fraction": totals["errors"] / attempted if attempted else 0.0,
-        "committed_total": samples_now.num_rows, "shards_written": totals["shards"],
+        "committed_total": samples_now.num_rows, "manifest_version": version,
+        "keys_committed_twice": len(set(duplicates.column("key").to_pylist())), "shards_written": totals["shards"],
         "bytes_written": totals["bytes"], "seconds": seconds,
         "images_per_s": totals["samples"] / seconds if seconds else 0.0,
         "windows_per_s": totals["windows"] / seconds if seconds else 0.0,

@@ -1,11 +1,13 @@
 """A teacher cache as an asset: its fingerprint, its manifest, and its decoded samples.
 
     cache = pipeline.open_cache("s3://bucket/caches/sa1b-maskclip-s24")
-    cache.fingerprint["backbone"], len(cache), cache.manifest.num_rows
+    cache.fingerprint["backbone"], len(cache), cache.version, cache.manifest.num_rows
     for sample in cache:           # key, image (H, W, 3) uint8, target (h, w, D) float32, meta
         ...
+    pinned = pipeline.open_cache(url, version=cache.version)   # the same samples, whatever was added since
 
-Only committed shards are read, and every member is checked against its checksum.
+Only committed samples are read (the manifest's rows at one Delta table version), and every member
+is checked against its checksum.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from pipeline.cache.shards import shard_url  # noqa: F401  (readers' API)
 
 log = logging.getLogger(__name__)
 
-FORMAT = "spar-teacher-cache/1"
+FORMAT = "spar-teacher-cache/2"
 _VOLATILE = ("fingerprint", "project_version", "created")  # recorded, not part of the identity
 
 
@@ -67,23 +69,29 @@ def iter_shard(url: str, store: Storage, verify: bool = True) -> Iterator[dict]:
 
 @dataclass
 class Cache:
-    """A committed teacher cache (see `open_cache`)."""
+    """A committed teacher cache at one manifest version (see `open_cache`)."""
 
     url: str
     fingerprint: dict
     store: Storage = field(repr=False)  # how the cache's objects are read (options of its filesystem)
-    manifest: pa.Table  # one row per sample: key, source, view, shard, sizes, grid, checksum, windows
-    shards: pa.Table  # one row per committed shard: shard, samples, bytes, sha256
+    version: int  # the manifest's Delta table version this view reads: pin it to read the same samples again
+    manifest: pa.Table  # one row per sample: key, source, view, shard, tar, sizes, grid, checksums, windows, run
+    duplicates: pa.Table  # rows of keys committed more than once (racing writers): key, shard, run, committed
     _errors: pa.Table | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return self.manifest.num_rows
 
     @property
+    def shards(self) -> pa.Table:
+        """One row per committed shard: shard, tar, samples, bytes, sha256."""
+        return shards.shard_table(self.manifest)
+
+    @property
     def errors(self) -> pa.Table:
-        """Inputs the latest run skipped: key, source, reason."""
+        """Inputs that failed and have not been committed since: key, source, latest reason."""
         if self._errors is None:
-            self._errors = shards.read_errors(self.store, self.url)
+            self._errors = shards.read_errors(self.store, self.url, set(self.keys()))
         return self._errors
 
     def keys(self) -> list[str]:
@@ -91,7 +99,7 @@ class Cache:
 
     def shard_urls(self) -> list[str]:
         """URLs of the committed shard tars."""
-        return [shards.shard_url(self.url, n) for n in self.shards.column("shard").to_pylist()]
+        return [storage.join(self.url, t) for t in self.shards.column("tar").to_pylist()]
 
     def __iter__(self) -> Iterator[dict]:
         return self.iter_samples()
@@ -101,20 +109,24 @@ class Cache:
         wanted = set(self.keys())
         for url in self.shard_urls():
             for sample in iter_shard(url, self.store, verify=verify):
-                if sample["key"] in wanted:  # a key duplicated by a retried batch is yielded once
+                if sample["key"] in wanted:  # a key that two writers committed is yielded once
                     wanted.discard(sample["key"])
                     yield sample
 
     def verify(self) -> list[str]:
-        """Re-hash every shard against the manifest; returns the shards that do not match."""
+        """Re-hash every shard against the manifest; returns the shards that do not match (or are gone)."""
         bad = []
-        for name, sha in zip(self.shards.column("shard").to_pylist(), self.shards.column("sha256").to_pylist()):
+        for row in self.shards.to_pylist():
             digest = hashlib.sha256()
-            with self.store.open(shards.shard_url(self.url, name), "rb") as f:
-                while chunk := f.read(16 << 20):
-                    digest.update(chunk)
-            if digest.hexdigest() != sha:
-                bad.append(name)
+            try:
+                with self.store.open(storage.join(self.url, row["tar"]), "rb") as f:
+                    while chunk := f.read(16 << 20):
+                        digest.update(chunk)
+            except FileNotFoundError:
+                bad.append(row["shard"])
+                continue
+            if digest.hexdigest() != row["sha256"]:
+                bad.append(row["shard"])
         return bad
 
 
@@ -126,8 +138,23 @@ def read_fingerprint(url: str, store: Storage) -> dict:
     return shards.read_json(store, path)
 
 
-def open_cache(url: str, storage_options: dict | Storage | None = None, *, require_samples: bool = True) -> Cache:
-    """Open a cache written by ``jobs/cache_teacher.py`` (local path or fsspec URL).
+def check_format(url: str, fingerprint: dict) -> None:
+    """Refuse a cache of another format, naming it (nothing here reads or changes it)."""
+    found = fingerprint.get("format")
+    if found == FORMAT:
+        return
+    if found == "spar-teacher-cache/1":
+        raise CacheError(
+            f"{url} is a cache in format {found} (a parquet file pair per shard as its manifest); this version "
+            f"reads and writes {FORMAT}, whose manifest is a Delta Lake table. Its tars are intact and untouched: "
+            "re-run the cache job into a new output to rebuild it, or read it with spar-pipeline 0.1.")
+    raise CacheError(f"{url}: unsupported cache format {found!r} (this version: {FORMAT})")
+
+
+def open_cache(url: str, storage_options: dict | Storage | None = None, *, version: int | None = None,
+               require_samples: bool = True) -> Cache:
+    """Open a cache written by ``jobs/cache_teacher.py`` (local path or fsspec URL) at its latest
+    manifest version, or at `version` (a pinned snapshot: exactly the samples committed up to it).
 
     `storage_options`: fsspec options of the cache's filesystem (endpoint, credentials), or a job's
     `Storage`; default: the filesystem's standard credentials.
@@ -135,9 +162,8 @@ def open_cache(url: str, storage_options: dict | Storage | None = None, *, requi
     store = storage_options if isinstance(storage_options, Storage) else Storage(dict(storage_options or {}))
     url = storage.resolve(url)
     fp = read_fingerprint(url, store)
-    if fp.get("format") != FORMAT:
-        raise CacheError(f"{url}: unsupported cache format {fp.get('format')!r} (this reader: {FORMAT})")
-    samples, shard_table = shards.read_manifest(store, url)
+    check_format(url, fp)
+    samples, found, duplicates = shards.read_manifest(store, url, version)
     if require_samples and samples.num_rows == 0:
         raise CacheError(f"{url} holds no committed samples (has the cache job finished a shard yet?)")
-    return Cache(url=url, fingerprint=fp, store=store, manifest=samples, shards=shard_table)
+    return Cache(url=url, fingerprint=fp, store=store, version=found, manifest=samples, duplicates=duplicates)

@@ -1,16 +1,23 @@
-"""Shard sink and manifest: the cache's on-storage layout and its commit protocol.
+"""The cache on storage: shard tars, and the manifest that commits them, a Delta Lake table.
 
-    <output>/teacher.json                      fingerprint (written before any shard)
-    <output>/config.yaml                       resolved config of the latest run
-    <output>/shards/<name>.tar                 WebDataset samples
-    <output>/manifest/samples/<name>.parquet   one row per sample of that shard
-    <output>/manifest/shards/<name>.parquet    one row for the shard -- THE COMMIT
-    <output>/errors/<name>.parquet             inputs skipped (key, source, reason)
+    <output>/teacher.json          fingerprint (written before any shard)
+    <output>/config.yaml           resolved config of the latest run
+    <output>/shards/<name>.tar     WebDataset samples; <name> is the sha256 of the tar's bytes
+    <output>/manifest/             Delta table, one row per committed sample -- THE COMMIT
+    <output>/errors/               Delta table, one row per skipped input (key, source, reason, run)
+    <output>/runs/<id>/            config.yaml and summary.json of every run
 
-Commit protocol: a shard is written tar first, then its sample rows, then its shard row. Only a
-shard whose shard row exists is committed; readers see nothing else, and the next run deletes
-whatever a crashed run left without a commit. Shard names hash the keys they hold, so a writer
-that Ray runs twice for the same batch rewrites nothing (it finds the commit and stops).
+Committing a shard: its tar is written first, under a name derived from its content, then all its
+rows are appended to the manifest in one Delta transaction. Delta's optimistic concurrency (an
+atomic create-if-absent of the next log entry: a hard link locally, a conditional PUT on object
+stores) makes the append atomic and safe with any number of concurrent writers, jobs or Ray tasks,
+with no lock service. A tar that no committed row names is an orphan (a writer that died between
+its tar and its commit): it is deleted only once older than a retention period, so no clean-up can
+remove a tar that a live writer is about to commit, and because names are content hashes, writing
+a tar again (a retried task, a racing job) rewrites the same bytes.
+
+Readers see a table version: every row committed up to it. A key committed twice (two writers
+racing on the same input) is read once and reported.
 """
 from __future__ import annotations
 
@@ -21,10 +28,9 @@ import logging
 import os
 import tempfile
 import time
-from typing import Iterable
 
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 import webdataset as wds
 
 from pipeline import storage
@@ -32,50 +38,87 @@ from pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
 
+MANIFEST, ERRORS = "manifest", "errors"
 SAMPLE_SCHEMA = pa.schema([
     ("key", pa.string()), ("source", pa.string()), ("view", pa.int32()), ("shard", pa.string()),
+    ("tar", pa.string()),  # path of the shard's tar below the cache root
     ("height", pa.int32()), ("width", pa.int32()), ("grid_h", pa.int32()), ("grid_w", pa.int32()),
-    ("target_bytes", pa.int64()), ("target_checksum", pa.string()), ("windows", pa.int64()),
+    ("target_bytes", pa.int64()), ("image_checksum", pa.string()), ("target_checksum", pa.string()),
+    ("windows", pa.int64()), ("shard_samples", pa.int64()), ("shard_bytes", pa.int64()),
+    ("shard_sha256", pa.string()), ("run", pa.string()), ("committed", pa.float64()),
 ])
-SHARD_SCHEMA = pa.schema([
-    ("shard", pa.string()), ("samples", pa.int64()), ("bytes", pa.int64()), ("sha256", pa.string()),
-    ("created", pa.float64()),
-])
-ERROR_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string()), ("reason", pa.string())])
+ERROR_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string()), ("reason", pa.string()),
+                          ("run", pa.string()), ("recorded", pa.float64())])
+SHARD_COLUMNS = {"shard_samples": "samples", "shard_bytes": "bytes", "shard_sha256": "sha256"}
+_MAX_COMMIT_RETRIES = 1000  # concurrent appends never conflict; each retry only re-reads the log tail
+_ALLOW_HTTP = ("http://", "HTTP://")
 
 
 def shard_url(output: str, name: str) -> str:
     return storage.join(output, "shards", f"{name}.tar")
 
 
-def samples_url(output: str, name: str) -> str:
-    return storage.join(output, "manifest", "samples", f"{name}.parquet")
+def table_url(output: str, table: str = MANIFEST) -> str:
+    """The Delta table's location as delta-rs takes it (local paths absolute)."""
+    url = storage.join(output, table)
+    return storage.resolve(storage.local_path(url)) if storage.is_local(url) else url
 
 
-def commit_url(output: str, name: str) -> str:
-    return storage.join(output, "manifest", "shards", f"{name}.parquet")
+def delta_options(store: Storage, url: str) -> dict[str, str]:
+    """`store`'s fsspec options for `url`, in delta-rs's (object_store's) names. Without options,
+    delta-rs reads the standard ``AWS_*`` environment and credential chain itself."""
+    opts = store.options_for(url)
+    if storage.protocol(url) not in ("s3", "s3a"):
+        return {str(k): str(v) for k, v in opts.items()}
+    out: dict[str, str] = {}
+    names = {"key": "AWS_ACCESS_KEY_ID", "secret": "AWS_SECRET_ACCESS_KEY", "token": "AWS_SESSION_TOKEN",
+             "endpoint_url": "AWS_ENDPOINT_URL", "region_name": "AWS_REGION"}
+    flat = {**opts.get("client_kwargs", {}), **{k: v for k, v in opts.items() if k != "client_kwargs"}}
+    for key, value in flat.items():
+        if key in names and value is not None:
+            out[names[key]] = str(value)
+    if out.get("AWS_ENDPOINT_URL", os.environ.get("AWS_ENDPOINT_URL", "")).startswith(_ALLOW_HTTP):
+        out["AWS_ALLOW_HTTP"] = "true"
+    if "AWS_ENDPOINT_URL" in out and "AWS_REGION" not in out and not os.environ.get("AWS_REGION"):
+        out["AWS_REGION"] = os.environ.get("AWS_DEFAULT_REGION", "us-east-1")  # signing needs one; servers ignore it
+    return out
 
 
-def shard_name(keys: Iterable[str]) -> str:
-    """Deterministic shard name from the keys it holds."""
-    return "shard-" + hashlib.sha1("\n".join(sorted(keys)).encode()).hexdigest()[:20]
+def _commit_properties():
+    from deltalake import CommitProperties
+
+    return CommitProperties(max_commit_retries=_MAX_COMMIT_RETRIES)
 
 
-def _write_table(store: Storage, url: str, table: pa.Table) -> None:
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    store.write_bytes(url, buf.getvalue())
+def create_tables(store: Storage, output: str) -> None:
+    """Create the manifest and errors tables if absent (the job's driver, before any writer runs;
+    two drivers racing to create them are both fine)."""
+    from deltalake import DeltaTable
+    from deltalake.exceptions import DeltaError
+
+    for table, schema in ((MANIFEST, SAMPLE_SCHEMA), (ERRORS, ERROR_SCHEMA)):
+        url = table_url(output, table)
+        if DeltaTable.is_deltatable(url, storage_options=delta_options(store, url)):
+            continue
+        try:
+            DeltaTable.create(url, schema=schema, mode="ignore", storage_options=delta_options(store, url))
+        except DeltaError:  # another driver created it first
+            if not DeltaTable.is_deltatable(url, storage_options=delta_options(store, url)):
+                raise
 
 
-def _read_table(store: Storage, url: str) -> pa.Table:
-    with store.open(url, "rb") as f:
-        return pq.read_table(f)
+def _append(store: Storage, output: str, table: str, rows: pa.Table) -> None:
+    from deltalake import write_deltalake
+
+    url = table_url(output, table)
+    write_deltalake(url, rows, mode="append", storage_options=delta_options(store, url),
+                    commit_properties=_commit_properties())
 
 
 class _HashingWriter(io.RawIOBase):
-    """File wrapper that counts and sha256-hashes what goes through it."""
+    """File wrapper that counts and sha256-hashes what goes through it (`f=None`: hash only)."""
 
-    def __init__(self, f):
+    def __init__(self, f=None):
         self.f, self.sha, self.n = f, hashlib.sha256(), 0
 
     def writable(self) -> bool:
@@ -84,129 +127,161 @@ class _HashingWriter(io.RawIOBase):
     def write(self, b) -> int:
         self.sha.update(b)
         self.n += len(b)
-        return self.f.write(b)
+        return self.f.write(b) if self.f is not None else len(b)
 
 
-def _write_tar(store: Storage, url: str, samples: list[dict], mtime: float) -> tuple[int, str]:
-    """Write WebDataset samples to one tar; returns (bytes, sha256). Local tars go via a temp file."""
-    if storage.is_local(url):
-        path = storage.local_path(url)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".tar")
-        with os.fdopen(fd, "wb") as raw:
-            n, sha = _tar_into(raw, samples, mtime)
-        os.replace(tmp, path)
-        return n, sha
-    with store.open(url, "wb") as raw:  # an object appears only when its upload completes
-        return _tar_into(raw, samples, mtime)
-
-
-def _tar_into(raw, samples: list[dict], mtime: float) -> tuple[int, str]:
+def _tar_into(raw, samples: list[dict]) -> tuple[int, str]:
     hw = _HashingWriter(raw)
-    with wds.TarWriter(hw, mtime=mtime) as sink:
+    with wds.TarWriter(hw, mtime=0.0) as sink:  # fixed mtime: the bytes are a function of the samples
         for s in samples:
             sink.write(s)
     return hw.n, hw.sha.hexdigest()
 
 
-def is_committed(store: Storage, output: str, name: str) -> bool:
-    return store.exists(commit_url(output, name))
+def _write_tar(store: Storage, url: str, samples: list[dict]) -> tuple[int, str]:
+    """Write the tar (atomically: a temp file renamed locally, one upload on object stores)."""
+    if storage.is_local(url):
+        path = storage.local_path(url)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".tar")
+        with os.fdopen(fd, "wb") as raw:
+            n, sha = _tar_into(raw, samples)
+        os.replace(tmp, path)
+        return n, sha
+    with store.open(url, "wb") as raw:  # an object appears only when its upload completes
+        return _tar_into(raw, samples)
 
 
-def commit_shard(store: Storage, output: str, samples: list[dict], rows: list[dict]) -> dict:
-    """Write one shard and commit it. `samples` are tar member dicts, `rows` their manifest rows.
-
-    Returns the shard row. If the shard is already committed (a retried task), writes nothing.
-    """
-    name = shard_name(r["key"] for r in rows)
-    if is_committed(store, output, name):
-        log.info("shard %s already committed; skipping the rewrite", name)
-        return {"shard": name, "samples": len(rows), "bytes": 0, "sha256": "", "created": 0.0, "skipped": True}
-    created = time.time()
-    nbytes, sha = _write_tar(store, shard_url(output, name), samples, mtime=created)
-    for r in rows:
-        r["shard"] = name
-    sample_table = pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
-    _write_table(store, samples_url(output, name), sample_table)
-    shard_row = {"shard": name, "samples": len(rows), "bytes": nbytes, "sha256": sha, "created": created}
-    _write_table(store, commit_url(output, name), pa.Table.from_pylist([shard_row], schema=SHARD_SCHEMA))
-    # A writer of a killed run can outlive its driver for a moment, and the next run's clean-up may
-    # have removed this shard's files between the writes above. Put them back (the tar byte for
-    # byte: same members, same mtime), so a commit always has its tar and its rows.
-    if not store.exists(shard_url(output, name)):
-        log.warning("shard %s: tar removed before its commit landed; rewriting it", name)
-        _write_tar(store, shard_url(output, name), samples, mtime=created)
-    if not store.exists(samples_url(output, name)):
-        log.warning("shard %s: sample rows removed before the commit landed; rewriting them", name)
-        _write_table(store, samples_url(output, name), sample_table)
-    return dict(shard_row, skipped=False)
+def commit_shard(store: Storage, output: str, samples: list[dict], rows: list[dict], run: str) -> dict:
+    """Write one shard's tar, then commit it: one Delta append of all its rows. `samples` are tar
+    member dicts, `rows` their manifest rows (without the shard fields). Returns the shard's fields."""
+    nbytes, sha = _tar_into(None, samples)  # a hashing pass names the tar by its content
+    name = sha[:32]
+    written, check = _write_tar(store, shard_url(output, name), samples)
+    if (written, check) != (nbytes, sha):
+        raise RuntimeError(f"shard {name}: tar bytes changed between passes")
+    committed = time.time()
+    shard = {"shard": name, "tar": f"shards/{name}.tar", "shard_samples": len(rows), "shard_bytes": nbytes,
+             "shard_sha256": sha, "run": run, "committed": committed}
+    _append(store, output, MANIFEST, pa.Table.from_pylist([dict(r, **shard) for r in rows], schema=SAMPLE_SCHEMA))
+    return {"shard": name, "samples": len(rows), "bytes": nbytes, "sha256": sha}
 
 
-def write_errors(store: Storage, output: str, errors: list[dict]) -> None:
-    """Record skipped inputs (one parquet per writer batch)."""
+def write_errors(store: Storage, output: str, errors: list[dict], run: str) -> None:
+    """Record skipped inputs (one append per writer batch)."""
     if errors:
-        name = shard_name(e["key"] for e in errors)
-        _write_table(store, storage.join(output, "errors", f"{name}.parquet"),
-                     pa.Table.from_pylist(errors, schema=ERROR_SCHEMA))
+        now = time.time()
+        _append(store, output, ERRORS, pa.Table.from_pylist([dict(e, run=run, recorded=now) for e in errors],
+                                                            schema=ERROR_SCHEMA))
+
+
+def open_table(store: Storage, output: str, table: str = MANIFEST, version: int | None = None):
+    """The Delta table (at `version`, default the latest), or None if the cache has none yet."""
+    from deltalake import DeltaTable
+
+    url = table_url(output, table)
+    opts = delta_options(store, url)
+    if version is None and not DeltaTable.is_deltatable(url, storage_options=opts):
+        return None
+    return DeltaTable(url, version=version, storage_options=opts)
+
+
+def read_manifest(store: Storage, output: str, version: int | None = None) -> tuple[pa.Table, int, pa.Table]:
+    """(samples, table version, duplicates) of the manifest at `version` (default: the latest).
+
+    A key committed more than once is kept once, from its earliest commit; `duplicates` lists every
+    row of such keys (key, shard, run, committed), so they are reported rather than hidden.
+    """
+    dt = open_table(store, output, MANIFEST, version)
+    if dt is None:
+        return SAMPLE_SCHEMA.empty_table(), -1, SAMPLE_SCHEMA.empty_table().select(["key", "shard", "run", "committed"])
+    rows = dt.to_pyarrow_table().cast(SAMPLE_SCHEMA)
+    rows = rows.sort_by([("committed", "ascending"), ("shard", "ascending"), ("key", "ascending")])
+    keys = rows.column("key")
+    first = _first_occurrence(keys)
+    samples = rows.filter(first)
+    dup_keys = pc.unique(rows.filter(pc.invert(first)).column("key"))
+    duplicates = rows.filter(pc.is_in(keys, value_set=dup_keys)).select(["key", "shard", "run", "committed"])
+    if duplicates.num_rows:
+        log.warning("manifest: %d keys were committed more than once (by racing writers); each is read once",
+                    len(dup_keys))
+    return samples, dt.version(), duplicates
+
+
+def _first_occurrence(keys: pa.ChunkedArray) -> pa.Array:
+    """True at the first row of every key, in row order."""
+    seen: set[str] = set()
+    out = []
+    for k in keys.to_pylist():
+        out.append(k not in seen)
+        seen.add(k)
+    return pa.array(out, pa.bool_())
 
 
 def committed_shards(store: Storage, output: str) -> list[str]:
-    """Names of committed shards."""
-    urls = store.list_files(storage.join(output, "manifest", "shards"), suffixes=(".parquet",))
-    return sorted(u.rsplit("/", 1)[1][: -len(".parquet")] for u in urls)
+    """Names of the committed shards at the manifest's latest version ([] before the first commit)."""
+    samples, _, _ = read_manifest(store, output)
+    return sorted(set(samples.column("shard").to_pylist()))
 
 
-def read_manifest(store: Storage, output: str) -> tuple[pa.Table, pa.Table]:
-    """(samples, shards) tables of the committed shards; a key in several shards is kept once
-    (first shard by name), so a retried batch can never duplicate samples for readers."""
-    names = committed_shards(store, output)
-    if not names:
-        return SAMPLE_SCHEMA.empty_table(), SHARD_SCHEMA.empty_table()
-    shards = pa.concat_tables([_read_table(store, commit_url(output, n)) for n in names])
-    samples = pa.concat_tables([_read_table(store, samples_url(output, n)) for n in names])
-    keys = samples.column("key").to_pylist()
-    if len(set(keys)) != len(keys):
-        seen, keep = set(), []
-        for i, k in enumerate(keys):
-            keep.append(k not in seen)
-            seen.add(k)
-        log.warning("manifest: %d duplicate keys across shards; keeping the first", len(keys) - len(seen))
-        samples = samples.filter(pa.array(keep))
-    return samples, shards
+def shard_table(samples: pa.Table) -> pa.Table:
+    """One row per committed shard: shard, tar, samples, bytes, sha256 (from the sample rows)."""
+    if samples.num_rows == 0:
+        return pa.table({"shard": pa.array([], pa.string()), "tar": pa.array([], pa.string()),
+                         "samples": pa.array([], pa.int64()), "bytes": pa.array([], pa.int64()),
+                         "sha256": pa.array([], pa.string())})
+    cols = ["shard", "tar", *SHARD_COLUMNS]
+    table = samples.select(cols).group_by(cols).aggregate([]).sort_by("shard")
+    return table.rename_columns(["shard", "tar", *SHARD_COLUMNS.values()])
 
 
-def read_errors(store: Storage, output: str) -> pa.Table:
-    """Inputs skipped by the latest run."""
-    urls = store.list_files(storage.join(output, "errors"), suffixes=(".parquet",))
-    if not urls:
-        return ERROR_SCHEMA.empty_table()
-    return pa.concat_tables([_read_table(store, u) for u in urls])
+def read_errors(store: Storage, output: str, committed: set[str]) -> pa.Table:
+    """Inputs that failed and are not committed since: the latest reason per key."""
+    dt = open_table(store, output, ERRORS)
+    if dt is None:
+        return ERROR_SCHEMA.empty_table().select(["key", "source", "reason"])
+    latest: dict[str, dict] = {}
+    for row in dt.to_pyarrow_table().sort_by("recorded").to_pylist():
+        if row["key"] not in committed:
+            latest[row["key"]] = row
+    table = pa.Table.from_pylist(list(latest.values()), schema=ERROR_SCHEMA)
+    return table.select(["key", "source", "reason"])
 
 
-def clean_uncommitted(store: Storage, output: str) -> int:
-    """Delete tars and sample rows that have no commit (left by a crashed run). Returns the count.
+def finish(store: Storage, output: str, small_files: int = 64) -> None:
+    """What a job does after its last commit so the next open reads a constant number of objects:
+    compact the manifest's small files (one per commit) when there are many, then checkpoint the
+    log. Best effort: a concurrent writer's commit can make either step retry or fail (logged)."""
+    from deltalake.exceptions import DeltaError
 
-    Call only while no other job writes to `output`.
-    """
-    committed = set(committed_shards(store, output))
-    removed = 0
+    for table in (MANIFEST, ERRORS):
+        dt = open_table(store, output, table)
+        if dt is None:
+            continue
+        try:
+            if len(dt.file_uris()) > small_files:
+                dt.optimize.compact(commit_properties=_commit_properties())
+            dt.create_checkpoint()
+        except DeltaError as e:
+            log.warning("could not compact / checkpoint %s: %s", table_url(output, table), e)
+
+
+def clean_orphans(store: Storage, output: str, retention_s: float) -> list[str]:
+    """Delete the shard tars that no committed row names and that are older than `retention_s`
+    (longer than any writer's time from its tar to its commit); returns their URLs."""
+    samples, _, _ = read_manifest(store, output)
+    named = set(samples.column("tar").to_pylist())
+    now, removed = time.time(), []
     for url in store.list_files(storage.join(output, "shards")):
-        stem = url.rsplit("/", 1)[1].split(".")[0]
-        if stem not in committed:
+        rel = f"shards/{url.rsplit('/', 1)[1]}"
+        if rel in named:
+            continue
+        if now - store.modified(url) > retention_s:
             store.remove(url)
-            removed += 1
-    for url in store.list_files(storage.join(output, "manifest", "samples")):
-        if url.rsplit("/", 1)[1][: -len(".parquet")] not in committed:
-            store.remove(url)
-            removed += 1
+            removed.append(url)
     if removed:
-        log.info("removed %d uncommitted objects left by an earlier run", removed)
+        log.info("removed %d orphan tars older than %.0f s", len(removed), retention_s)
     return removed
-
-
-def reset_errors(store: Storage, output: str) -> None:
-    """Forget the previous run's errors: every uncommitted input is retried and re-recorded."""
-    store.remove(storage.join(output, "errors"), recursive=True)
 
 
 def write_json(store: Storage, url: str, obj: dict) -> None:
@@ -215,3 +290,4 @@ def write_json(store: Storage, url: str, obj: dict) -> None:
 
 def read_json(store: Storage, url: str) -> dict:
     return json.loads(store.read_text(url))
+

@@ -21,6 +21,7 @@ class RunState:
     consumed: list[int] = field(default_factory=list)  # batches consumed per loader process this epoch
     samples: int = 0  # real samples this rank trained on
     world_size: int = 1
+    cache_version: int | None = None  # the cache's manifest version this run reads (pinned at its start)
 
 
 def save_checkpoint(engine, state: RunState, metrics: dict) -> None:

@@ -78,6 +78,7 @@ def run_record(cfg, fingerprint: dict, state, final_loss: float, digests: list[s
     """The run's fields of ``student.json``."""
     return {
         "cache": storage.public_url(cfg.cache), "cache_fingerprint": fingerprint["fingerprint"],
+        "cache_version": state.cache_version,
         "steps": state.step, "epochs_completed": state.epoch, "final_loss": final_loss,
         "precision": resolve_precision(cfg.precision),
         "rank_weight_digests": digests,  # sha256 of each rank's fp32 trainable weights: all equal

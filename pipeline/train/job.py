@@ -141,7 +141,7 @@ def run(cfg: TrainConfig) -> dict:
     try:
         require_on_every_node(storage.join(cfg.cache, "teacher.json"), "the cache")
         require_on_every_node(storage.join(cfg.run_dir, "config.yaml"), "the output")
-        result = _fit(cfg, store, source, cache.fingerprint, deepspeed_extra)
+        result = _fit(cfg, store, source, cache.fingerprint, deepspeed_extra, cache.version)
     finally:
         if started:
             import ray
@@ -154,7 +154,7 @@ def run(cfg: TrainConfig) -> dict:
     return metrics
 
 
-def _fit(cfg: TrainConfig, store: Storage, source: dict, fingerprint: dict, deepspeed_extra: dict):
+def _fit(cfg: TrainConfig, store: Storage, source: dict, fingerprint: dict, deepspeed_extra: dict, cache_version: int):
     """Ray Train's TorchTrainer over every rank's `train_loop`, fitted; returns its result."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -166,7 +166,8 @@ def _fit(cfg: TrainConfig, store: Storage, source: dict, fingerprint: dict, deep
         resources["GPU"] = cfg.scaling.gpus_per_worker
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg, "student": source, "fingerprint": fingerprint, "deepspeed": deepspeed_extra},
+        train_loop_config={"cfg": cfg, "student": source, "fingerprint": fingerprint, "deepspeed": deepspeed_extra,
+                           "cache_version": cache_version},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(

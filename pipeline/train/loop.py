@@ -68,11 +68,18 @@ class Trainer:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         self.store = Storage(self.cfg.storage_options)
-        self.cache = open_cache(self.cfg.cache, self.store)
-        self.refs = loader.manifest_refs(self.cache.manifest)
         self.engine = build_engine(self.cfg, self.source, self.world, config.get("deepspeed"),
                                    self.store.options_for(self.source["pretrained"] or ""))
         self.state = load_checkpoint(self.engine, self.world)
+        # The run reads one snapshot of the cache from start to end: the version its driver pinned, or
+        # the one its checkpoint recorded when this is a resume (the cache may have grown since).
+        if self.state.cache_version is None:
+            self.state.cache_version = config["cache_version"]
+        elif self.state.cache_version != config["cache_version"]:
+            rank_zero_info(log, "resuming on cache version %d, pinned by the run (the cache is at version %d now)",
+                           self.state.cache_version, config["cache_version"])
+        self.cache = open_cache(self.cfg.cache, self.store, version=self.state.cache_version)
+        self.refs = loader.manifest_refs(self.cache.manifest)
         rank_zero_info(log, "rank %d/%d on %s, %d torch threads, %d trainable parameters", self.rank, self.world,
                        self.device, torch.get_num_threads(),
                        sum(p.numel() for p in self.engine.module.parameters() if p.requires_grad))
@@ -118,10 +125,11 @@ class Trainer:
                 window = Window()
             if cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0:
                 self.checkpoint()
-        total, count = all_sum([epoch.loss, epoch.n], self.device)
+        total, count, samples = all_sum([epoch.loss, epoch.n, epoch.samples], self.device)
         if st.epoch_step >= plan.steps:  # the epoch is complete (not cut by max_steps)
             self.last_loss = total / max(count, 1)
-            self.metrics.log({"kind": "epoch", "step": st.step, "epoch": st.epoch, "loss": self.last_loss})
+            self.metrics.log({"kind": "epoch", "step": st.step, "epoch": st.epoch, "loss": self.last_loss,
+                              "samples": int(samples)})
             st.epoch, st.epoch_step, st.consumed = st.epoch + 1, 0, [0] * cfg.data.loader_workers
             if not cfg.checkpoint_every:
                 self.checkpoint()

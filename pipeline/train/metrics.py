@@ -12,7 +12,7 @@ from pipeline.storage import Storage
 class Metrics:
     """Rank-0 metrics: CSV + TensorBoard in a local dir, mirrored to the run dir."""
 
-    COLUMNS = ("kind", "step", "epoch", "loss", "samples_per_s", "tokens_per_s", "data_wait_share", "lr")
+    COLUMNS = ("kind", "step", "epoch", "loss", "samples_per_s", "tokens_per_s", "data_wait_share", "lr", "samples")
 
     def __init__(self, run_dir: str, store: Storage, enabled: bool):
         self.run_dir, self.store, self.enabled = run_dir, store, enabled

@@ -16,22 +16,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_s3_server() -> tuple[str, "subprocess.Popen"]:
+    """A real S3-protocol server (moto) on 127.0.0.1, in a process of its own: clients that hold the
+    GIL while they wait on the network (delta-rs) must not share a process with the server."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2)
+            return endpoint, proc
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("the moto S3 server did not start") from None
+            time.sleep(0.2)
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
-    """A real S3-protocol server (moto) on 127.0.0.1; credentials are fakes in the environment."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto logs every request
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
+    """The S3 server for the session; credentials are fakes in the environment."""
+    endpoint, proc = start_s3_server()
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_ENDPOINT_URL": endpoint, "AWS_EC2_METADATA_DISABLED": "true"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     yield endpoint
-    server.stop()
+    proc.terminate()
+    proc.wait(timeout=30)
     for k, v in old.items():
         if v is None:
             os.environ.pop(k, None)

@@ -45,8 +45,7 @@ def test_cache_job_survives_losing_a_worker_node_then_training_runs_across_nodes
     cache = open_cache(out)
     keys = cache.keys()
     assert sorted(keys) == sorted(set(keys)) and len(keys) == N  # every expected key, exactly once
-    physical = pa.concat_tables([pa.parquet.read_table(storage.local_path(shards.samples_url(out, n)))
-                                 for n in shards.committed_shards(Storage(), out)]).column("key").to_pylist()
+    physical = shards.open_table(Storage(), out).to_pyarrow_table().column("key").to_pylist()  # every row
     assert sorted(set(physical)) == sorted(keys)
     assert cache.verify() == [] and sum(1 for _ in cache) == N
 

@@ -14,6 +14,7 @@ import spar
 from jobs import cache_teacher, train_student
 from pipeline import open_cache, storage
 from pipeline.cache import shards
+from pipeline.cache.reader import FORMAT
 from pipeline.codecs import load_npy
 from pipeline.storage import Storage
 from tests.images import good_images
@@ -140,7 +141,7 @@ def test_missing_and_empty_caches_are_clear_errors(tmp_path, caplog):
         train_student.main([f"cache={tmp_path / 'nothing'}", f"output={tmp_path / 'o'}"])
     assert "is not a teacher cache" in caplog.text
     empty = tmp_path / "empty"
-    shards.write_json(Storage(), str(empty / "teacher.json"), {"format": "spar-teacher-cache/1"})
+    shards.write_json(Storage(), str(empty / "teacher.json"), {"format": FORMAT})
     with pytest.raises(SystemExit):
         train_student.main([f"cache={empty}", f"output={tmp_path / 'o'}"])
     assert "holds no committed samples" in caplog.text

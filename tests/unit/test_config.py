@@ -44,6 +44,9 @@ def test_secrets_never_reach_the_saved_config():
 def test_an_output_with_nothing_committed_takes_a_new_fingerprint(tmp_path):
     """A first run that failed before its first commit (say, weights it could not fetch) must not lock
     its output; once a shard is committed, other settings are refused."""
+    import pyarrow as pa
+
+    from pipeline.cache import shards
     from pipeline.cache.job import FingerprintMismatch, claim_output
     from pipeline.cache.shards import read_json
 
@@ -52,8 +55,9 @@ def test_an_output_with_nothing_committed_takes_a_new_fingerprint(tmp_path):
     second = claim_output(parse_config(CacheConfig, ["backbone=maskclip-test", f"output={out}", "stride=32"]), Storage())
     assert first["fingerprint"] != second["fingerprint"]
     assert read_json(Storage(), str(tmp_path / "cache" / "teacher.json"))["stride"] == 32
-    (tmp_path / "cache" / "manifest" / "shards").mkdir(parents=True)
-    (tmp_path / "cache" / "manifest" / "shards" / "shard-0.parquet").write_bytes(b"")  # a committed shard
+    shards.create_tables(Storage(), out)  # a committed shard (its rows; the tar does not matter here)
+    shards._append(Storage(), out, shards.MANIFEST, pa.Table.from_pylist([{"key": "k0", "shard": "s"}],
+                                                                         schema=shards.SAMPLE_SCHEMA))
     with pytest.raises(FingerprintMismatch, match="stride"):
         claim_output(parse_config(CacheConfig, ["backbone=maskclip-test", f"output={out}"]), Storage())
     assert read_json(Storage(), str(tmp_path / "cache" / "teacher.json"))["stride"] == 32

@@ -5,7 +5,7 @@ import torch
 
 from pipeline import storage
 from pipeline.cache import shards
-from pipeline.cache.reader import iter_shard, open_cache
+from pipeline.cache.reader import FORMAT, CacheError, iter_shard, open_cache
 from pipeline.cache.encode import CorruptSample, decode_members, encode_members, quantize
 from pipeline.codecs import png_bytes
 from pipeline.storage import Storage
@@ -63,53 +63,80 @@ def test_npy_members_refuse_pickles():
 
 def _rows(samples):
     return [{"key": s["__key__"], "source": "x", "view": 0, "height": 64, "width": 96, "grid_h": 4, "grid_w": 6,
-             "target_bytes": len(s["target.npy"]), "target_checksum": "c", "windows": 1} for s in samples]
+             "target_bytes": len(s["target.npy"]), "image_checksum": "i", "target_checksum": "c", "windows": 1}
+            for s in samples]
 
 
-def test_commit_protocol_and_cleanup(tmp_path):
+def _new_cache(tmp_path) -> str:
     out = str(tmp_path / "cache")
-    shards.write_json(Storage(), storage.join(out, "teacher.json"), {"format": "spar-teacher-cache/1"})
+    shards.write_json(Storage(), storage.join(out, "teacher.json"), {"format": FORMAT})
+    shards.create_tables(Storage(), out)
+    return out
+
+
+def test_a_shard_is_committed_by_one_manifest_append(tmp_path):
+    out = _new_cache(tmp_path)
     batch = [_sample(f"k{i}", seed=i)[0] for i in range(3)]
-    row = shards.commit_shard(Storage(), out, batch, _rows(batch))
-    assert row["samples"] == 3 and not row["skipped"]
-    assert shards.commit_shard(Storage(), out, batch, _rows(batch))["skipped"]  # a retried writer rewrites nothing
-    # a crashed writer: tar and sample rows without a commit
-    orphan = [_sample("z", seed=9)[0]]
-    name = shards.shard_name(["z"])
-    shards._write_tar(Storage(), shards.shard_url(out, name), orphan, mtime=0.0)
+    row = shards.commit_shard(Storage(), out, batch, _rows(batch), run="r1")
+    assert row["samples"] == 3 and row["shard"] == row["sha256"][:32]  # named by the tar's content
     cache = open_cache(out)
-    assert sorted(cache.keys()) == ["k0", "k1", "k2"] and cache.verify() == []
+    assert sorted(cache.keys()) == ["k0", "k1", "k2"] and cache.verify() == [] and cache.version == 1
+    assert cache.shards.to_pylist() == [{"shard": row["shard"], "tar": f"shards/{row['shard']}.tar", "samples": 3,
+                                         "bytes": row["bytes"], "sha256": row["sha256"]}]
     assert [s["key"] for s in iter_shard(cache.shard_urls()[0], Storage())] == ["k0", "k1", "k2"]
-    assert shards.clean_uncommitted(Storage(), out) == 1
-    assert not Storage().exists(shards.shard_url(out, name))
-
-
-def test_a_commit_racing_a_cleanup_still_has_its_tar_and_rows(tmp_path, monkeypatch):
-    """A straggling writer of a killed run commits just after the next run's clean-up removed its
-    tar and rows: the writer puts them back, byte for byte."""
-    out = str(tmp_path / "cache")
-    shards.write_json(Storage(), storage.join(out, "teacher.json"), {"format": "spar-teacher-cache/1"})
-    write_table = shards._write_table
-
-    def cleanup_then_write(store, url, table):
-        if "/manifest/shards/" in url:  # the commit: a concurrent clean-up runs right before it lands
-            assert shards.clean_uncommitted(store, out) == 2
-        write_table(store, url, table)
-
-    monkeypatch.setattr(shards, "_write_table", cleanup_then_write)
-    batch = [_sample(f"k{i}", seed=i)[0] for i in range(2)]
-    shards.commit_shard(Storage(), out, batch, _rows(batch))
+    again = shards.commit_shard(Storage(), out, batch, _rows(batch), run="r2")  # a retried writer
+    assert again == row  # the same bytes under the same name
     cache = open_cache(out)
-    assert sorted(cache.keys()) == ["k0", "k1"] and cache.verify() == []
+    assert sorted(cache.keys()) == ["k0", "k1", "k2"] and cache.version == 2
+    assert sorted(set(cache.duplicates.column("key").to_pylist())) == ["k0", "k1", "k2"]  # reported, read once
+    assert open_cache(out, version=1).duplicates.num_rows == 0  # a pinned snapshot reads as it was
+
+
+def test_orphan_tars_are_removed_only_after_the_retention(tmp_path):
+    import os
+    import time
+
+    out = _new_cache(tmp_path)
+    batch = [_sample(f"k{i}", seed=i)[0] for i in range(2)]
+    kept = shards.commit_shard(Storage(), out, batch, _rows(batch), run="r")
+    orphan = shards.shard_url(out, "deadbeef")  # a writer died between its tar and its commit
+    shards._write_tar(Storage(), orphan, [_sample("z", seed=9)[0]])
+    assert shards.clean_orphans(Storage(), out, retention_s=3600) == []  # young: a live writer may commit it
+    old = time.time() - 7200
+    os.utime(storage.local_path(orphan), (old, old))
+    os.utime(storage.local_path(shards.shard_url(out, kept["shard"])), (old, old))
+    assert shards.clean_orphans(Storage(), out, retention_s=3600) == [orphan]
+    assert open_cache(out).verify() == []  # a committed tar is never an orphan, however old
 
 
 def test_duplicate_keys_across_shards_are_read_once(tmp_path):
-    out = str(tmp_path / "cache")
-    shards.write_json(Storage(), storage.join(out, "teacher.json"), {"format": "spar-teacher-cache/1"})
+    out = _new_cache(tmp_path)
     a = [_sample(f"k{i}", seed=i)[0] for i in range(2)]
     b = [_sample(f"k{i}", seed=i)[0] for i in range(1, 3)]
-    shards.commit_shard(Storage(), out, a, _rows(a))
-    shards.commit_shard(Storage(), out, b, _rows(b))
+    shards.commit_shard(Storage(), out, a, _rows(a), run="writer-a")
+    shards.commit_shard(Storage(), out, b, _rows(b), run="writer-b")
     cache = open_cache(out)
     assert sorted(cache.keys()) == ["k0", "k1", "k2"]
     assert sorted(s["key"] for s in cache) == ["k0", "k1", "k2"]
+    assert sorted(cache.duplicates.column("run").to_pylist()) == ["writer-a", "writer-b"]  # k1, from both
+
+
+def test_caches_of_the_parquet_manifest_format_are_refused_by_name(tmp_path):
+    out = str(tmp_path / "old")
+    shards.write_json(Storage(), storage.join(out, "teacher.json"), {"format": "spar-teacher-cache/1"})
+    with pytest.raises(CacheError, match="spar-teacher-cache/1.*Delta Lake"):
+        open_cache(out)
+
+
+def test_the_manifest_is_a_delta_table_that_duckdb_queries(tmp_path):
+    """The README's query: any Delta reader (deltalake, DuckDB, Polars, Spark) reads the manifest."""
+    import duckdb
+    from deltalake import DeltaTable
+
+    out = _new_cache(tmp_path)
+    for i in range(3):
+        batch = [_sample(f"k{i}{j}", seed=3 * i + j)[0] for j in range(2)]
+        shards.commit_shard(Storage(), out, batch, _rows(batch), run="r")
+    samples = DeltaTable(f"{out}/manifest").to_pyarrow_dataset()  # noqa: F841  (queried by name below)
+    rows = duckdb.sql("SELECT shard, count(*) AS n, sum(target_bytes) AS bytes FROM samples GROUP BY shard").fetchall()
+    assert len(rows) == 3 and all(n == 2 for _, n, _ in rows)

@@ -70,9 +70,10 @@ def _write_cache(tmp_path, n=10):
                                                                               "grid": [h, w]}))
         rows.append({"key": f"s{i:02d}", "source": "x", "view": 0, "height": h * 16, "width": w * 16,
                      "grid_h": h, "grid_w": w, "target_bytes": 0, "target_checksum": "", "windows": 1})
+    shards.create_tables(Storage(), out)
     for a in range(0, n, 3):
-        shards.commit_shard(Storage(), out, members[a:a + 3], rows[a:a + 3])
-    samples, _ = shards.read_manifest(Storage(), out)
+        shards.commit_shard(Storage(), out, members[a:a + 3], rows[a:a + 3], run="test")
+    samples, _, _ = shards.read_manifest(Storage(), out)
     return out, manifest_refs(samples)
 
 
