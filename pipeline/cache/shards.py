@@ -209,13 +209,10 @@ def read_manifest(store: Storage, output: str, version: int | None = None) -> tu
 
 
 def _first_occurrence(keys: pa.ChunkedArray) -> pa.Array:
-    """True at the first row of every key, in row order."""
-    seen: set[str] = set()
-    out = []
-    for k in keys.to_pylist():
-        out.append(k not in seen)
-        seen.add(k)
-    return pa.array(out, pa.bool_())
+    """True at the first row of every key, in row order (vectorised: one group-by)."""
+    index = pa.array(range(len(keys)), pa.int64())
+    firsts = pa.table({"key": keys, "i": index}).group_by("key").aggregate([("i", "min")]).column("i_min")
+    return pc.is_in(index, value_set=firsts)
 
 
 def committed_shards(store: Storage, output: str) -> list[str]:
@@ -248,7 +245,7 @@ def read_errors(store: Storage, output: str, committed: set[str]) -> pa.Table:
     return table.select(["key", "source", "reason"])
 
 
-def finish(store: Storage, output: str, small_files: int = 64) -> None:
+def finish(store: Storage, output: str, small_files: int = 4, target_size: int = 16 << 20) -> None:
     """What a job does after its last commit so the next open reads a constant number of objects:
     compact the manifest's small files (one per commit) when there are many, then checkpoint the
     log. Best effort: a concurrent writer's commit can make either step retry or fail (logged)."""
@@ -260,7 +257,8 @@ def finish(store: Storage, output: str, small_files: int = 64) -> None:
             continue
         try:
             if len(dt.file_uris()) > small_files:
-                dt.optimize.compact(commit_properties=_commit_properties())
+                # files reaching target_size are left alone: a long job does not rewrite its history
+                dt.optimize.compact(target_size=target_size, commit_properties=_commit_properties())
             dt.create_checkpoint()
         except DeltaError as e:
             log.warning("could not compact / checkpoint %s: %s", table_url(output, table), e)

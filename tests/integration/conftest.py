@@ -1,12 +1,12 @@
 """Real components on loopback: a moto S3 server, a local Ray cluster, storage roots on both."""
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import uuid
 
 import pytest
+
 from pipeline.storage import Storage
 
 
@@ -16,34 +16,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_s3_server() -> tuple[str, "subprocess.Popen"]:
-    """A real S3-protocol server (moto) on 127.0.0.1, in a process of its own: clients that hold the
-    GIL while they wait on the network (delta-rs) must not share a process with the server."""
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2)
-            return endpoint, proc
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("the moto S3 server did not start") from None
-            time.sleep(0.2)
-
-
 @pytest.fixture(scope="session")
 def s3_endpoint():
-    """The S3 server for the session; credentials are fakes in the environment."""
-    endpoint, proc = start_s3_server()
+    """A real S3-protocol server (moto) on 127.0.0.1, in a process of its own, for the session;
+    credentials are fakes in the environment."""
+    from pipeline.bench.s3proxy import start_moto
+
+    endpoint, proc = start_moto()
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_ENDPOINT_URL": endpoint, "AWS_EC2_METADATA_DISABLED": "true"}
     old = {k: os.environ.get(k) for k in env}

@@ -1,0 +1,128 @@
+"""A local S3 server (moto's, for benchmarks and tests) and a counting HTTP proxy in front of any
+S3-compatible server: how many storage requests an operation costs, whatever client makes them
+(s3fs, delta-rs). Both run as processes of their own (clients that hold the GIL while they wait on
+the network must not share a process with the server).
+
+The proxy's ``GET /__requests__`` answers the number of requests forwarded so far, ``POST /__reset__`` zeroes it.
+Used by ``benchmark.py manifest`` and the manifest tests, against the moto S3 server.
+"""
+from __future__ import annotations
+
+import http.client
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
+
+
+def serve(upstream: str, port: int) -> None:
+    """Forward every request to `upstream`, counting them (blocks)."""
+    target = urllib.parse.urlparse(upstream)
+    lock, count = threading.Lock(), [0]
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:  # quiet
+            pass
+
+        def _reply(self, status: int, body: bytes, headers: list[tuple[str, str]] = ()) -> None:
+            self.send_response(status)
+            length = str(len(body))
+            for k, v in headers:
+                if k.lower() == "content-length":
+                    length = v if self.command == "HEAD" else length  # HEAD: the size of what GET would send
+                elif k.lower() not in _HOP:
+                    self.send_header(k, v)
+            self.send_header("Content-Length", length)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def _forward(self) -> None:
+            if self.path == "/__requests__":
+                return self._reply(200, str(count[0]).encode())
+            if self.path == "/__reset__":
+                with lock:
+                    count[0] = 0
+                return self._reply(200, b"0")
+            with lock:
+                count[0] += 1
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else None
+            conn = http.client.HTTPConnection(target.hostname, target.port, timeout=120)
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
+            conn.request(self.command, self.path, body=body, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+            conn.close()
+            self._reply(resp.status, data, resp.getheaders())
+
+        do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+    ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(url: str, proc: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"{what} did not start") from None
+            time.sleep(0.1)
+
+
+def start_moto() -> tuple[str, subprocess.Popen]:
+    """moto's S3 server on 127.0.0.1 (``pip install 'moto[server]'``, a test dependency): (endpoint, process)."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    _wait(f"{endpoint}/moto-api/", proc, "the moto S3 server")
+    return endpoint, proc
+
+
+class CountingProxy:
+    """The proxy as a subprocess: ``with CountingProxy(upstream) as p: ... p.requests()``."""
+
+    def __init__(self, upstream: str):
+        self.port = _free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        code = f"from pipeline.bench.s3proxy import serve; serve({upstream!r}, {self.port})"
+        self.proc = subprocess.Popen([sys.executable, "-c", code])
+        _wait(f"{self.endpoint}/__requests__", self.proc, "the counting proxy")
+
+    def requests(self) -> int:
+        """Requests forwarded since the start or the last `reset`."""
+        with urllib.request.urlopen(f"{self.endpoint}/__requests__", timeout=10) as r:
+            return int(r.read())
+
+    def reset(self) -> None:
+        urllib.request.urlopen(urllib.request.Request(f"{self.endpoint}/__reset__", method="POST"), timeout=10).read()
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+    def __enter__(self) -> "CountingProxy":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

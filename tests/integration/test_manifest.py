@@ -1,0 +1,133 @@
+"""The manifest as a Delta Lake table, on local disk and on the S3 server: concurrent writers, a
+clean-up beside a live job, the cost of opening, and training runs pinned to one version."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from jobs import cache_teacher, train_student
+from pipeline import open_cache, storage
+from pipeline.bench.s3proxy import CountingProxy
+from pipeline.cache import shards
+from pipeline.cache.reader import FORMAT
+from pipeline.storage import Storage
+from tests.images import good_images
+from tests.integration.conftest import make_bucket, put_files
+from tests.integration.test_cache_job import TINY
+from tests.unit.test_encode_shards import _rows, _sample
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _tars(out: str) -> set[str]:
+    return {u.rsplit("/", 1)[1] for u in Storage().list_files(storage.join(out, "shards"))}
+
+
+def _consistent(out: str, n: int):
+    """Every key once, every committed row's tar there and intact."""
+    cache = open_cache(out)
+    assert sorted(cache.keys()) == sorted(set(cache.keys())) and len(cache) == n
+    assert {t.rsplit("/", 1)[1] for t in cache.shards.column("tar").to_pylist()} <= _tars(out)
+    assert cache.verify() == []
+    assert sum(1 for _ in cache) == n
+    return cache
+
+
+def test_two_cache_jobs_at_once_on_one_output(storage_root, tmp_path):
+    src, out = storage.join(storage_root, "src"), storage.join(storage_root, "cache")
+    n = 10
+    put_files(src, good_images(n))
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    args = [sys.executable, "jobs/cache_teacher.py", *TINY, f"source={src}", f"output={out}", "shard_size=2",
+            "num_cpus=2"]
+    logs = [open(tmp_path / f"job{i}.log", "wb") for i in range(2)]
+    procs = [subprocess.Popen(args, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT) for f in logs]
+    codes = [p.wait(timeout=900) for p in procs]
+    texts = [(tmp_path / f"job{i}.log").read_text() for i in range(2)]
+    assert codes == [0, 0], texts[0][-2000:] + texts[1][-2000:]
+    summaries = [json.loads(t[t.rindex("\n{\n") + 1:]) for t in texts]
+    cache = _consistent(out, n)
+    twice = set(cache.duplicates.column("key").to_pylist())
+    # both jobs computed what they saw uncommitted; a key both committed is reported, and read once
+    assert sum(s["computed"] for s in summaries) == n + len(twice)
+    assert max(s["keys_committed_twice"] for s in summaries) <= len(twice)
+
+
+def test_a_cleanup_in_a_loop_beside_a_live_job_loses_nothing(ray_cluster, storage_root):
+    src, out = storage.join(storage_root, "src"), storage.join(storage_root, "cache")
+    n, retention = 12, 10.0
+    put_files(src, good_images(n))
+    orphan = shards.shard_url(out, "0" * 32)  # left by a writer that died before its commit
+    shards._write_tar(Storage(), orphan, [_sample("dead", seed=99)[0]])
+    job = threading.Thread(target=cache_teacher.main, args=([*TINY, f"source={src}", f"output={out}",
+                                                              "shard_size=1", "teacher.batch_images=1"],))
+    job.start()
+    removed, deadline = [], time.monotonic() + 300
+    while job.is_alive() or (Storage().exists(orphan) and time.monotonic() < deadline):
+        if Storage().exists(storage.join(out, "manifest")):
+            removed += shards.clean_orphans(Storage(), out, retention_s=retention)
+        time.sleep(0.2)
+    job.join()
+    assert removed == [orphan]  # only the orphan, once older than the retention
+    cache = _consistent(out, n)
+    assert _tars(out) == {t.rsplit("/", 1)[1] for t in cache.shards.column("tar").to_pylist()}
+
+
+def test_opening_a_finished_cache_costs_a_constant_number_of_requests(s3_endpoint):
+    bucket = make_bucket(s3_endpoint)
+    with CountingProxy(s3_endpoint) as proxy:
+        store = Storage({"endpoint_url": proxy.endpoint, "key": "testing", "secret": "testing"})
+        cost = {}
+        for n in (6, 30):
+            out = f"s3://{bucket}/cache-{n}"
+            shards.write_json(store, storage.join(out, "teacher.json"), {"format": FORMAT})
+            shards.create_tables(store, out)
+            for i in range(n):
+                batch = [_sample(f"k{i}", seed=i)[0]]
+                shards.commit_shard(store, out, batch, _rows(batch), run="r")
+            shards.finish(store, out)  # what every cache job does at its end
+            proxy.reset()
+            assert len(open_cache(out, store)) == n
+            cost[n] = proxy.requests()
+    assert abs(cost[30] - cost[6]) <= 3, cost
+
+
+def _epochs(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv") as f:
+        return [r for r in csv.DictReader(f) if r["kind"] == "epoch"]
+
+
+def test_training_reads_its_pinned_version_while_the_cache_grows(ray_cluster, tmp_path, monkeypatch):
+    """The cache is extended after the driver pinned its version and before the workers read it,
+    and again between two runs of the same command: the run reads exactly its pinned samples, each
+    once per epoch, from start to resume."""
+    import pipeline.train.job as train_job
+
+    src, out, runs = str(tmp_path / "src"), str(tmp_path / "cache"), str(tmp_path / "runs")
+    put_files(src, good_images(9))
+    cache_teacher.main([*TINY, f"source={src}", f"output={out}", "limit=4"])
+    pinned = open_cache(out)
+    fit = train_job._fit
+
+    def extend_then_fit(*args, **kwargs):
+        cache_teacher.main([*TINY, f"source={src}", f"output={out}", "limit=6"])  # a second job extends it
+        assert len(open_cache(out)) == 6
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(train_job, "_fit", extend_then_fit)
+    argv = [f"cache={out}", f"output={runs}", "name=pinned", "data.loader_workers=1", "log_every=1"]
+    train_student.main([*argv, "epochs=1"])
+    monkeypatch.setattr(train_job, "_fit", fit)
+    cache_teacher.main([*TINY, f"source={src}", f"output={out}", "limit=9"])  # grows again before the resume
+    train_student.main([*argv, "epochs=2"])
+    run_dir = tmp_path / "runs" / "pinned"
+    info = json.loads((run_dir / "student.json").read_text())
+    assert info["cache_version"] == pinned.version and len(open_cache(out)) == 9
+    assert [int(r["samples"]) for r in _epochs(run_dir)] == [4, 4]  # the pinned 4, every epoch
+    assert [int(r["epoch"]) for r in _epochs(run_dir)] == [0, 1]
