@@ -105,7 +105,7 @@ def test_the_model_library_knows_nothing_of_the_pipeline():
 
 def test_the_product_cites_only_its_own_documents():
     """Users have the project's docs/, not the team's working notes."""
-    pattern = re.compile(r"shared/|SPEC")
+    pattern = re.compile("shar" + "ed/|" + "SP" + "EC")  # spelled apart, so that this file passes its own grep
     files = [p for d in ("spar", "pipeline", "jobs", "tests", "infra") for p in (ROOT / d).rglob("*")
              if p.is_file() and p.suffix in (".py", ".md", ".yaml", ".json", ".txt", ".toml")]
     hits = [f"{p.relative_to(ROOT)}:{i}" for p in files + [ROOT / "README.md"] if p != Path(__file__)
