@@ -74,12 +74,19 @@ class Storage:
 
     options: dict[str, Any] = field(default_factory=dict, repr=False)
 
+    @property
+    def per_protocol(self) -> bool:
+        """Whether the options are a mapping per protocol (``{"s3": {...}}``) rather than flat
+        (flat options may hold dicts of their own, such as s3fs's ``client_kwargs``)."""
+        return bool(self.options) and all(
+            isinstance(v, dict) and k in fsspec.available_protocols() for k, v in self.options.items())
+
     def options_for(self, url: str) -> dict[str, Any]:
         """The fsspec options that apply to `url` (``{}`` for local paths and other protocols)."""
         proto = protocol(url)
         if proto == "file":
             return {}
-        if any(isinstance(v, dict) for v in self.options.values()):  # per protocol
+        if self.per_protocol:
             return dict(self.options.get(proto) or self.options.get(_ALIASES.get(proto, proto)) or {})
         return dict(self.options) if proto in OBJECT_STORES else {}
 

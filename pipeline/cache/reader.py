@@ -11,6 +11,7 @@ is checked against its checksum.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -82,7 +83,7 @@ class Cache:
     def __len__(self) -> int:
         return self.manifest.num_rows
 
-    @property
+    @functools.cached_property
     def shards(self) -> pa.Table:
         """One row per committed shard: shard, tar, samples, bytes, sha256."""
         return shards.shard_table(self.manifest)

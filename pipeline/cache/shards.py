@@ -266,9 +266,12 @@ def finish(store: Storage, output: str, small_files: int = 4, target_size: int =
 
 def clean_orphans(store: Storage, output: str, retention_s: float) -> list[str]:
     """Delete the shard tars that no committed row names and that are older than `retention_s`
-    (longer than any writer's time from its tar to its commit); returns their URLs."""
-    samples, _, _ = read_manifest(store, output)
-    named = set(samples.column("tar").to_pylist())
+    (longer than any writer's time from its tar to its commit); returns their URLs.
+
+    Every committed row counts, the duplicates of a key included: a shard whose keys all came second
+    in a race is still what a snapshot from before the first commit reads."""
+    dt = open_table(store, output, MANIFEST)
+    named = set(dt.to_pyarrow_table(columns=["tar"]).column("tar").to_pylist()) if dt is not None else set()
     now, removed = time.time(), []
     for url in store.list_files(storage.join(output, "shards")):
         rel = f"shards/{url.rsplit('/', 1)[1]}"

@@ -98,3 +98,5 @@ def test_a_storage_context_applies_its_options_to_object_stores_only():
     per = Storage({"s3": {"key": "K3"}, "gs": {"token": "T"}})
     assert per.options_for("s3a://b/x") == {"key": "K3"} and per.options_for("gcs://b/x") == {"token": "T"}
     assert "s3cr3t" not in repr(flat) and "K3" not in repr(per)
+    nested = Storage({"key": "K", "client_kwargs": {"region_name": "eu-west-1"}})  # flat, with a dict inside
+    assert nested.options_for("s3://b/x") == {"key": "K", "client_kwargs": {"region_name": "eu-west-1"}}

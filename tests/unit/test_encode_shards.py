@@ -109,6 +109,28 @@ def test_orphan_tars_are_removed_only_after_the_retention(tmp_path):
     assert open_cache(out).verify() == []  # a committed tar is never an orphan, however old
 
 
+def test_a_shard_whose_keys_all_came_second_is_not_an_orphan(tmp_path):
+    """Racing writers: shard B commits only keys that shard A committed first. Readers read A, yet
+    B's rows are committed: its tar is no orphan, and every committed row keeps its tar."""
+    import os
+    import time
+
+    out = _new_cache(tmp_path)
+    a = [_sample(f"k{i}", seed=i)[0] for i in range(3)]
+    shards.commit_shard(Storage(), out, a, _rows(a), run="writer-a")
+    b = [_sample(f"k{i}", seed=i)[0] for i in range(1, 3)]
+    second = shards.commit_shard(Storage(), out, b, _rows(b), run="writer-b")
+    old = time.time() - 7200
+    for name in os.listdir(tmp_path / "cache" / "shards"):
+        os.utime(tmp_path / "cache" / "shards" / name, (old, old))
+    assert shards.clean_orphans(Storage(), out, retention_s=3600) == []
+    cache = open_cache(out)
+    assert second["shard"] in cache.duplicates.column("shard").to_pylist()
+    assert second["shard"] not in cache.shards.column("shard").to_pylist()  # read from A
+    tars = shards.open_table(Storage(), out).to_pyarrow_table(columns=["tar"]).column("tar").to_pylist()
+    assert all(os.path.exists(tmp_path / "cache" / t) for t in tars)
+
+
 def test_duplicate_keys_across_shards_are_read_once(tmp_path):
     out = _new_cache(tmp_path)
     a = [_sample(f"k{i}", seed=i)[0] for i in range(2)]
