@@ -73,6 +73,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_failures: int = 2  # worker-group restarts from the last checkpoint
     log_every: int = 10
+    record_keys: bool = False  # write the keys each rank trained on, per step, to <run>/keys/ (an audit)
     scaling: ScalingSettings = field(default_factory=ScalingSettings)
     data: DataSettings = field(default_factory=DataSettings)
     storage_options: dict[str, Any] = field(default_factory=dict)

@@ -24,7 +24,7 @@ from pipeline.train.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.train.collectives import all_gather_str, all_sum, barrier
 from pipeline.train.engine import build_engine, setup_env
 from pipeline.train.export import gather_trained, probe_features, run_record, write_student
-from pipeline.train.metrics import Metrics
+from pipeline.train.metrics import KeyLog, Metrics
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,7 @@ class Trainer:
                        self.device, torch.get_num_threads(),
                        sum(p.numel() for p in self.engine.module.parameters() if p.requires_grad))
         self.metrics = Metrics(self.cfg.run_dir, self.store, enabled=self.rank == 0)
+        self.keys = KeyLog(self.cfg.run_dir, self.store, self.rank, enabled=self.cfg.record_keys)
         self.last_loss = float("nan")
         self.last_checkpoint_step = self.state.step if self.state.step else -1
 
@@ -116,6 +117,7 @@ class Trainer:
             loss = self.step(batch if real else self.padding_batch(), weight=1.0 if real else 0.0)
             st.step, st.epoch_step = st.step + 1, st.epoch_step + 1
             if real:
+                self.keys.add(st.epoch, st.step - 1, batch["keys"], loss)
                 st.consumed[batch["worker"]] += 1
                 st.samples += len(batch["keys"])
                 window.add(batch, loss)
@@ -162,6 +164,7 @@ class Trainer:
         if self.state.step == self.last_checkpoint_step:
             return  # nothing new since the last one (e.g. the final checkpoint right after an epoch's)
         self.last_checkpoint_step = self.state.step
+        self.keys.flush()
         self.metrics.sync()
         save_checkpoint(self.engine, self.state, {"step": self.state.step, "epoch": self.state.epoch,
                                                   "loss": self.last_loss, "samples": self.state.samples})

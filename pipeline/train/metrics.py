@@ -75,3 +75,33 @@ class Metrics:
         fig.savefig(path, dpi=120, bbox_inches="tight")
         plt.close(fig)
         self.store.upload(path, storage.join(self.run_dir, "loss_curve.png"))
+
+
+class KeyLog:
+    """With ``record_keys``: which samples each rank trained on, step by step, as CSV files under
+    ``<run>/keys/`` (epoch, step, rank, key, the batch's loss). Each rank writes the rows since its
+    last write just before each checkpoint, so the files cover every committed step; an audit of
+    "every sample of an epoch exactly once" reads them all. Rows of steps after the last committed
+    checkpoint of a crashed attempt can appear twice (those steps are trained again)."""
+
+    HEADER = "epoch,step,rank,key,loss\n"
+
+    def __init__(self, run_dir: str, store: Storage, rank: int, enabled: bool):
+        self.run_dir, self.store, self.rank, self.enabled = run_dir, store, rank, enabled
+        self.rows: list[str] = []
+        self.first = None
+
+    def add(self, epoch: int, step: int, keys: list[str], loss: float) -> None:
+        """The keys of one real batch, trained at (0-based) `step`."""
+        if not self.enabled:
+            return
+        self.first = step if self.first is None else self.first
+        self.rows.extend(f"{epoch},{step},{self.rank},{k},{loss:.9g}\n" for k in keys)
+        self.last = step
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        name = f"rank-{self.rank:04d}-steps-{self.first:09d}-{self.last:09d}.csv"
+        self.store.write_text(storage.join(self.run_dir, "keys", name), self.HEADER + "".join(self.rows))
+        self.rows, self.first = [], None
