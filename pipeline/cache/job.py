@@ -36,9 +36,11 @@ log = logging.getLogger(__name__)
 class TeacherConfig:
     """Teacher actors: placement and batching."""
 
-    num_actors: int = 0  # actor pool size; 0 = one per GPU in the cluster (1 on a CPU-only cluster)
-    num_gpus: float = -1.0  # GPUs per actor; -1 = 1 when the cluster has GPUs, else 0
+    num_gpus: float = -1.0  # GPUs per actor; -1 = 1 unless device=cpu or the cluster has and can get no GPU
     num_cpus: float = -1.0  # CPUs per actor; -1 = 1 with GPUs, else 0.5 (whole CPUs deadlock small hosts)
+    min_actors: int = 0  # pool size range; 0 = GPUs there now (at least 1) / one per CPU node
+    max_actors: int = 0  # 0 = every GPU the cluster has or its autoscaler can add / as min_actors on CPU
+    num_actors: int = 0  # a fixed pool size (overrides min_actors and max_actors)
     threads: Optional[int] = None  # torch threads of a CPU actor (default: all cores)
     batch_images: int = 2  # images per actor call; their windows share ViT batches
     window_batch: int = 64  # windows per ViT forward (bounds activation memory)
@@ -232,12 +234,14 @@ def build_dataset(cfg: CacheConfig, store: Storage, items: list[dict], is_tars: 
                   run: str):
     """The streaming Ray Data pipeline for `items` (not executed yet)."""
     import ray
-    from ray.data import ActorPoolStrategy
 
-    from pipeline.ray_utils import cluster_gpus, cpu_nodes
+    from pipeline.ray_utils import actor_pool
 
-    gpus = cluster_gpus()
-    read_cpus = cfg.read_cpus if cfg.read_cpus > 0 else (1.0 if gpus else 0.5)
+    t = cfg.teacher
+    pool = actor_pool(device=t.device, num_gpus=t.num_gpus, num_cpus=t.num_cpus, num_actors=t.num_actors,
+                      min_actors=t.min_actors, max_actors=t.max_actors)
+    log.info("teacher: %s, %d images per call", pool.describe(), t.batch_images)
+    read_cpus = cfg.read_cpus if cfg.read_cpus > 0 else (1.0 if pool.num_gpus else 0.5)
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
     if is_tars:
         ds = ds.flat_map(expand_tar, fn_kwargs={"views": cfg.views, "done": ray.put(done), "store": store},
@@ -245,15 +249,9 @@ def build_dataset(cfg: CacheConfig, store: Storage, items: list[dict], is_tars: 
     ds = ds.map(augment_row, num_cpus=read_cpus, fn_kwargs={
         "seed": cfg.seed, "cfg": cfg.augment, "max_pixels": cfg.max_pixels, "min_source_side": cfg.min_source_side,
         "max_aspect": cfg.max_aspect, "png_level": cfg.png_compress_level, "store": store})
-    t = cfg.teacher
-    num_gpus = t.num_gpus if t.num_gpus >= 0 else (1.0 if gpus else 0.0)
-    num_cpus = t.num_cpus if t.num_cpus >= 0 else (1.0 if num_gpus else 0.5)
-    actors = t.num_actors or (max(1, int(gpus / num_gpus)) if num_gpus else cpu_nodes())
-    log.info("teacher: %d actor(s), %.2g GPU + %.2g CPU each, %d images per call", actors, num_gpus, num_cpus,
-             t.batch_images)
     ds = ds.map_batches(
-        TeacherActor, batch_size=t.batch_images, batch_format="numpy", compute=ActorPoolStrategy(size=actors),
-        num_gpus=num_gpus, num_cpus=num_cpus, scheduling_strategy="SPREAD", fn_constructor_kwargs={
+        TeacherActor, batch_size=t.batch_images, batch_format="numpy", compute=pool.strategy(),
+        num_gpus=pool.num_gpus, num_cpus=pool.num_cpus, scheduling_strategy="SPREAD", fn_constructor_kwargs={
             "backbone": cfg.backbone, "pretrained": cfg.pretrained, "crop": cfg.crop, "stride": cfg.stride,
             "window_batch": t.window_batch, "amp_dtype": t.amp_dtype, "encoding": cfg.encoding,
             "device": t.device, "threads": t.threads, "fingerprint": fp["fingerprint"], "init_seed": cfg.init_seed,

@@ -52,9 +52,11 @@ class EvalConfig:
     skip_bad: bool = False  # skip unreadable samples (recorded) instead of failing
     output: str = "out/eval"  # results root (local dir or fsspec URL)
     ray: bool = False  # evaluate on a Ray actor pool
-    num_actors: int = 0  # with ray: pool size; 0 = one per GPU (1 on a CPU-only cluster)
-    actor_gpus: float = -1.0  # with ray: GPUs per actor; -1 = 1 when the cluster has GPUs
+    actor_gpus: float = -1.0  # with ray: GPUs per actor; -1 = 1 unless device=cpu or the cluster has and can get no GPU
     actor_cpus: float = -1.0  # with ray: CPUs per actor; -1 = 1 with GPUs, else 0.5 (whole CPUs deadlock small hosts)
+    min_actors: int = 0  # with ray: pool size range; 0 = GPUs there now (at least 1) / 1 on CPU
+    max_actors: int = 0  # with ray: 0 = every GPU the cluster has or its autoscaler can add / as min_actors on CPU
+    num_actors: int = 0  # with ray: a fixed pool size (overrides min_actors and max_actors)
     ray_address: Optional[str] = None  # attach here; default RAY_ADDRESS or a new local cluster
     num_cpus: Optional[int] = None  # CPUs of a local cluster this job starts
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for root / output / checkpoint

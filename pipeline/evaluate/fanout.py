@@ -61,23 +61,12 @@ class EvalActor:
                 **{f"cm_{m}": cms[m] for m in modes}, **{f"s_{m}": secs[m] for m in modes}}
 
 
-def _resources(cfg: EvalConfig) -> tuple[int, float, float]:
-    from pipeline.ray_utils import cluster_gpus
-
-    gpus = cluster_gpus()
-    num_gpus = cfg.actor_gpus if cfg.actor_gpus >= 0 else (1.0 if gpus else 0.0)
-    num_cpus = cfg.actor_cpus if cfg.actor_cpus >= 0 else (1.0 if num_gpus else 0.5)
-    actors = cfg.num_actors or (max(1, int(gpus / num_gpus)) if num_gpus else 1)
-    return actors, num_gpus, num_cpus
-
-
 def run_ray(cfg: EvalConfig, store: Storage, spec: DatasetSpec, samples: list[Sample]
             ) -> tuple[dict[str, Totals], list, tuple]:
     """Score `samples` on an actor pool; (totals per mode, skipped samples, class names)."""
     import ray
-    from ray.data import ActorPoolStrategy
 
-    from pipeline.ray_utils import init_ray, require_on_every_node
+    from pipeline.ray_utils import actor_pool, init_ray, require_on_every_node
 
     names = tuple(c[0] for c in parse_class_lines(load_class_lines(cfg.classes or spec.name, store)))
     c = spec.num_classes
@@ -86,12 +75,14 @@ def run_ray(cfg: EvalConfig, store: Storage, spec: DatasetSpec, samples: list[Sa
     started = init_ray(cfg.ray_address, cfg.num_cpus)
     try:
         require_on_every_node(cfg.root, "the dataset root")
-        actors, num_gpus, num_cpus = _resources(cfg)
-        log.info("evaluation: %d actor(s), %.2g GPU + %.2g CPU each", actors, num_gpus, num_cpus)
+        pool = actor_pool(device=cfg.device, num_gpus=cfg.actor_gpus, num_cpus=cfg.actor_cpus, num_actors=cfg.num_actors,
+                          min_actors=cfg.min_actors, max_actors=cfg.max_actors, cpu_actors=1)
+        log.info("evaluation: %s", pool.describe())
         items = [dataclasses.asdict(s) for s in samples]
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
-        ds = ds.map_batches(EvalActor, batch_size=1, batch_format="numpy", compute=ActorPoolStrategy(size=actors),
-                            num_gpus=num_gpus, num_cpus=num_cpus, fn_constructor_kwargs={"cfg": cfg, "store": store})
+        ds = ds.map_batches(EvalActor, batch_size=1, batch_format="numpy", compute=pool.strategy(),
+                            num_gpus=pool.num_gpus, num_cpus=pool.num_cpus,
+                            fn_constructor_kwargs={"cfg": cfg, "store": store})
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for i in range(len(batch["key"])):
                 if batch["error"][i]:

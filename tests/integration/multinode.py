@@ -3,6 +3,7 @@
 Run as a subprocess by test_multinode.py (a Cluster must own its process' Ray connection):
     python -m tests.integration.multinode cache <source> <output>
     python -m tests.integration.multinode train <cache> <output>
+    python -m tests.integration.multinode gpu_join <source> <output>
 Prints one JSON line with what happened.
 """
 from __future__ import annotations
@@ -61,6 +62,49 @@ def cache(source: str, output: str) -> dict:
     return result
 
 
+def announce_gpu_node_type(max_count: int) -> None:
+    """What a Ray autoscaler reports to the cluster: the node types it can start (here one with a GPU,
+    none of them running yet), as Ray Train and Ray Data read it."""
+    from ray.core.generated import autoscaler_pb2
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    config = autoscaler_pb2.ClusterConfig()
+    group = config.node_group_configs.add(name="gpu-workers", min_count=0, max_count=max_count)
+    group.resources.update({"CPU": 1, "GPU": 1})
+    _internal_kv_put(ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, config.SerializeToString(),
+                     namespace=ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE)
+
+
+def gpu_join(source: str, output: str) -> dict:
+    """An autoscaling GPU cluster as documented: a head without GPUs, GPU workers that come up after
+    the job is submitted (here: added by hand; their GPU is a declared resource, the actor's torch
+    runs on CPU inside it). The cache job runs with its defaults."""
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0})
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    head = ray.get_runtime_context().get_node_id()
+    announce_gpu_node_type(max_count=1)
+    result: dict = {}
+    job = threading.Thread(target=lambda: result.update(summary=cache_teacher.main(
+        [*TINY, f"source={source}", f"output={output}", "shard_size=2", "teacher.batch_images=1"])))
+    job.start()
+    deadline, seen = time.monotonic() + 60, set()
+    while job.is_alive() and time.monotonic() < deadline and not _teacher_actors():
+        time.sleep(0.2)  # the job has asked for its teacher pool (or is done)
+    gpu = cluster.add_node(num_cpus=1, num_gpus=1)
+    while job.is_alive():
+        seen |= {a.node_id for a in _teacher_actors() if a.state == "ALIVE"}
+        time.sleep(0.2)
+    job.join()
+    return {"summary": result.get("summary"), "actor_nodes": sorted(seen), "head": head, "gpu_node": gpu.node_id}
+
+
+def _teacher_actors() -> list:
+    from ray.util.state import list_actors
+
+    return [a for a in list_actors() if "TeacherActor" in a.class_name]
+
+
 def train(cache_url: str, output: str) -> dict:
     start(2)
     metrics = train_student.main([f"cache={cache_url}", f"output={output}", "name=multinode", "epochs=1",
@@ -73,6 +117,6 @@ def train(cache_url: str, output: str) -> dict:
 if __name__ == "__main__":
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     mode, a, b = sys.argv[1:4]
-    out = {"cache": cache, "train": train}[mode](a, b)
+    out = {"cache": cache, "train": train, "gpu_join": gpu_join}[mode](a, b)
     print("RESULT " + json.dumps(out, default=str), flush=True)
     ray.shutdown()

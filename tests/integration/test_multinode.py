@@ -55,3 +55,14 @@ def test_cache_job_survives_losing_a_worker_node_then_training_runs_across_nodes
     info = json.loads((tmp_path / "runs" / "multinode" / "student.json").read_text())
     assert len(set(info["rank_nodes"])) == 2  # the two ranks ran on different nodes
     assert len(set(info["rank_weight_digests"])) == 1 and result["metrics"]["step"] == N // 2
+
+
+def test_teacher_actors_ask_for_gpus_that_the_autoscaler_brings_up_after_submission(tmp_path):
+    """A CPU-only head whose autoscaler can add GPU nodes: with default settings the teacher actors
+    request a GPU each, wait for the node that joins after submission, and run only there."""
+    src, out = str(tmp_path / "images"), str(tmp_path / "cache")
+    put_files(src, good_images(4))
+    result = _scenario(["gpu_join", src, out], tmp_path / "gpu.log")
+    assert result["summary"]["committed_total"] == 4
+    assert result["actor_nodes"] == [result["gpu_node"]]
+    assert sorted(open_cache(out).keys()) == sorted(f"img{i:03d}_v0" for i in range(4))

@@ -95,3 +95,25 @@ def test_dockerfile_copies_what_exists():
             for src in shlex.split(line)[1:-1]:
                 if not src.startswith("--"):
                     assert (REPO / src).exists(), line
+
+
+@pytest.mark.parametrize("kw,expected", [
+    # a laptop: no GPU now, no autoscaler -> CPU actors, no flags needed
+    (dict(device="auto", gpus_now=0, gpus_max=0), (0.0, 0.5, 2, 2)),
+    # the documented AWS cluster: CPU head, GPU workers from 0 to 8 -> GPU demand from the start
+    (dict(device="auto", gpus_now=0, gpus_max=8), (1.0, 1.0, 1, 8)),
+    (dict(device="auto", gpus_now=2, gpus_max=8), (1.0, 1.0, 2, 8)),
+    (dict(device="auto", gpus_now=4, gpus_max=0), (1.0, 1.0, 4, 4)),  # a fixed GPU cluster
+    (dict(device="cuda", gpus_now=0, gpus_max=0), (1.0, 1.0, 1, 1)),
+    (dict(device="cpu", gpus_now=4, gpus_max=8), (0.0, 0.5, 2, 2)),
+    (dict(device="auto", gpus_now=0, gpus_max=0, num_gpus=1), (1.0, 1.0, 1, 1)),
+    (dict(device="auto", gpus_now=0, gpus_max=8, num_gpus=0.5, min_actors=2), (0.5, 1.0, 2, 16)),
+    (dict(device="auto", gpus_now=0, gpus_max=8, num_actors=3), (1.0, 1.0, 3, 3)),
+    (dict(device="auto", gpus_now=0, gpus_max=10**6), (1.0, 1.0, 1, None)),  # no GPU limit
+])
+def test_actor_pools_follow_the_config_the_cluster_and_its_autoscaler(kw, expected):
+    from pipeline.ray_utils import resolve_pool
+
+    args = dict(num_gpus=-1.0, num_cpus=-1.0, num_actors=0, min_actors=0, max_actors=0, cpu_nodes=2) | kw
+    pool = resolve_pool(**args)
+    assert (pool.num_gpus, pool.num_cpus, pool.min_size, pool.max_size) == expected
