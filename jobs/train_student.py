@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from pipeline.cache.reader import CacheError
 from pipeline.cli import run_job
+from pipeline.train.checkpoint import CheckpointError
 from pipeline.train.job import TrainConfig, run
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Train (or resume) and print the final metrics; exits non-zero on bad input."""
-    return run_job(TrainConfig, run, argv, expected=(CacheError, FileNotFoundError))
+    return run_job(TrainConfig, run, argv, expected=(CacheError, CheckpointError, FileNotFoundError))
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def _plain_loop(cfg: TrainBench, cache_url: str) -> dict:
     for epoch in range(cfg.epochs):
         plan = loader.plan_epoch(refs, seed=0, epoch=epoch, rank=0, world_size=1, workers=cfg.loader_workers,
                                  batch_size=1, shuffle_buffer=8)
-        it = iter(loader.make_loader(cache_url, Storage(), plan, [0] * cfg.loader_workers))
+        it = iter(loader.make_loader(cache_url, Storage(), plan))
         while True:
             t0 = time.perf_counter()
             batch = next(it, None)
@@ -109,7 +109,7 @@ def _loader_rate(cache_url: str, workers: int) -> float:
     refs = loader.manifest_refs(open_cache(cache_url).manifest)
     plan = loader.plan_epoch(refs, seed=0, epoch=0, rank=0, world_size=1, workers=workers, batch_size=1,
                              shuffle_buffer=8)
-    it = iter(loader.make_loader(cache_url, Storage(), plan, [0] * workers))
+    it = iter(loader.make_loader(cache_url, Storage(), plan))
     next(it)  # start-up excluded
     t, n = time.perf_counter(), 0
     for _ in it:

@@ -4,8 +4,8 @@
     loader.py       a rank's epoch plan from the manifest, decoded in background processes
     loop.py         what each Ray Train worker runs: epochs of planned batches, steps, padding steps
     engine.py       the student wrapped by DeepSpeed: precision and the generated DeepSpeed config
-    checkpoint.py   save / restore: DeepSpeed state plus the run's position (RunState)
-    metrics.py      metrics.csv, TensorBoard events and loss_curve.png (rank 0)
+    checkpoint.py   pickle-free checkpoints: whole fp32 weights and AdamW state, the run's position (RunState)
+    metrics.py      metrics.csv, TensorBoard events and loss_curve.png (rank 0); the optional key log
     export.py       student.safetensors and student.json at the end of the run
     collectives.py  the sums and gathers the loop needs across ranks
 

@@ -26,7 +26,13 @@ def resolve_precision(precision: str) -> str:
 
 
 def deepspeed_config(cfg, world_size: int, extra: dict | None = None) -> dict:
-    """The DeepSpeed config of the job config, with `extra` (the user's JSON file) merged over it."""
+    """The DeepSpeed config of the job config, with `extra` (the user's JSON file) merged over it.
+
+    The job's own keys decide what they name; a JSON that sets one of them to another value is
+    refused (`ConfigError`, naming both), as is an optimizer or scheduler section (the job owns
+    AdamW, whose state its checkpoints store)."""
+    from pipeline.config import ConfigError
+
     precision = resolve_precision(cfg.precision)
     ds = {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
@@ -39,8 +45,43 @@ def deepspeed_config(cfg, world_size: int, extra: dict | None = None) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    _deep_update(ds, extra or {})
+    extra = extra or {}
+    owned = {  # DeepSpeed key path -> (job key, the job's value)
+        ("train_micro_batch_size_per_gpu",): ("batch_size", cfg.batch_size),
+        ("gradient_accumulation_steps",): ("grad_accum", cfg.grad_accum),
+        ("train_batch_size",): ("batch_size x grad_accum x scaling.num_workers", ds["train_batch_size"]),
+        ("gradient_clipping",): ("grad_clip", cfg.grad_clip),
+        ("zero_optimization", "stage"): ("zero_stage", cfg.zero_stage),
+        ("bf16", "enabled"): ("precision", precision == "bf16"),
+        ("fp16", "enabled"): ("precision", precision == "fp16"),
+    }
+    conflicts = []
+    for path, (key, value) in owned.items():
+        given = _get(extra, path)
+        if given is not None and given != value:
+            shown = cfg.precision if key == "precision" else value
+            conflicts.append(f"{'.'.join(path)}={_show(given)} but {key}={_show(shown)}")
+    for section in ("optimizer", "scheduler"):
+        if section in extra:
+            conflicts.append(f"a {section!r} section, but the job owns the optimizer (lr, weight_decay, betas)")
+    if conflicts:
+        raise ConfigError("deepspeed_config contradicts the job: " + "; ".join(conflicts)
+                          + ". Set these with the job's keys (they also decide the data plan and checkpoints) "
+                          "and leave them out of the JSON")
+    _deep_update(ds, extra)
     return ds
+
+
+def _get(d: dict, path: tuple[str, ...]):
+    for k in path:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def _show(v) -> str:
+    return str(v).lower() if isinstance(v, bool) else str(v)
 
 
 def _deep_update(base: dict, extra: dict) -> None:
@@ -51,10 +92,9 @@ def _deep_update(base: dict, extra: dict) -> None:
             base[k] = v
 
 
-def build_engine(cfg, source: dict, world_size: int, ds_extra: dict | None = None,
-                 storage_options: dict | None = None):
+def build_engine(cfg, source: dict, ds_config: dict, storage_options: dict | None = None):
     """The student (= teacher weights, fetched with `storage_options` if remote), trainable per
-    spec, wrapped by `deepspeed.initialize`."""
+    spec, wrapped by `deepspeed.initialize` with `ds_config` (`deepspeed_config`, made by the driver)."""
     import deepspeed
 
     student = spar.load_backbone(source["backbone"], pretrained=source["pretrained"], init_seed=source["init_seed"],
@@ -67,16 +107,8 @@ def build_engine(cfg, source: dict, world_size: int, ds_extra: dict | None = Non
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
     engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, model_parameters=params,
-                                      config=deepspeed_config(cfg, world_size, ds_extra), dist_init_required=False)
-    if world_size == 1 and engine.zero_optimization_stage() == 0:
+                                      config=ds_config, dist_init_required=False)
+    if engine.dp_world_size == 1 and engine.zero_optimization_stage() == 0:
         # One rank has nothing to average; DeepSpeed would still flatten, all-reduce and copy back.
         engine.enable_backward_allreduce = False
     return engine
-
-
-def fp32_param(p: torch.Tensor) -> torch.Tensor:
-    """The full fp32 master value of a parameter (a collective under ZeRO: every rank calls it)."""
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    value = safe_get_full_fp32_param(p)
-    return p.detach() if value is None else value

@@ -24,7 +24,8 @@ from pipeline.codecs import npy_bytes
 from pipeline.config import to_dict
 from pipeline.storage import Storage
 from pipeline.train.collectives import all_gather_str
-from pipeline.train.engine import fp32_param, resolve_precision
+from pipeline.train.checkpoint import full_weights
+from pipeline.train.engine import resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +33,10 @@ log = logging.getLogger(__name__)
 def gather_trained(engine, keep: bool) -> tuple[dict[str, torch.Tensor], list[str]]:
     """(the fp32 trainable weights if `keep`, else {}; every rank's sha256 digest of its copy).
     Every rank must call it: under ZeRO the full weights are gathered collectively."""
-    full, digest = {}, hashlib.sha256()
-    for name, p in engine.module.named_parameters():
-        if p.requires_grad:
-            value = fp32_param(p).detach().float().cpu()  # a collective under ZeRO: every rank calls it
-            digest.update(value.numpy().tobytes())
-            if keep:
-                full[name] = value
-    return full, all_gather_str(digest.hexdigest()[:16])
+    weights, digest = full_weights(engine), hashlib.sha256()  # a collective under ZeRO: every rank calls it
+    for value in weights.values():
+        digest.update(value.numpy().tobytes())
+    return (weights if keep else {}), all_gather_str(digest.hexdigest()[:16])
 
 
 def probe_features(engine, probe: dict, device: torch.device) -> torch.Tensor:
@@ -74,7 +71,8 @@ def write_student(store: Storage, run_dir: str, source: dict, trainable: str, tr
     return info
 
 
-def run_record(cfg, fingerprint: dict, state, final_loss: float, digests: list[str], nodes: list[str]) -> dict:
+def run_record(cfg, fingerprint: dict, state, final_loss: float, digests: list[str], nodes: list[str],
+               ds_config: dict) -> dict:
     """The run's fields of ``student.json``."""
     return {
         "cache": storage.public_url(cfg.cache), "cache_fingerprint": fingerprint["fingerprint"],
@@ -84,4 +82,5 @@ def run_record(cfg, fingerprint: dict, state, final_loss: float, digests: list[s
         "rank_weight_digests": digests,  # sha256 of each rank's fp32 trainable weights: all equal
         "rank_nodes": nodes,  # Ray node id of each rank
         "config": to_dict(cfg),
+        "deepspeed": ds_config,  # the DeepSpeed config that ran (generated, with the user's JSON merged over it)
     }

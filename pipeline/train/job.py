@@ -18,7 +18,8 @@ from pipeline.cache.reader import CacheError, FingerprintMismatch, open_cache
 from pipeline.storage import public_url
 from pipeline.config import ConfigError, check, resolve_paths, resolve_weights, to_yaml
 from pipeline.storage import Storage
-from pipeline.train.engine import PRECISIONS
+from pipeline.train.checkpoint import check_latest_checkpoint
+from pipeline.train.engine import PRECISIONS, deepspeed_config
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     epochs: int = 10
-    max_steps: Optional[int] = None  # stop after this many (micro-)steps in total
+    max_steps: Optional[int] = None  # stop after this many (micro-)steps in total (a multiple of grad_accum)
     batch_size: int = 1  # images per step per rank (one image size per batch)
     grad_accum: int = 1
     grad_clip: float = 0.0  # 0 = no clipping
@@ -69,7 +70,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     deepspeed_config: Optional[str] = None  # JSON (e.g. infra/deepspeed/zero3.json) merged over the generated one
     seed: int = 0  # data order
-    checkpoint_every: int = 0  # steps between checkpoints; 0 = at the end of every epoch
+    checkpoint_every: int = 0  # steps between checkpoints (a multiple of grad_accum); 0 = at the end of every epoch
     keep_checkpoints: int = 3
     max_failures: int = 2  # worker-group restarts from the last checkpoint
     log_every: int = 10
@@ -87,6 +88,9 @@ class TrainConfig:
         check(self.loss in ("mse", "smooth_l1", "cosine"), "loss must be mse, smooth_l1 or cosine")
         check(self.epochs >= 1 and self.batch_size >= 1 and self.grad_accum >= 1, "epochs, batch_size, grad_accum >= 1")
         check(self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1")
+        # checkpoints fall between optimizer updates: a partly accumulated gradient is never lost
+        check(self.checkpoint_every % self.grad_accum == 0 and (self.max_steps or 0) % self.grad_accum == 0,
+              f"checkpoint_every and max_steps must be multiples of grad_accum={self.grad_accum}")
         check(self.scaling.num_workers >= 1, "scaling.num_workers must be >= 1")
         check(self.data.loader_workers >= 1, "data.loader_workers must be >= 1")
         check(self.backbone == FROM_CACHE or self.backbone in spar.list_backbones(),
@@ -136,13 +140,14 @@ def run(cfg: TrainConfig) -> dict:
     if cache.manifest.num_rows < cfg.scaling.num_workers:
         raise CacheError(f"{cfg.cache} has {cache.manifest.num_rows} samples, fewer than the "
                          f"{cfg.scaling.num_workers} workers")
-    deepspeed_extra = _read_deepspeed_json(cfg.deepspeed_config, store)
+    ds_config = deepspeed_config(cfg, cfg.scaling.num_workers, _read_deepspeed_json(cfg.deepspeed_config, store))
+    check_latest_checkpoint(store, cfg.run_dir)  # refuse a tampered checkpoint before any worker starts
     store.write_text(storage.join(cfg.run_dir, "config.yaml"), to_yaml(cfg))
     started = init_ray(cfg.ray_address, cfg.num_cpus)
     try:
         require_on_every_node(storage.join(cfg.cache, "teacher.json"), "the cache")
         require_on_every_node(storage.join(cfg.run_dir, "config.yaml"), "the output")
-        result = _fit(cfg, store, source, cache.fingerprint, deepspeed_extra, cache.version)
+        result = _fit(cfg, store, source, cache.fingerprint, ds_config, cache.version)
     finally:
         if started:
             import ray
@@ -155,7 +160,7 @@ def run(cfg: TrainConfig) -> dict:
     return metrics
 
 
-def _fit(cfg: TrainConfig, store: Storage, source: dict, fingerprint: dict, deepspeed_extra: dict, cache_version: int):
+def _fit(cfg: TrainConfig, store: Storage, source: dict, fingerprint: dict, ds_config: dict, cache_version: int):
     """Ray Train's TorchTrainer over every rank's `train_loop`, fitted; returns its result."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -167,7 +172,7 @@ def _fit(cfg: TrainConfig, store: Storage, source: dict, fingerprint: dict, deep
         resources["GPU"] = cfg.scaling.gpus_per_worker
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg, "student": source, "fingerprint": fingerprint, "deepspeed": deepspeed_extra,
+        train_loop_config={"cfg": cfg, "student": source, "fingerprint": fingerprint, "deepspeed": ds_config,
                            "cache_version": cache_version},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=resources),

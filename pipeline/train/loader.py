@@ -8,12 +8,17 @@ so every rank computes every rank's plan without talking to the others:
    so each rank streams whole shards except at its two ends (disjoint, every sample once);
 3. a rank's range is cut the same way among its loader workers; each worker shuffles its part
    through a seeded buffer and groups it into batches of one image size (never padding);
-4. every rank runs ``steps_per_epoch`` = the largest rank's batch count; ranks that run out pad
-   with zero-weight steps so collectives stay aligned.
+4. a rank's steps take its workers' batches in turn (the order a DataLoader yields them); every
+   rank runs the same number of steps, the largest rank's batch count rounded up to whole gradient
+   accumulation windows; ranks that run out pad with zero-weight steps so collectives stay aligned,
+   and since every rank knows every rank's batches, each knows how many real samples a step has
+   (the loss is weighted to average over those, never over padding).
 
-Each batch says which worker made it and its index, so a checkpoint stores how many batches of
-each worker were consumed, and a resumed epoch skips exactly those (their bytes are read, not
-decoded).
+A position in an epoch is therefore one number, the step: a resumed epoch with the same layout
+(ranks, loader workers, batch size, shuffle buffer) skips the batches of the steps done (their
+bytes are read, not decoded). A resume with another layout marks the samples the old layout
+trained as done and plans the rest of the epoch over the new one (a new *segment*); the next
+epoch is planned as any run of the new layout would plan it.
 """
 from __future__ import annotations
 
@@ -97,40 +102,93 @@ def _bucket(refs: list[SampleRef], batch_size: int, window: int) -> list[list[Sa
     return batches
 
 
+def interleave(lengths: list[int]) -> list[tuple[int, int]]:
+    """(loader process, batch index) in the order a DataLoader yields its processes' batches: one from
+    each in turn, skipping those that are used up."""
+    return [(w, j) for j in range(max(lengths, default=0)) for w in range(len(lengths)) if j < lengths[w]]
+
+
 @dataclass
 class EpochPlan:
-    """Batches of every loader worker of one rank for one epoch, and the common step count."""
+    """This rank's batches for (the current segment of) one epoch, and what every rank does per step."""
 
-    worker_batches: list[list[list[SampleRef]]]
-    worker_shards: list[list[str]]  # shards each loader worker streams, in order
-    steps: int  # steps every rank runs this epoch (max over ranks)
+    worker_batches: list[list[list[SampleRef]]]  # per loader process
+    worker_shards: list[list[str]]  # shards each loader process streams, in order
+    steps: int  # steps every rank runs (the most any rank has, rounded up to whole accumulation windows)
+    step_samples: list[int]  # real samples at each step, all ranks together (0: every rank pads)
 
     @property
     def real_steps(self) -> int:
         return sum(len(b) for b in self.worker_batches)
 
+    def order(self) -> list[tuple[int, int]]:
+        """(loader process, batch index) of each of this rank's real steps, in step order."""
+        return interleave([len(b) for b in self.worker_batches])
 
-def plan_epoch(refs: dict[str, list[SampleRef]], *, seed: int, epoch: int, rank: int, world_size: int,
-               workers: int, batch_size: int, shuffle_buffer: int, bucket_window: int | None = None) -> EpochPlan:
-    """The plan of `rank` for `epoch` (see the module docstring)."""
-    window = bucket_window if bucket_window is not None else 4 * batch_size
+    def ordered_batches(self) -> list[list[SampleRef]]:
+        return [self.worker_batches[w][j] for w, j in self.order()]
+
+    def window_samples(self, step: int, window: int) -> int:
+        """Real samples, all ranks, in the accumulation window of `window` steps that holds `step`."""
+        lo = step - step % window
+        return sum(self.step_samples[lo:lo + window])
+
+
+def epoch_order(refs: dict[str, list[SampleRef]], *, seed: int, epoch: int) -> list[SampleRef]:
+    """Every sample once, in the epoch's order: shards shuffled (seed, epoch), samples in tar order."""
     names = sorted(refs)
     order = np.random.default_rng([seed, epoch]).permutation(len(names))
-    flat = [r for i in order for r in refs[names[i]]]
-    if len(flat) < world_size:
+    return [r for i in order for r in refs[names[i]]]
+
+
+def plan_ranks(refs: dict[str, list[SampleRef]], *, seed: int, epoch: int, world_size: int, workers: int,
+               batch_size: int, shuffle_buffer: int, done: frozenset[int] = frozenset(), segment: int = 0,
+               bucket_window: int | None = None) -> list[tuple[list[list[list[SampleRef]]], list[list[str]]]]:
+    """(batches per loader process, shards per loader process) of every rank; samples at positions
+    `done` of the epoch order were trained in earlier segments of the epoch and are left out."""
+    window = bucket_window if bucket_window is not None else 4 * batch_size
+    flat = [r for i, r in enumerate(epoch_order(refs, seed=seed, epoch=epoch)) if i not in done]
+    if not done and len(flat) < world_size:
         raise ValueError(f"{len(flat)} samples cannot feed {world_size} workers")
-    counts, mine, streams = [], None, None
+    out = []
     for r, (lo, hi) in enumerate(_split(len(flat), world_size)):
         part = flat[lo:hi]
         batches, shard_lists = [], []
         for w, (a, b) in enumerate(_split(len(part), workers)):
-            rng = np.random.default_rng([seed, epoch, r, w])
+            rng = np.random.default_rng([seed, epoch, r, w] + ([segment] if segment else []))
             batches.append(_bucket(_buffer_shuffle(part[a:b], shuffle_buffer, rng), batch_size, window))
             shard_lists.append(list(dict.fromkeys(ref.shard for ref in part[a:b])))
-        counts.append(sum(len(b) for b in batches))
-        if r == rank:
-            mine, streams = batches, shard_lists
-    return EpochPlan(mine, streams, max(counts))
+        out.append((batches, shard_lists))
+    return out
+
+
+def plan_epoch(refs: dict[str, list[SampleRef]], *, seed: int, epoch: int, rank: int, world_size: int,
+               workers: int, batch_size: int, shuffle_buffer: int, done: frozenset[int] = frozenset(),
+               segment: int = 0, step_multiple: int = 1, bucket_window: int | None = None) -> EpochPlan:
+    """The plan of `rank` for `epoch` (see the module docstring)."""
+    ranks = plan_ranks(refs, seed=seed, epoch=epoch, world_size=world_size, workers=workers, batch_size=batch_size,
+                       shuffle_buffer=shuffle_buffer, done=done, segment=segment, bucket_window=bucket_window)
+    orders = [[batches[w][j] for w, j in interleave([len(b) for b in batches])] for batches, _ in ranks]
+    steps = max(len(o) for o in orders)
+    steps = -(-steps // step_multiple) * step_multiple
+    step_samples = [sum(len(o[s]) for o in orders if s < len(o)) for s in range(steps)]
+    mine, shards = ranks[rank]
+    return EpochPlan(mine, shards, steps, step_samples)
+
+
+def trained_positions(refs: dict[str, list[SampleRef]], *, seed: int, epoch: int, layout: dict, steps: int,
+                      done: frozenset[int] = frozenset(), segment: int = 0) -> set[int]:
+    """Positions (in the epoch order) trained by every rank in the first `steps` steps of a segment
+    planned with `layout`, plus `done`."""
+    position = {r.key: i for i, r in enumerate(epoch_order(refs, seed=seed, epoch=epoch))}
+    ranks = plan_ranks(refs, seed=seed, epoch=epoch, world_size=layout["world_size"],
+                       workers=layout["loader_workers"], batch_size=layout["batch_size"],
+                       shuffle_buffer=layout["shuffle_buffer"], done=done, segment=segment)
+    out = set(done)
+    for batches, _ in ranks:
+        for w, j in interleave([len(b) for b in batches])[:steps]:
+            out.update(position[r.key] for r in batches[w][j])
+    return out
 
 
 def decode_for_training(raw: dict, verify: bool = True) -> dict:
@@ -143,25 +201,34 @@ def decode_for_training(raw: dict, verify: bool = True) -> dict:
 
 
 class PlannedBatches(IterableDataset):
-    """Yields this rank's planned batches; loader worker ``w`` makes ``worker_batches[w]``."""
+    """Yields this rank's planned batches from its `start`-th step on, in plan order.
 
-    def __init__(self, cache_url: str, store: Storage, plan: EpochPlan, skip: list[int], verify: bool = True):
-        self.cache_url, self.store, self.plan, self.skip, self.verify = cache_url, store, plan, skip, verify
+    The DataLoader asks its processes for batches in turn, starting with process 0. A resumed epoch
+    starts with whichever loader process is next in the plan's order, so process ``i`` makes the
+    batches of planned process ``(i + rotate) % n``, each from its first batch not yet trained.
+    """
+
+    def __init__(self, cache_url: str, store: Storage, plan: EpochPlan, start: int = 0, verify: bool = True):
+        self.cache_url, self.store, self.plan, self.verify = cache_url, store, plan, verify
+        order, n = plan.order(), len(plan.worker_batches)
+        self.skip = [sum(1 for w, _ in order[:start] if w == i) for i in range(n)]
+        self.rotate = order[start][0] if start < len(order) else 0
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        workers = range(len(self.plan.worker_batches)) if info is None else [info.id]
-        for w in workers:
-            yield from self._worker(w)
+        n = len(self.plan.worker_batches)
+        ids = range(n) if info is None else [info.id]
+        for i in ids:
+            yield from self._worker((i + self.rotate) % n)
 
     def _worker(self, w: int) -> Iterator[dict]:
-        batches = self.plan.worker_batches[w]
-        skipped = {r.key for b in batches[: self.skip[w]] for r in b}
+        batches, first = self.plan.worker_batches[w], self.skip[w]
+        skipped = {r.key for b in batches[:first] for r in b}
         wanted = {r.key for b in batches for r in b}
         stream = (raw for name in self.plan.worker_shards[w]
                   for raw in iter_raw_shard(shard_url(self.cache_url, name), self.store))
         pending: dict[str, dict] = {}
-        for index in range(self.skip[w], len(batches)):
+        for index in range(first, len(batches)):
             for ref in batches[index]:
                 while ref.key not in pending:
                     raw = next(stream)
@@ -179,12 +246,12 @@ def _collate(samples: list[dict], worker: int, index: int) -> dict:
     return out
 
 
-def make_loader(cache_url: str, store: Storage, plan: EpochPlan, skip: list[int], *, prefetch: int = 4,
+def make_loader(cache_url: str, store: Storage, plan: EpochPlan, start: int = 0, *, prefetch: int = 4,
                 verify: bool = True) -> DataLoader:
-    """A DataLoader that decodes planned batches in ``len(plan.worker_batches)`` background processes
-    (each reads the shards through `store`, the job's storage context)."""
+    """A DataLoader that decodes planned batches from step `start` on in ``len(plan.worker_batches)``
+    background processes (each reads the shards through `store`, the job's storage context)."""
     workers = len(plan.worker_batches)
-    ds = PlannedBatches(cache_url, store, plan, skip, verify)
+    ds = PlannedBatches(cache_url, store, plan, start, verify)
     if workers == 0:
         raise ValueError("at least one loader worker is needed")
     return DataLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=prefetch,

@@ -1,9 +1,10 @@
 """What every Ray Train worker runs: epochs of planned batches through the DeepSpeed student.
 
     train_loop(config)            Ray Train's entry point on every rank
-      Trainer.__init__            open the cache, build the engine, restore the latest checkpoint
+      Trainer.__init__            build the engine, restore the latest checkpoint, open the pinned cache
+        Trainer.start_segment     a resume on another layout: re-plan the rest of the epoch
       Trainer.fit                 epochs -> final checkpoint -> export
-        Trainer.run_epoch         this rank's planned batches, padding steps, checkpoints
+        Trainer.run_epoch         this rank's planned batches in plan order, padding steps, checkpoints
           Trainer.step            forward, MSE against the cached target, backward, optimizer step
           Window                  the running numbers behind each metrics row
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -20,7 +21,7 @@ from pipeline.cache.reader import open_cache
 from pipeline.logs import rank_zero_info
 from pipeline.storage import Storage
 from pipeline.train import loader
-from pipeline.train.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.train.checkpoint import RunState, load_checkpoint, pack_positions, save_checkpoint, unpack_positions
 from pipeline.train.collectives import all_gather_str, all_sum, barrier
 from pipeline.train.engine import build_engine, setup_env
 from pipeline.train.export import gather_trained, probe_features, run_record, write_student
@@ -63,14 +64,20 @@ class Trainer:
     def __init__(self, config: dict):
         import ray.train
 
-        self.cfg, self.source, self.fingerprint = config["cfg"], config["student"], config["fingerprint"]
+        cfg = self.cfg = config["cfg"]
+        self.source, self.fingerprint, self.ds_config = config["student"], config["fingerprint"], config["deepspeed"]
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
-        self.store = Storage(self.cfg.storage_options)
-        self.engine = build_engine(self.cfg, self.source, self.world, config.get("deepspeed"),
+        self.store = Storage(cfg.storage_options)
+        self.engine = build_engine(cfg, self.source, self.ds_config,
                                    self.store.options_for(self.source["pretrained"] or ""))
-        self.state = load_checkpoint(self.engine, self.world)
+        self.layout = {"world_size": self.world, "loader_workers": cfg.data.loader_workers,
+                       "batch_size": cfg.batch_size, "shuffle_buffer": cfg.data.shuffle_buffer,
+                       "grad_accum": cfg.grad_accum}
+        self.info = {"source": {"backbone": self.source["backbone"], "weights": self.source["weights"]},
+                     "deepspeed": self.ds_config}
+        self.state = load_checkpoint(self.engine, self.info) or RunState(layout=self.layout)
         # The run reads one snapshot of the cache from start to end: the version its driver pinned, or
         # the one its checkpoint recorded when this is a resume (the cache may have grown since).
         if self.state.cache_version is None:
@@ -78,15 +85,32 @@ class Trainer:
         elif self.state.cache_version != config["cache_version"]:
             rank_zero_info(log, "resuming on cache version %d, pinned by the run (the cache is at version %d now)",
                            self.state.cache_version, config["cache_version"])
-        self.cache = open_cache(self.cfg.cache, self.store, version=self.state.cache_version)
+        self.cache = open_cache(cfg.cache, self.store, version=self.state.cache_version)
         self.refs = loader.manifest_refs(self.cache.manifest)
+        if self.state.layout != self.layout:
+            self.start_segment()
         rank_zero_info(log, "rank %d/%d on %s, %d torch threads, %d trainable parameters", self.rank, self.world,
                        self.device, torch.get_num_threads(),
                        sum(p.numel() for p in self.engine.module.parameters() if p.requires_grad))
-        self.metrics = Metrics(self.cfg.run_dir, self.store, enabled=self.rank == 0)
-        self.keys = KeyLog(self.cfg.run_dir, self.store, self.rank, enabled=self.cfg.record_keys)
+        self.metrics = Metrics(cfg.run_dir, self.store, enabled=self.rank == 0)
+        self.keys = KeyLog(cfg.run_dir, self.store, self.rank, enabled=cfg.record_keys)
+        self.epoch_sums = Window()  # this rank's batches of the epoch since the state's epoch_loss was summed
         self.last_loss = float("nan")
-        self.last_checkpoint_step = self.state.step if self.state.step else -1
+        self.saved = asdict(self.state) if self.state.step else None
+
+    def start_segment(self) -> None:
+        """Resuming on another layout (ranks, loader processes, batch size, ...): the samples the old
+        layout trained this epoch are marked done and the rest of the epoch is planned over the new one."""
+        st, cfg = self.state, self.cfg
+        order = loader.epoch_order(self.refs, seed=cfg.seed, epoch=st.epoch)
+        done = loader.trained_positions(self.refs, seed=cfg.seed, epoch=st.epoch, layout=st.layout,
+                                        steps=st.epoch_step, done=frozenset(unpack_positions(st.done)),
+                                        segment=st.segment)
+        rank_zero_info(log, "resuming epoch %d on %d rank(s) x %d loader process(es), checkpointed on %d x %d: "
+                       "%d of its %d samples are trained, the other %d are planned over the new layout", st.epoch,
+                       self.world, cfg.data.loader_workers, st.layout["world_size"], st.layout["loader_workers"],
+                       len(done), len(order), len(order) - len(done))
+        st.done, st.segment, st.epoch_step, st.layout = pack_positions(done, len(order)), st.segment + 1, 0, self.layout
 
     def done(self) -> bool:
         return self.cfg.max_steps is not None and self.state.step >= self.cfg.max_steps
@@ -95,46 +119,61 @@ class Trainer:
         while self.state.epoch < self.cfg.epochs and not self.done():
             self.run_epoch()
         self.checkpoint()
+        self.keys.flush()
         self.export()
 
     def run_epoch(self) -> None:
         cfg, st = self.cfg, self.state
         plan = loader.plan_epoch(self.refs, seed=cfg.seed, epoch=st.epoch, rank=self.rank, world_size=self.world,
                                  workers=cfg.data.loader_workers, batch_size=cfg.batch_size,
-                                 shuffle_buffer=cfg.data.shuffle_buffer)
-        if len(st.consumed) != cfg.data.loader_workers:
-            st.consumed = [0] * cfg.data.loader_workers
-        batches = iter(loader.make_loader(cfg.cache, self.store, plan, st.consumed, prefetch=cfg.data.prefetch,
+                                 shuffle_buffer=cfg.data.shuffle_buffer, done=frozenset(unpack_positions(st.done)),
+                                 segment=st.segment, step_multiple=cfg.grad_accum)
+        order = plan.order()
+        batches = iter(loader.make_loader(cfg.cache, self.store, plan, st.epoch_step, prefetch=cfg.data.prefetch,
                                           verify=cfg.data.verify_checksums))
-        window, epoch = Window(), Window()
+        window = Window()
         while st.epoch_step < plan.steps and not self.done():
+            s = st.epoch_step
             t = time.perf_counter()
-            batch = next(batches, None)
+            batch = next(batches) if s < len(order) else None
             window.wait += time.perf_counter() - t
-            # A rank whose batches are used up (fewer than the longest rank's, or all consumed before a
-            # resume) still steps with the others: a zero-weight padding step keeps the collectives in line.
-            real = batch is not None
-            loss = self.step(batch if real else self.padding_batch(), weight=1.0 if real else 0.0)
+            if batch is not None and (batch["worker"], batch["index"]) != order[s]:
+                raise RuntimeError(f"step {s} of epoch {st.epoch}: the loader gave batch {batch['index']} of process "
+                                   f"{batch['worker']}, the plan has {order[s]}")
+            # Every rank steps together. A rank whose batches are used up runs a padding step of weight 0;
+            # real batches are weighted so that the update averages over the real samples of the
+            # accumulation window, however many ranks had them (DeepSpeed averages over ranks and steps).
+            n = len(batch["keys"]) if batch is not None else 0
+            weight = self.world * cfg.grad_accum * n / plan.window_samples(s, cfg.grad_accum)
+            loss = self.step(batch if batch is not None else self.padding_batch(), weight)
             st.step, st.epoch_step = st.step + 1, st.epoch_step + 1
-            if real:
+            st.samples += plan.step_samples[s]
+            st.epoch_samples += plan.step_samples[s]
+            if batch is not None:
                 self.keys.add(st.epoch, st.step - 1, batch["keys"], loss)
-                st.consumed[batch["worker"]] += 1
-                st.samples += len(batch["keys"])
                 window.add(batch, loss)
-                epoch.add(batch, loss)
+                self.epoch_sums.add(batch, loss)
             if st.step % cfg.log_every == 0:
                 self.log_row(window.row(st.step, st.epoch, cfg.lr, self.world, self.device))
                 window = Window()
             if cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0:
                 self.checkpoint()
-        total, count, samples = all_sum([epoch.loss, epoch.n, epoch.samples], self.device)
         if st.epoch_step >= plan.steps:  # the epoch is complete (not cut by max_steps)
-            self.last_loss = total / max(count, 1)
+            self.sum_epoch()
+            self.last_loss = st.epoch_loss / max(st.epoch_batches, 1)
             self.metrics.log({"kind": "epoch", "step": st.step, "epoch": st.epoch, "loss": self.last_loss,
-                              "samples": int(samples)})
-            st.epoch, st.epoch_step, st.consumed = st.epoch + 1, 0, [0] * cfg.data.loader_workers
+                              "samples": st.epoch_samples})
+            st.epoch, st.epoch_step, st.segment, st.done, st.layout = st.epoch + 1, 0, 0, "", self.layout
+            st.epoch_loss, st.epoch_batches, st.epoch_samples = 0.0, 0, 0
             if not cfg.checkpoint_every:
                 self.checkpoint()
+
+    def sum_epoch(self) -> None:
+        """Add every rank's batch losses since the last sum to the state (a collective)."""
+        loss, n = all_sum([self.epoch_sums.loss, self.epoch_sums.n], self.device)
+        self.state.epoch_loss += loss
+        self.state.epoch_batches += int(n)
+        self.epoch_sums = Window()
 
     def padding_batch(self) -> dict:
         """One black window-sized image with a zero target: a forward/backward through every trainable
@@ -161,13 +200,16 @@ class Trainer:
                        row["epoch"], row["loss"], row["samples_per_s"], 100 * row["data_wait_share"])
 
     def checkpoint(self) -> None:
-        if self.state.step == self.last_checkpoint_step:
-            return  # nothing new since the last one (e.g. the final checkpoint right after an epoch's)
-        self.last_checkpoint_step = self.state.step
+        """Save the run (every rank); a no-op when nothing changed since the last save."""
+        self.sum_epoch()
+        if asdict(self.state) == self.saved:
+            return
+        self.saved = asdict(self.state)
         self.keys.flush()
         self.metrics.sync()
         save_checkpoint(self.engine, self.state, {"step": self.state.step, "epoch": self.state.epoch,
-                                                  "loss": self.last_loss, "samples": self.state.samples})
+                                                  "loss": self.last_loss, "samples": self.state.samples},
+                        self.info, self.rank)
 
     def export(self) -> None:
         """student.safetensors, student.json, the probe's in-job features, and the loss curve."""
@@ -178,7 +220,8 @@ class Trainer:
         probe = next(iter(self.cache))
         in_job = probe_features(self.engine, probe, self.device)
         if self.rank == 0:
-            record = run_record(self.cfg, self.fingerprint, self.state, self.last_loss, digests, nodes)
+            record = run_record(self.cfg, self.fingerprint, self.state, self.last_loss, digests, nodes,
+                                self.ds_config)
             write_student(self.store, self.cfg.run_dir, self.source, self.cfg.trainable, trained, record, probe, in_job)
             self.metrics.plot()
         barrier()

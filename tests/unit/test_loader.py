@@ -1,15 +1,15 @@
 """The epoch plan: disjoint, complete, balanced, seeded; batches of one size; exact resume."""
-import collections
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 
 from pipeline.cache import shards
 from pipeline.cache.encode import encode_members, quantize
 from pipeline.codecs import png_bytes
-from pipeline.train.loader import SampleRef, _bucket, make_loader, manifest_refs, plan_epoch
+from pipeline.train.checkpoint import pack_positions, unpack_positions
+from pipeline.train.loader import (SampleRef, _bucket, epoch_order, make_loader, manifest_refs, plan_epoch,
+                                    trained_positions)
 from pipeline.storage import Storage
 
 
@@ -35,6 +35,38 @@ def test_every_sample_once_per_epoch_disjoint_across_ranks(world, workers, batch
         for wb in p.worker_batches:
             for b in wb:
                 assert len(b) <= batch and len({(r.height, r.width) for r in b}) == 1  # one size per batch
+
+
+def _layout(world, workers, batch=1):
+    return {"world_size": world, "loader_workers": workers, "batch_size": batch, "shuffle_buffer": 4}
+
+
+@pytest.mark.parametrize("old,new,steps", [((2, 1), (3, 2), 3), ((3, 2), (2, 1), 1), ((2, 2), (2, 3), 5),
+                                           ((4, 1), (1, 1), 2)])
+def test_a_segment_on_a_new_layout_trains_the_rest_of_the_epoch_once(old, new, steps):
+    """Steps done on one layout, the rest re-planned on another (twice): every sample once."""
+    refs, kw = _refs(), dict(seed=0, epoch=2)
+    order = epoch_order(refs, **kw)
+    done = frozenset(trained_positions(refs, **kw, layout=_layout(*old), steps=steps))
+    first = [order[i].key for i in sorted(done)]
+    assert len(first) == len(set(first)) and 0 < len(first) < len(order)
+    rest = [plan_epoch(refs, **kw, rank=r, world_size=new[0], workers=new[1], batch_size=1, shuffle_buffer=4,
+                       done=done, segment=1) for r in range(new[0])]
+    second = [ref.key for p in rest for b in p.ordered_batches() for ref in b]
+    assert sorted(first + second) == sorted(r.key for r in order)
+    # a second change of layout, one step into the new segment
+    done2 = trained_positions(refs, **kw, layout=_layout(*new), steps=1, done=done, segment=1)
+    assert len(done2) == len(done) + sum(len(p.ordered_batches()[0]) for p in rest if p.ordered_batches())
+    assert unpack_positions(pack_positions(done2, len(order))) == done2
+
+
+def test_step_samples_count_every_rank_and_steps_fill_accumulation_windows():
+    refs = {"a": [SampleRef(f"k{i}", "a", 64, 64) for i in range(5)]}
+    plans = [plan_epoch(refs, seed=0, epoch=0, rank=r, world_size=2, workers=1, batch_size=1, shuffle_buffer=1,
+                        step_multiple=2) for r in range(2)]
+    assert [p.real_steps for p in plans] == [3, 2]
+    assert plans[0].steps == 4 and plans[0].step_samples == [2, 2, 1, 0] == plans[1].step_samples
+    assert plans[0].window_samples(2, 2) == 1 and plans[0].window_samples(1, 2) == 4
 
 
 def test_order_depends_on_seed_and_epoch_only():
@@ -77,19 +109,18 @@ def _write_cache(tmp_path, n=10):
     return out, manifest_refs(samples)
 
 
-def test_loader_yields_the_plan_and_resumes_exactly(tmp_path):
+def test_loader_yields_the_plan_in_order_and_resumes_at_any_step(tmp_path):
     out, refs = _write_cache(tmp_path)
     plan = plan_epoch(refs, seed=3, epoch=0, rank=0, world_size=1, workers=2, batch_size=2, shuffle_buffer=3)
-    full = list(make_loader(out, Storage(), plan, [0, 0], prefetch=2))
+    full = list(make_loader(out, Storage(), plan, prefetch=2))
     assert sorted(k for b in full for k in b["keys"]) == [f"s{i:02d}" for i in range(10)]
+    assert [(b["worker"], b["index"]) for b in full] == plan.order()  # the order the step weights assume
     for b in full:
         assert b["image"].dtype == torch.uint8 and b["target"].dtype == torch.float16
         assert b["image"].shape[1:3] == (b["target"].shape[1] * 16, b["target"].shape[2] * 16)
-    consumed = collections.Counter()
-    for b in full[:3]:
-        consumed[b["worker"]] += 1
-    rest = list(make_loader(out, Storage(), plan, [consumed[0], consumed[1]], prefetch=2))
-    assert sorted(k for b in rest for k in b["keys"]) == sorted(k for b in full[3:] for k in b["keys"])
+    for start in range(len(full) + 1):  # a resume at any step continues the same sequence
+        rest = list(make_loader(out, Storage(), plan, start, prefetch=2))
+        assert [b["keys"] for b in rest] == [b["keys"] for b in full[start:]], start
 
 
 def test_metrics_csv_has_one_header_whatever_row_comes_first(tmp_path):
