@@ -187,16 +187,3 @@ def test_killed_worker_is_recovered_from_its_last_checkpoint(caches, tmp_path):
     assert resumed and min(resumed) >= 12, text[-3000:]
     info = json.loads(Storage().read_text(str(tmp_path / "runs" / "killed" / "student.json")))
     assert info["steps"] == 12 * 6 and len(set(info["rank_weight_digests"])) == 1
-
-
-def test_resume_mid_epoch_on_a_rank_whose_batches_are_used_up(ray_cluster, tmp_path):
-    """3 samples on 2 ranks: rank 1 has one batch, rank 0 two. Stopped after step 1 and re-run, rank 1
-    resumes with nothing left to read and pads its second step; the run finishes."""
-    put_files(str(tmp_path / "src"), good_images(3, seed=7))
-    cache_teacher.main([*TINY, f"source={tmp_path / 'src'}", f"output={tmp_path / 'cache'}"])
-    args = [f"cache={tmp_path / 'cache'}", f"output={tmp_path / 'runs'}", "name=uneven", "epochs=2",
-            "checkpoint_every=1", *TRAIN]
-    assert train_student.main([*args, "max_steps=1"])["step"] == 1
-    assert train_student.main(args)["step"] == 4  # 2 steps per epoch (the longer rank's batches)
-    info = json.loads((tmp_path / "runs" / "uneven" / "student.json").read_text())
-    assert info["steps"] == 4 and len(set(info["rank_weight_digests"])) == 1
