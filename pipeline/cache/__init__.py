@@ -7,4 +7,5 @@
     encode.py    the sample format: tar members (.png, .target.npy, .json), quantisation, checksums
     shards.py    the on-storage layout: shard tars, the manifest and the commit protocol
     reader.py    open_cache / Cache: the committed cache for readers (training and evaluation use it)
+    inspect.py   jobs/inspect_cache.py: summary, PCA contact sheet, and the audit that recomputes targets
 """

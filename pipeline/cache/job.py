@@ -27,6 +27,7 @@ from pipeline.cache.reader import FORMAT, FingerprintMismatch, check_format, fin
 from pipeline.cache.teacher import TeacherActor
 from pipeline.config import check, resolve_paths, resolve_weights, to_dict, to_yaml
 from pipeline.devices import AMP_DTYPES
+from pipeline.logs import Progress
 from pipeline.storage import Storage, public_url
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class CacheConfig:
     max_failed_fraction: float = 0.05  # exit non-zero if more of this run's inputs fail
     orphan_retention_s: float = 3600.0  # tars no commit names are deleted once older (> any tar-to-commit time)
     manifest_checkpoint_every: int = 1000  # shards between the driver's compactions + checkpoints of the manifest
+    progress_every_s: float = 30.0  # the driver logs samples done / total, windows/s, bytes and an ETA; 0 = only at the end
     png_compress_level: int = 1  # 0-9: PNG is lossless at every level; 1 is fast
     read_cpus: float = -1.0  # CPUs per read/augment task; -1 = 1 with GPUs, else 0.5 (fits beside CPU actors)
     write_cpus: float = 0.5  # CPUs per shard-writer task
@@ -284,12 +286,16 @@ def run(cfg: CacheConfig) -> dict:
         require_on_every_node(storage.join(cfg.output, "teacher.json"), "the cache output")
         if items:
             dataset = build_dataset(cfg, store, items, is_tars, done, fp, run_id)
+            expected = -1 if is_tars and listed < 0 else (len(items) if not is_tars else listed * cfg.views - len(done))
+            progress = Progress(log, "cache progress, samples", expected, cfg.progress_every_s)
             for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
                 for k in ("samples", "errors", "bytes", "windows"):
                     totals[k] += int(np.sum(batch[k]))
+                progress.update(totals["samples"] + totals["errors"], _rates(totals, progress))
                 before, totals["shards"] = totals["shards"], totals["shards"] + int(np.sum(batch["samples"] > 0))
                 if before // cfg.manifest_checkpoint_every != totals["shards"] // cfg.manifest_checkpoint_every:
                     shards.finish(store, cfg.output)  # keeps opening the manifest cheap during long jobs
+            progress.update(totals["samples"] + totals["errors"], _rates(totals, progress), force=True)
         shards.finish(store, cfg.output)
     finally:
         if started:
@@ -297,6 +303,14 @@ def run(cfg: CacheConfig) -> dict:
 
             ray.shutdown()
     return _summarize(cfg, store, run_id, totals, len(done), listed, time.perf_counter() - t0)
+
+
+def _rates(totals: dict, progress: Progress) -> str:
+    import time
+
+    seconds = max(time.monotonic() - progress.t0, 1e-9)
+    return (f"{totals['windows'] / seconds:.3g} windows/s, {totals['bytes'] / 1e9:.3g} GB written, "
+            f"{totals['errors']} failed")
 
 
 def _summarize(cfg: CacheConfig, store: Storage, run_id: str, totals: dict, before: int, listed: int,

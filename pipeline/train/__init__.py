@@ -3,6 +3,7 @@
     job.py          the job: config, the cache opened on the driver, the Ray Train TorchTrainer
     loader.py       a rank's epoch plan from the manifest, decoded in background processes
     loop.py         what each Ray Train worker runs: epochs of planned batches, steps, padding steps
+    validation.py   held-out samples (stable key hash, or a second cache) and their MSE vs the single pass
     engine.py       the student wrapped by DeepSpeed: precision and the generated DeepSpeed config
     checkpoint.py   pickle-free checkpoints: whole fp32 weights and AdamW state, the run's position (RunState)
     metrics.py      metrics.csv, TensorBoard events and loss_curve.png (rank 0); the optional key log

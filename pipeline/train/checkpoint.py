@@ -57,6 +57,9 @@ class RunState:
     epoch_loss: float = 0.0  # sum of the batch losses of this epoch, all ranks (up to the last checkpoint)
     epoch_batches: int = 0  # real batches behind epoch_loss
     cache_version: int | None = None  # the cache's manifest version this run reads (pinned at its start)
+    validation: dict | None = None  # what the run validates on: {"fraction"} or {"cache", "version"} (pinned)
+    val_baseline: float | None = None  # held-out MSE of the untrained single pass (measured at step 0)
+    val_mse: float | None = None  # held-out MSE of the student at the last validation
 
     @classmethod
     def from_json(cls, value: dict) -> "RunState":

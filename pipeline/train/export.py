@@ -82,5 +82,7 @@ def run_record(cfg, fingerprint: dict, state, final_loss: float, digests: list[s
         "rank_weight_digests": digests,  # sha256 of each rank's fp32 trainable weights: all equal
         "rank_nodes": nodes,  # Ray node id of each rank
         "config": to_dict(cfg),
-        "deepspeed": ds_config,  # the DeepSpeed config that ran (generated, with the user's JSON merged over it)
+        "deepspeed": ds_config,
+        "validation": {**(state.validation or {}), "mse": state.val_mse, "baseline_mse": state.val_baseline,
+                       "ratio": (state.val_mse / state.val_baseline) if state.val_baseline else None},  # the DeepSpeed config that ran (generated, with the user's JSON merged over it)
     }

@@ -74,6 +74,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_failures: int = 2  # worker-group restarts from the last checkpoint
     log_every: int = 10
+    val_fraction: float = 0.02  # held out of the cache by a stable hash of the source image (>= 1 image); 0 = none
+    val_cache: Optional[str] = None  # validate on this cache instead (nothing is held out)
+    val_every: int = 0  # steps between validations besides each epoch's end; 0 = epoch ends only
     record_keys: bool = False  # write the keys each rank trained on, per step, to <run>/keys/ (an audit)
     scaling: ScalingSettings = field(default_factory=ScalingSettings)
     data: DataSettings = field(default_factory=DataSettings)
@@ -93,9 +96,10 @@ class TrainConfig:
               f"checkpoint_every and max_steps must be multiples of grad_accum={self.grad_accum}")
         check(self.scaling.num_workers >= 1, "scaling.num_workers must be >= 1")
         check(self.data.loader_workers >= 1, "data.loader_workers must be >= 1")
+        check(0 <= self.val_fraction < 1 and self.val_every >= 0, "val_fraction must be in [0, 1), val_every >= 0")
         check(self.backbone == FROM_CACHE or self.backbone in spar.list_backbones(),
               f"unknown backbone {self.backbone!r}; known: {spar.list_backbones()}")
-        resolve_paths(self, "cache", "output", "deepspeed_config")
+        resolve_paths(self, "cache", "output", "deepspeed_config", "val_cache")
         if self.pretrained != FROM_CACHE:
             self.pretrained = resolve_weights(self.pretrained)
 
@@ -137,8 +141,9 @@ def run(cfg: TrainConfig) -> dict:
     except FileNotFoundError as e:
         raise CacheError(f"cannot read the cache {cfg.cache}: {e}") from None
     source = student_source(cfg, cache.fingerprint, store)
-    if cache.manifest.num_rows < cfg.scaling.num_workers:
-        raise CacheError(f"{cfg.cache} has {cache.manifest.num_rows} samples, fewer than the "
+    validation, training = validation_split(cfg, store, cache)
+    if training < cfg.scaling.num_workers:
+        raise CacheError(f"{cfg.cache} has {training} samples to train on, fewer than the "
                          f"{cfg.scaling.num_workers} workers")
     ds_config = deepspeed_config(cfg, cfg.scaling.num_workers, _read_deepspeed_json(cfg.deepspeed_config, store))
     check_latest_checkpoint(store, cfg.run_dir)  # refuse a tampered checkpoint before any worker starts
@@ -147,7 +152,7 @@ def run(cfg: TrainConfig) -> dict:
     try:
         require_on_every_node(storage.join(cfg.cache, "teacher.json"), "the cache")
         require_on_every_node(storage.join(cfg.run_dir, "config.yaml"), "the output")
-        result = _fit(cfg, store, source, cache.fingerprint, ds_config, cache.version)
+        result = _fit(cfg, store, source, cache.fingerprint, ds_config, cache.version, validation)
     finally:
         if started:
             import ray
@@ -160,7 +165,29 @@ def run(cfg: TrainConfig) -> dict:
     return metrics
 
 
-def _fit(cfg: TrainConfig, store: Storage, source: dict, fingerprint: dict, ds_config: dict, cache_version: int):
+def validation_split(cfg: TrainConfig, store: Storage, cache) -> tuple[dict, int]:
+    """(what the run validates on, the number of samples it trains on). A validation cache must
+    hold the same teacher's targets; its version is pinned like the training cache's."""
+    from pipeline.train.validation import split_manifest
+
+    if cfg.val_cache:
+        held = open_cache(cfg.val_cache, store)
+        if held.fingerprint["fingerprint"] != cache.fingerprint["fingerprint"]:
+            raise FingerprintMismatch(f"val_cache={cfg.val_cache} was made by another teacher than cache={cfg.cache} "
+                                      f"({held.fingerprint['fingerprint'][:19]} vs {cache.fingerprint['fingerprint'][:19]}):"
+                                      " its targets are not what the student learns")
+        return {"cache": cfg.val_cache, "version": held.version, "samples": len(held)}, len(cache)
+    if cfg.val_fraction > 0:
+        try:
+            train, held = split_manifest(cache.manifest, cfg.val_fraction)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        return {"fraction": cfg.val_fraction, "samples": held.num_rows}, train.num_rows
+    return {}, len(cache)
+
+
+def _fit(cfg: TrainConfig, store: Storage, source: dict, fingerprint: dict, ds_config: dict, cache_version: int,
+         validation: dict):
     """Ray Train's TorchTrainer over every rank's `train_loop`, fitted; returns its result."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -173,7 +200,7 @@ def _fit(cfg: TrainConfig, store: Storage, source: dict, fingerprint: dict, ds_c
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg, "student": source, "fingerprint": fingerprint, "deepspeed": ds_config,
-                           "cache_version": cache_version},
+                           "cache_version": cache_version, "validation": validation},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(

@@ -2,10 +2,12 @@
 
     train_loop(config)            Ray Train's entry point on every rank
       Trainer.__init__            build the engine, restore the latest checkpoint, open the pinned cache
+        Trainer.open_validation   the held-out samples (by key hash, or a second cache) and the rows to train on
         Trainer.start_segment     a resume on another layout: re-plan the rest of the epoch
       Trainer.fit                 epochs -> final checkpoint -> export
         Trainer.run_epoch         this rank's planned batches in plan order, padding steps, checkpoints
           Trainer.step            forward, MSE against the cached target, backward, optimizer step
+          Trainer.validate        held-out MSE vs the untrained single pass (at the start and each epoch end)
           Window                  the running numbers behind each metrics row
 """
 from __future__ import annotations
@@ -18,10 +20,10 @@ import torch
 
 import spar
 from pipeline.cache.reader import open_cache
-from pipeline.logs import rank_zero_info
+from pipeline.logs import duration, rank_zero_info
 from pipeline.storage import Storage
-from pipeline.train import loader
-from pipeline.train.checkpoint import RunState, load_checkpoint, pack_positions, save_checkpoint, unpack_positions
+from pipeline.train import loader, validation
+from pipeline.train.checkpoint import CheckpointError, RunState, load_checkpoint, pack_positions, save_checkpoint, unpack_positions
 from pipeline.train.collectives import all_gather_str, all_sum, barrier
 from pipeline.train.engine import build_engine, setup_env
 from pipeline.train.export import gather_trained, probe_features, run_record, write_student
@@ -86,7 +88,8 @@ class Trainer:
             rank_zero_info(log, "resuming on cache version %d, pinned by the run (the cache is at version %d now)",
                            self.state.cache_version, config["cache_version"])
         self.cache = open_cache(cfg.cache, self.store, version=self.state.cache_version)
-        self.refs = loader.manifest_refs(self.cache.manifest)
+        self.held, training = self.open_validation(config["validation"])
+        self.refs = loader.manifest_refs(training)
         if self.state.layout != self.layout:
             self.start_segment()
         rank_zero_info(log, "rank %d/%d on %s, %d torch threads, %d trainable parameters", self.rank, self.world,
@@ -97,6 +100,43 @@ class Trainer:
         self.epoch_sums = Window()  # this rank's batches of the epoch since the state's epoch_loss was summed
         self.last_loss = float("nan")
         self.saved = asdict(self.state) if self.state.step else None
+
+    def open_validation(self, chosen: dict):
+        """(this rank's held-out samples or None, the manifest rows to train on). A resume keeps the
+        split its run started with (another would change the training set under its checkpoint)."""
+        st = self.state
+        if st.validation is None:
+            st.validation = {k: v for k, v in chosen.items() if k != "samples"}
+        elif {k: v for k, v in chosen.items() if k not in ("samples", "version")} != \
+                {k: v for k, v in st.validation.items() if k != "version"}:
+            raise CheckpointError(f"this run started with validation {st.validation or 'none'}, now {chosen or 'none'}: "
+                                  "the training set would change under its checkpoint; keep val_fraction / val_cache "
+                                  "as they were, or use a new run name")
+        rows = self.cache.manifest
+        if "fraction" in st.validation:
+            rows, held = validation.split_manifest(rows, st.validation["fraction"])
+            return validation.HeldOut(self.cfg.cache, self.store, held, self.rank, self.world), rows
+        if "cache" in st.validation:
+            other = open_cache(st.validation["cache"], self.store, version=st.validation["version"])
+            return validation.HeldOut(other.url, self.store, other.manifest, self.rank, self.world), rows
+        return None, rows
+
+    def validate(self) -> None:
+        """Score the held-out samples (every rank its share, summed); the first call, before any step,
+        measures the untrained single pass."""
+        if self.held is None:
+            return
+        st = self.state
+        padding = self.padding_batch()["image"]
+        total, n = all_sum(list(validation.score(self.engine, self.held, self.device, padding)), self.device)
+        mse = total / max(n, 1)
+        if st.val_baseline is None:
+            st.val_baseline = mse
+        st.val_mse = mse
+        self.metrics.log({"kind": "val", "step": st.step, "epoch": st.epoch, "val_mse": mse,
+                          "baseline_mse": st.val_baseline, "val_ratio": mse / st.val_baseline, "samples": int(n)})
+        rank_zero_info(log, "validation at step %d: MSE %.5g on %d held-out samples, %.3f x the untrained single "
+                       "pass (%.5g)", st.step, mse, n, mse / st.val_baseline, st.val_baseline)
 
     def start_segment(self) -> None:
         """Resuming on another layout (ranks, loader processes, batch size, ...): the samples the old
@@ -116,6 +156,8 @@ class Trainer:
         return self.cfg.max_steps is not None and self.state.step >= self.cfg.max_steps
 
     def fit(self) -> None:
+        if self.state.val_baseline is None:
+            self.validate()  # the baseline: the student's weights are still the teacher's
         while self.state.epoch < self.cfg.epochs and not self.done():
             self.run_epoch()
         self.checkpoint()
@@ -129,6 +171,8 @@ class Trainer:
                                  shuffle_buffer=cfg.data.shuffle_buffer, done=frozenset(unpack_positions(st.done)),
                                  segment=st.segment, step_multiple=cfg.grad_accum)
         order = plan.order()
+        remaining = plan.steps - st.epoch_step + (cfg.epochs - st.epoch - 1) * plan.steps  # later epochs: about as long
+        self.total_steps = min(st.step + remaining, cfg.max_steps or 2**62)
         batches = iter(loader.make_loader(cfg.cache, self.store, plan, st.epoch_step, prefetch=cfg.data.prefetch,
                                           verify=cfg.data.verify_checksums))
         window = Window()
@@ -154,11 +198,16 @@ class Trainer:
                 window.add(batch, loss)
                 self.epoch_sums.add(batch, loss)
             if st.step % cfg.log_every == 0:
-                self.log_row(window.row(st.step, st.epoch, cfg.lr, self.world, self.device))
+                row = window.row(st.step, st.epoch, cfg.lr, self.world, self.device)
+                self.log_row(row, (self.total_steps - st.step) * (time.perf_counter() - window.t0) / cfg.log_every)
                 window = Window()
+            if cfg.val_every and st.step % cfg.val_every == 0:
+                self.validate()
             if cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0:
                 self.checkpoint()
         if st.epoch_step >= plan.steps:  # the epoch is complete (not cut by max_steps)
+            if not (cfg.val_every and st.step % cfg.val_every == 0):
+                self.validate()
             self.sum_epoch()
             self.last_loss = st.epoch_loss / max(st.epoch_batches, 1)
             self.metrics.log({"kind": "epoch", "step": st.step, "epoch": st.epoch, "loss": self.last_loss,
@@ -194,10 +243,11 @@ class Trainer:
         self.engine.step()
         return float(loss.detach())
 
-    def log_row(self, row: dict) -> None:
+    def log_row(self, row: dict, eta_s: float) -> None:
         self.metrics.log(row)
-        rank_zero_info(log, "step %d epoch %d loss %.5g | %.2f samples/s | data wait %.1f%%", row["step"],
-                       row["epoch"], row["loss"], row["samples_per_s"], 100 * row["data_wait_share"])
+        rank_zero_info(log, "step %d/%d epoch %d/%d loss %.5g | %.2f samples/s | data wait %.1f%% | ETA %s",
+                       row["step"], self.total_steps, row["epoch"] + 1, self.cfg.epochs, row["loss"],
+                       row["samples_per_s"], 100 * row["data_wait_share"], duration(eta_s))
 
     def checkpoint(self) -> None:
         """Save the run (every rank); a no-op when nothing changed since the last save."""
@@ -223,7 +273,9 @@ class Trainer:
             record = run_record(self.cfg, self.fingerprint, self.state, self.last_loss, digests, nodes,
                                 self.ds_config)
             write_student(self.store, self.cfg.run_dir, self.source, self.cfg.trainable, trained, record, probe, in_job)
-            self.metrics.plot()
+            self.metrics.plot(self.cfg.loss)
+        if self.held is not None:
+            self.held.close()
         barrier()
 
 

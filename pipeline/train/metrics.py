@@ -12,7 +12,8 @@ from pipeline.storage import Storage
 class Metrics:
     """Rank-0 metrics: CSV + TensorBoard in a local dir, mirrored to the run dir."""
 
-    COLUMNS = ("kind", "step", "epoch", "loss", "samples_per_s", "tokens_per_s", "data_wait_share", "lr", "samples")
+    COLUMNS = ("kind", "step", "epoch", "loss", "samples_per_s", "tokens_per_s", "data_wait_share", "lr", "samples",
+               "val_mse", "baseline_mse", "val_ratio")
 
     def __init__(self, run_dir: str, store: Storage, enabled: bool):
         self.run_dir, self.store, self.enabled = run_dir, store, enabled
@@ -51,8 +52,9 @@ class Metrics:
                 path = os.path.join(root, name)
                 self.store.upload(path, storage.join(self.run_dir, os.path.relpath(path, self.local)))
 
-    def plot(self) -> None:
-        """loss_curve.png from the CSV."""
+    def plot(self, loss_name: str = "mse") -> None:
+        """loss_curve.png from the CSV: the training loss per logged step (or per epoch when no step
+        was logged), the held-out MSE per validation, and the untrained single pass as a line."""
         if not self.enabled or not os.path.exists(self.csv):
             return
         import csv
@@ -63,14 +65,31 @@ class Metrics:
         import matplotlib.pyplot as plt
 
         with open(self.csv) as f:
-            rows = [r for r in csv.DictReader(f) if r["kind"] == "step"]
-        if not rows:
+            rows = list(csv.DictReader(f))
+        steps = [r for r in rows if r["kind"] == "step"]
+        epochs = [r for r in rows if r["kind"] == "epoch"]
+        vals = [r for r in rows if r["kind"] == "val"]
+        if not (steps or epochs or vals):
             return
         fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], lw=1)
-        ax.set(xlabel="step", ylabel="feature MSE" if "loss" in rows[0] else "loss", yscale="log",
-               title="student vs teacher")
+        train = steps or epochs
+        if train:
+            few = len(train) < 40
+            ax.plot([int(r["step"]) for r in train], [float(r["loss"]) for r in train], lw=1,
+                    marker="o" if few else None, ms=3,
+                    label=f"training {loss_name} ({'per logged step' if steps else 'per epoch'})")
+        if vals:
+            ax.plot([int(r["step"]) for r in vals], [float(r["val_mse"]) for r in vals], lw=1.5, marker="s", ms=4,
+                    label="held-out MSE, student")
+            ax.axhline(float(vals[0]["baseline_mse"]), color="grey", ls="--", lw=1,
+                       label="held-out MSE, untrained single pass")
+            last = vals[-1]
+            ax.set_title(f"student vs teacher: held-out MSE {float(last['val_ratio']):.3f} x the single pass")
+        else:
+            ax.set_title("student vs teacher")
+        ax.set(xlabel="step", ylabel="loss against the teacher's features", yscale="log")
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
         path = os.path.join(self.local, "loss_curve.png")
         fig.savefig(path, dpi=120, bbox_inches="tight")
         plt.close(fig)

@@ -18,12 +18,13 @@ from jobs import cache_teacher, train_student
 from pipeline import open_cache, storage
 from pipeline.storage import Storage
 from pipeline.train import loader
+from pipeline.train.validation import split_manifest
 from tests.images import good_images
 from tests.integration.conftest import put_files
 from tests.integration.test_cache_job import TINY
 
 BASE = ["batch_size=1", "lr=1e-3", "log_every=1", "record_keys=true", "scaling.cpus_per_worker=0.5",
-        "checkpoint_every=1"]
+        "checkpoint_every=1", "val_fraction=0"]  # every sample trains: the tests count them
 
 
 def _cache(root: Path, n: int) -> str:
@@ -114,27 +115,48 @@ def test_elastic_resume_sees_every_sample_of_the_epoch_once(six, tmp_path, befor
     2 loader processes: epoch 0 trains each of its samples once, its row reports the loss of all of
     them, and epoch 1 follows the plan of an uninterrupted `after`-rank run."""
     run = tmp_path / "runs" / "elastic"
-    args = [f"cache={six}", f"output={tmp_path / 'runs'}", "name=elastic", "epochs=2", f"zero_stage={zero}", *BASE]
+    args = [f"cache={six}", f"output={tmp_path / 'runs'}", "name=elastic", "epochs=2", f"zero_stage={zero}", *BASE,
+            "val_fraction=0.02"]  # one image held out: validation runs on uneven rank shares too
     train_student.main([*args, f"scaling.num_workers={before}", "data.loader_workers=1", "max_steps=1"])
     train_student.main([*args, f"scaling.num_workers={after}", "data.loader_workers=2"])
 
     rows = _keys(str(run))
-    keys = open_cache(six).keys()
+    train_rows, _ = split_manifest(open_cache(six).manifest, 0.02)
+    keys = train_rows.column("key").to_pylist()
     epoch0 = [r for r in rows if r["epoch"] == 0]
     assert sorted(r["key"] for r in epoch0) == sorted(keys)  # each once: none skipped, none repeated
     epochs = [r for r in _metrics(str(run)) if r["kind"] == "epoch"]
     assert [int(r["epoch"]) for r in epochs] == [0, 1]
+    assert [int(r["step"]) for r in _metrics(str(run)) if r["kind"] == "val"][0] == 0  # the baseline, once
     assert int(epochs[0]["samples"]) == len(keys)
     true_loss = sum(r["loss"] for r in epoch0) / len(epoch0)  # batch_size=1: one row per batch
     assert float(epochs[0]["loss"]) == pytest.approx(true_loss, rel=1e-5)
 
-    refs = loader.manifest_refs(open_cache(six).manifest)
+    refs = loader.manifest_refs(train_rows)
     for rank in range(after):
         plan = loader.plan_epoch(refs, seed=0, epoch=1, rank=rank, world_size=after, workers=2, batch_size=1,
                                  shuffle_buffer=8)
         planned = [ref.key for batch in plan.ordered_batches() for ref in batch]
         trained = [r["key"] for r in sorted(rows, key=lambda r: r["step"]) if r["epoch"] == 1 and r["rank"] == rank]
         assert trained == planned, rank
+
+
+def test_a_resume_with_more_loader_processes_trains_the_rest_of_the_epoch_and_reports_its_true_loss(six, tmp_path):
+    """One rank stopped half way through an epoch with one loader process, resumed with two: the
+    epoch trains each sample once (none of its tail skipped) and its row is the mean over all of
+    its batches, before and after the resume."""
+    run = tmp_path / "runs" / "loaders"
+    args = [f"cache={six}", f"output={tmp_path / 'runs'}", "name=loaders", "epochs=1", "scaling.num_workers=1", *BASE]
+    train_student.main([*args, "data.loader_workers=1", "max_steps=3"])
+    train_student.main([*args, "data.loader_workers=2"])
+    rows, problems = _keys(str(run)), []
+    if sorted(r["key"] for r in rows) != sorted(open_cache(six).keys()):
+        problems.append(f"epoch 0 trained {sorted(r['key'] for r in rows)}")
+    epochs = [r for r in _metrics(str(run)) if r["kind"] == "epoch"]
+    true_loss = sum(r["loss"] for r in rows) / len(rows)
+    if len(epochs) != 1 or float(epochs[0]["loss"]) != pytest.approx(true_loss, rel=1e-5):
+        problems.append(f"epoch rows {[(r['loss'], r['samples']) for r in epochs]}, true loss {true_loss:.6g}")
+    assert not problems, problems
 
 
 class _Plant:

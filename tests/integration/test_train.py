@@ -53,7 +53,8 @@ def caches(ray_cluster, s3_endpoint):
 def trained(caches):
     """Train 4 epochs with 2 ranks; checkpoints go to S3."""
     out = f"{caches}/runs"
-    metrics = train_student.main([f"cache={caches}/cache", f"output={out}", "name=tiny", "epochs=4", *TRAIN])
+    metrics = train_student.main([f"cache={caches}/cache", f"output={out}", "name=tiny", "epochs=4", "record_keys=true",
+                                  *TRAIN])
     return {"root": caches, "out": out, "run_dir": f"{out}/tiny", "metrics": metrics}
 
 
@@ -62,8 +63,26 @@ def test_loss_decreases_and_ranks_agree(trained):
     epochs = [float(r["loss"]) for r in _csv_rows(trained["run_dir"]) if r["kind"] == "epoch"]
     assert len(epochs) == 4 and epochs[-1] < epochs[0]
     assert len(info["rank_weight_digests"]) == 2 and len(set(info["rank_weight_digests"])) == 1
-    assert info["steps"] == trained["metrics"]["step"] == 4 * 6  # 12 samples / 2 ranks per epoch
+    assert info["steps"] == trained["metrics"]["step"] == 4 * 5  # 12 samples, 2 held out, / 2 ranks per epoch
     assert info["cache_fingerprint"] == open_cache(f"{trained['root']}/cache").fingerprint["fingerprint"]
+
+
+def test_validation_holds_out_whole_source_images_and_the_student_gets_closer_on_them(trained):
+    from pipeline.train.validation import held_out, source_of
+
+    cache = open_cache(f"{trained['root']}/cache")
+    held = held_out(cache.keys(), 0.02)
+    assert len(held) == 2 and len({source_of(k) for k in held}) == 1  # one image, both its views
+    trained_keys = set()
+    for url in Storage().list_files(storage.join(trained["run_dir"], "keys")):
+        trained_keys |= {line.split(",")[3] for line in Storage().read_text(url).splitlines()[1:]}
+    assert trained_keys == set(cache.keys()) - held  # every rank, every epoch: never a held-out sample
+    rows = [r for r in _csv_rows(trained["run_dir"]) if r["kind"] == "val"]
+    assert [int(r["step"]) for r in rows] == [0, 5, 10, 15, 20]  # the baseline, then each epoch's end
+    assert all(int(r["samples"]) == 2 for r in rows) and float(rows[0]["val_ratio"]) == 1.0
+    info = json.loads(Storage().read_text(storage.join(trained["run_dir"], "student.json")))["validation"]
+    assert info["fraction"] == 0.02 and info["mse"] == pytest.approx(float(rows[-1]["val_mse"]), rel=1e-5)
+    assert info["ratio"] < 1.0  # closer to the teacher than the untrained single pass, on unseen images
 
 
 def test_checkpoints_and_artifacts_land_on_s3(trained):
@@ -114,9 +133,16 @@ def test_rerun_continues_from_the_checkpoint(trained):
     metrics = train_student.main([f"cache={trained['root']}/cache", f"output={trained['out']}", "name=tiny",
                                   "epochs=5", *TRAIN])
     rows = [r for r in _csv_rows(trained["run_dir"]) if r["kind"] == "step"]
-    assert metrics["step"] == before + 6  # one more epoch, not five
+    assert metrics["step"] == before + 5  # one more epoch, not five
     steps = [int(r["step"]) for r in rows]
     assert steps == sorted(steps) and len(steps) == len(set(steps))  # appended, nothing repeated
+    from pipeline.train.validation import held_out
+
+    cache = open_cache(f"{trained['root']}/cache")
+    trained_keys = set()
+    for url in Storage().list_files(storage.join(trained["run_dir"], "keys")):
+        trained_keys |= {line.split(",")[3] for line in Storage().read_text(url).splitlines()[1:]}
+    assert trained_keys == set(cache.keys()) - held_out(cache.keys(), 0.02)  # the same split after the restart
 
 
 @pytest.mark.parametrize("args,msg", [
@@ -186,4 +212,4 @@ def test_killed_worker_is_recovered_from_its_last_checkpoint(caches, tmp_path):
     resumed = [int(line.split("resumed at step ")[1].split()[0]) for line in text.splitlines() if "resumed at step" in line]
     assert resumed and min(resumed) >= 12, text[-3000:]
     info = json.loads(Storage().read_text(str(tmp_path / "runs" / "killed" / "student.json")))
-    assert info["steps"] == 12 * 6 and len(set(info["rank_weight_digests"])) == 1
+    assert info["steps"] == 12 * 5 and len(set(info["rank_weight_digests"])) == 1

@@ -138,3 +138,32 @@ def test_metrics_csv_has_one_header_whatever_row_comes_first(tmp_path):
     assert [r["kind"] for r in rows] == ["epoch", "step"]
     assert rows[0]["samples_per_s"] == "" and float(rows[1]["samples_per_s"]) == 2.0
     assert float(rows[1]["data_wait_share"]) == 0.01
+
+
+def test_held_out_split_is_stable_keeps_views_together_and_is_never_empty_or_everything():
+    from pipeline.train.validation import held_out, source_of
+
+    keys = [f"img{i:04d}_{'ab'[i % 2]}_v{v}" for i in range(400) for v in range(3)]
+    held = held_out(keys, 0.05)
+    assert held == held_out(list(reversed(keys)), 0.05)  # a function of the keys only
+    assert 0.02 < len(held) / len(keys) < 0.09
+    sources = {source_of(k) for k in held}
+    assert held == {k for k in keys if source_of(k) in sources}  # every view of a held-out image
+    assert len(held_out(keys[:6], 0.01)) == 3  # a two-image cache still validates on one image (its 3 views)
+    assert held_out(keys, 0) == set()
+    with pytest.raises(ValueError, match="nothing is left to train on"):
+        held_out(keys[:3], 0.99)
+
+
+def test_loss_curve_shows_a_run_of_one_logged_step(tmp_path):
+    from PIL import Image
+
+    from pipeline.train.metrics import Metrics
+
+    m = Metrics(str(tmp_path / "run"), Storage(), enabled=True)
+    m.log({"kind": "val", "step": 0, "epoch": 0, "val_mse": 0.5, "baseline_mse": 0.5, "val_ratio": 1.0, "samples": 2})
+    m.log({"kind": "step", "step": 1, "epoch": 0, "loss": 0.4})
+    m.log({"kind": "val", "step": 1, "epoch": 0, "val_mse": 0.3, "baseline_mse": 0.5, "val_ratio": 0.6, "samples": 2})
+    m.plot()
+    image = np.asarray(Image.open(tmp_path / "run" / "loss_curve.png").convert("L"))
+    assert image.shape[0] > 300 and image.std() > 10

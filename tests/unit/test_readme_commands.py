@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from pipeline.bench import MODES
 from pipeline.cache.job import CacheConfig
 from pipeline.config import _load_preset
+from pipeline.cache.inspect import InspectConfig
 from pipeline.evaluate.evaluator import EvalConfig
 from pipeline.evaluate.segment import SegmentConfig
 from pipeline.plan import PlanConfig
@@ -20,7 +21,7 @@ from pipeline.train.job import TrainConfig
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", ROOT / "infra" / "README.md"]
 SCHEMAS = {"cache_teacher.py": CacheConfig, "train_student.py": TrainConfig, "evaluate.py": EvalConfig,
-           "segment.py": SegmentConfig, "plan.py": PlanConfig}
+           "segment.py": SegmentConfig, "plan.py": PlanConfig, "inspect_cache.py": InspectConfig}
 
 
 def documented_commands() -> list[tuple[str, list[str]]]:
