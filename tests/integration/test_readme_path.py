@@ -1,5 +1,5 @@
 """The README's commands as a new user runs them: from a fresh working directory, with its relative
-paths, in order (cache -> train -> segment -> evaluate), and every file the README says a command
+paths, in order (cache -> train -> inspect -> segment -> evaluate), and every file the README says a command
 writes exists where it says. Then the same path on the S3 server with credentials only in
 ``storage_options``: no ``AWS_*`` variable reaches the job processes, and the secret reaches no
 object and no log."""
@@ -69,7 +69,8 @@ def test_the_readme_commands_run_verbatim_from_a_fresh_directory(tmp_path):
     make_ade(tmp_path / "ade", [(96, 128), (120, 90)])
     subs = {"root=/data/ADEChallengeData2016": f"root={tmp_path / 'ade' / 'ADEChallengeData2016'}"}
     steps = readme_path()
-    assert [Path(w[1]).name for w, _ in steps] == ["cache_teacher.py", "train_student.py", "segment.py", "evaluate.py"]
+    assert [Path(w[1]).name for w, _ in steps] == ["cache_teacher.py", "train_student.py", "inspect_cache.py",
+                                                   "segment.py", "evaluate.py"]
     log = tmp_path / "jobs.log"
     for words, writes in steps:
         _run(_argv(words, subs), work, _job_env(), log)
@@ -86,8 +87,9 @@ def test_the_readme_commands_run_verbatim_from_a_fresh_directory(tmp_path):
 
 
 def test_the_readme_path_on_s3_with_credentials_only_in_storage_options(s3_endpoint, tmp_path):
-    """The cache reads an s3:// source and s3:// weights, training writes to s3://, segmentation
-    reads its image and the student from s3://: all with the endpoint and keys given only as
+    """The cache reads an s3:// source and s3:// weights, training writes to s3://, the inspector reads
+    the cache, its teacher's weights and the student from s3://, segmentation reads its image and the
+    student from s3://: all with the endpoint and keys given only as
     ``storage_options``."""
     import spar
 
@@ -111,6 +113,8 @@ def test_the_readme_path_on_s3_with_credentials_only_in_storage_options(s3_endpo
           "augment.min_side=64", "num_cpus=2", *opts], work, env, log)
     _run([*py, str(REPO / "jobs/train_student.py"), f"cache={base}/cache", f"output={base}/runs", "epochs=1",
           "data.loader_workers=1", "num_cpus=2", *opts], work, env, log)
+    _run([*py, str(REPO / "jobs/inspect_cache.py"), f"cache={base}/cache", "samples=2", "recompute=1",
+          f"student={base}/runs/spar-student/student.safetensors", f"output={base}/inspect", *opts], work, env, log)
     _run([*py, str(REPO / "jobs/segment.py"), f"image={base}/src/{sorted(good_images(4))[0]}", "classes=sky, ground",
           "backbone=maskclip-test", f"checkpoint={base}/runs/spar-student/student.safetensors",
           f"output={base}/segment", *opts], work, env, log)
@@ -121,6 +125,7 @@ def test_the_readme_path_on_s3_with_credentials_only_in_storage_options(s3_endpo
     for name in ("student.safetensors", "student.json", "metrics.csv", "config.yaml"):
         assert f"runs/spar-student/{name}" in keys, name
     assert any(re.fullmatch(r"segment/.*\.png", k) for k in keys)
+    assert {"inspect/contact_sheet.png", "inspect/summary.json", "inspect/audit.json"} <= set(keys)
     assert list(work.iterdir()) == []  # nothing was written locally
     cache = open_cache(f"{base}/cache", {"endpoint_url": s3_endpoint, "key": "AKIAOPTIONKEY0000003",
                                          "secret": secret})
