@@ -72,13 +72,18 @@ class Metrics:
         if not (steps or epochs or vals):
             return
         fig, ax = plt.subplots(figsize=(7, 4))
-        train = steps or epochs
-        if train:
-            few = len(train) < 40
-            ax.plot([int(r["step"]) for r in train], [float(r["loss"]) for r in train], lw=1,
-                    marker="o" if few else None, ms=3,
-                    label=f"training {loss_name} ({'per logged step' if steps else 'per epoch'})")
+        values = []
+        if steps:
+            values += [float(r["loss"]) for r in steps]
+            ax.plot([int(r["step"]) for r in steps], values, lw=1, marker="o" if len(steps) < 40 else None, ms=3,
+                    label=f"training {loss_name}, per logged step")
+        if epochs:
+            means = [float(r["loss"]) for r in epochs]
+            values += means
+            ax.plot([int(r["step"]) for r in epochs], means, lw=1, ls=":", marker="D", ms=4,
+                    label=f"training {loss_name}, epoch mean")
         if vals:
+            values += [float(r["val_mse"]) for r in vals]
             ax.plot([int(r["step"]) for r in vals], [float(r["val_mse"]) for r in vals], lw=1.5, marker="s", ms=4,
                     label="held-out MSE, student")
             ax.axhline(float(vals[0]["baseline_mse"]), color="grey", ls="--", lw=1,
@@ -87,7 +92,9 @@ class Metrics:
             ax.set_title(f"student vs teacher: held-out MSE {float(last['val_ratio']):.3f} x the single pass")
         else:
             ax.set_title("student vs teacher")
-        ax.set(xlabel="step", ylabel="loss against the teacher's features", yscale="log")
+        positive = [v for v in values if v > 0]
+        wide = positive and max(positive) / min(positive) > 20  # log scale only when the range needs it
+        ax.set(xlabel="step", ylabel="loss against the teacher's features", yscale="log" if wide else "linear")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         path = os.path.join(self.local, "loss_curve.png")
