@@ -133,10 +133,11 @@ class Trainer:
         if st.val_baseline is None:
             st.val_baseline = mse
         st.val_mse = mse
+        ratio = mse / st.val_baseline if st.val_baseline > 0 else float("nan")
         self.metrics.log({"kind": "val", "step": st.step, "epoch": st.epoch, "val_mse": mse,
-                          "baseline_mse": st.val_baseline, "val_ratio": mse / st.val_baseline, "samples": int(n)})
+                          "baseline_mse": st.val_baseline, "val_ratio": ratio, "samples": int(n)})
         rank_zero_info(log, "validation at step %d: MSE %.5g on %d held-out samples, %.3f x the untrained single "
-                       "pass (%.5g)", st.step, mse, n, mse / st.val_baseline, st.val_baseline)
+                       "pass (%.5g)", st.step, mse, n, ratio, st.val_baseline)
 
     def start_segment(self) -> None:
         """Resuming on another layout (ranks, loader processes, batch size, ...): the samples the old
