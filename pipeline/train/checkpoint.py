@@ -13,7 +13,7 @@ each rank restores the whole value and keeps its own partition. Frozen parameter
 they are the teacher's weights, which the run loads again from its source.
 
 DeepSpeed's own ``save_checkpoint`` is not used: its ``load_checkpoint`` ends in
-``torch.load(weights_only=False)``, so anyone able to write to the checkpoint prefix could run code
+``torch.load`` with ``weights_only=False``, so anyone able to write to the checkpoint prefix could run code
 on every rank. Nothing here calls ``torch.load`` or ``pickle``; a file that is not what its name
 says is refused, and so is a directory in DeepSpeed's (pickled) format.
 """
