@@ -28,7 +28,7 @@ import torch
 import spar
 from pipeline import storage
 from pipeline.cache.encode import decode_members
-from pipeline.cache.reader import Cache, iter_raw_shard, open_cache, shard_url
+from pipeline.cache.reader import Cache, iter_raw_shard, open_cache, shard_url, teacher_weights
 from pipeline.config import check, resolve_paths, resolve_weights
 from pipeline.devices import AMP_DTYPES, pick_device
 from pipeline.storage import Storage
@@ -150,9 +150,8 @@ def pick_samples(cache: Cache, n: int, seed: int) -> list[dict]:
 
 def teacher_backbone(fp: dict, store: Storage, device: torch.device) -> spar.Backbone:
     """The cache's teacher with its weights (an open_clip tag, a file, or the recorded random init)."""
-    weights = fp["weights"]
-    location = {"tag": weights["value"], "random": None}.get(weights["kind"], weights.get("uri"))
-    return spar.load_backbone(fp["backbone"], pretrained=location, init_seed=int(weights.get("init_seed", 0)),
+    location, init_seed = teacher_weights(fp)
+    return spar.load_backbone(fp["backbone"], pretrained=location, init_seed=init_seed,
                               storage_options=store.options_for(location or ""), device=device)
 
 

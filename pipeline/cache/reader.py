@@ -139,6 +139,14 @@ def read_fingerprint(url: str, store: Storage) -> dict:
     return shards.read_json(store, path)
 
 
+def teacher_weights(fingerprint: dict) -> tuple[str | None, int]:
+    """(``pretrained`` value, init seed) that loads a cache's teacher again: its open_clip tag, its
+    weights file's URL, or None with the recorded seed of a random init."""
+    weights = fingerprint["weights"]
+    location = {"tag": weights["value"], "random": None}.get(weights["kind"], weights.get("uri"))
+    return location, int(weights.get("init_seed", 0))
+
+
 def check_format(url: str, fingerprint: dict) -> None:
     """Refuse a cache of another format, naming it (nothing here reads or changes it)."""
     found = fingerprint.get("format")

@@ -121,16 +121,19 @@ def _masters(engine) -> dict[int, torch.Tensor]:
     return {}
 
 
+# Where DeepSpeed's partitioned optimizers (ZeRO-3, ZeRO-1/2, bf16) keep the flat fp32 tensors AdamW steps on
+FLAT_MASTERS = ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition")
+
+
 def _partitioned_optimizer(opt) -> bool:
-    return any(hasattr(opt, a) for a in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups",
-                                         "fp32_groups_flat_partition"))
+    return any(hasattr(opt, a) for a in FLAT_MASTERS)
 
 
 def _stepped_tensors(engine) -> list[torch.Tensor]:
     """The tensors the torch optimizer keeps state for (ZeRO's flat fp32 partitions, the fp32 masters,
     or the parameters themselves)."""
     opt = engine.optimizer
-    for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
+    for attr in FLAT_MASTERS:
         if hasattr(opt, attr):
             return list(getattr(opt, attr))
     masters = _masters(engine)

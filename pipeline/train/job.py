@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import spar
 from pipeline import storage
-from pipeline.cache.reader import CacheError, FingerprintMismatch, open_cache
+from pipeline.cache.reader import CacheError, FingerprintMismatch, open_cache, teacher_weights
 from pipeline.storage import public_url
 from pipeline.config import ConfigError, check, resolve_paths, resolve_weights, to_yaml
 from pipeline.storage import Storage
@@ -122,11 +122,10 @@ def student_source(cfg: TrainConfig, fingerprint: dict, store: Storage) -> dict:
         if (given["kind"], given["value"]) != (weights["kind"], weights["value"]):
             raise FingerprintMismatch(f"pretrained={cfg.pretrained!r} is {given['kind']} {given['value']}, but the "
                                       f"cache's teacher used {weights['kind']} {weights['value']}")
+    location, init_seed = teacher_weights(fingerprint)
+    if cfg.pretrained != FROM_CACHE:
         location = cfg.pretrained
-    else:
-        location = {"tag": weights["value"], "random": None}.get(weights["kind"], weights.get("uri"))
-    return {"backbone": backbone, "pretrained": location, "init_seed": int(weights.get("init_seed", 0)),
-            "weights": weights}
+    return {"backbone": backbone, "pretrained": location, "init_seed": init_seed, "weights": weights}
 
 
 def run(cfg: TrainConfig) -> dict:
