@@ -85,6 +85,19 @@ def test_validation_holds_out_whole_source_images_and_the_student_gets_closer_on
     assert info["ratio"] < 1.0  # closer to the teacher than the untrained single pass, on unseen images
 
 
+def test_validation_on_a_second_cache_trains_on_every_sample_and_scores_the_other(caches, tmp_path):
+    """val_cache=: nothing of the training cache is held out; the held-out cache (same teacher, other
+    images) is what the student is scored on."""
+    run_dir = tmp_path / "runs" / "vc"
+    train_student.main([f"cache={caches}/cache", f"output={tmp_path / 'runs'}", "name=vc", "epochs=1",
+                        f"val_cache={caches}/held-out", *TRAIN])
+    info = json.loads((run_dir / "student.json").read_text())
+    assert info["steps"] == 6  # all 12 samples of the training cache, 2 ranks
+    assert info["validation"]["cache"] == f"{caches}/held-out" and info["validation"]["ratio"] < 1.5
+    rows = [r for r in _csv_rows(str(run_dir)) if r["kind"] == "val"]
+    assert [int(r["samples"]) for r in rows] == [4, 4]  # the other cache's 4 images, at the start and the end
+
+
 def test_checkpoints_and_artifacts_land_on_s3(trained):
     files = [u.rsplit("/", 1)[1] for u in Storage().list_files(trained["run_dir"])]
     assert any("checkpoint_" in u for u in Storage().list_files(trained["run_dir"]))
