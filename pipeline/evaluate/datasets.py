@@ -12,7 +12,12 @@ and maps labels to ``0..C-1`` plus 255 (ignored):
 
 "Drop label 0" is mmseg's ``reduce_zero_label``: 0 -> 255, every other label -> label - 1.
 Each entry of the registry also holds the benchmark's resize and post-processing defaults;
-evaluation config keys override them. Class names live in ``pipeline/evaluate/classes/<name>.txt``.
+evaluation config keys override them.
+
+Class names: two packaged lists per benchmark (docs/method.md §5). ``paper`` (the default,
+``classes/<name>.txt``) is the list of the SCLIP / ClearCLIP / ProxyCLIP evaluations, which the
+paper uses; ``curated`` (``classes/curated/<name>.txt``) is this project's list with more synonyms.
+A result names its list as ``paper:voc21``, ``curated:voc21`` or the path / URL of a user's file.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from pipeline.storage import Storage
 from pipeline.codecs import BadImage, decode_image
 
 CLASS_DIR = Path(__file__).parent / "classes"
+CLASS_LISTS = {"paper": CLASS_DIR, "curated": CLASS_DIR / "curated"}  # classes=<list> -> folder of <name>.txt
 IGNORE = 255
 
 
@@ -61,10 +67,12 @@ class DatasetSpec:
     prob_thd: float = 0.0
     area_thd: float | None = None
 
-    @property
-    def class_file(self) -> Path:
-        """The packaged class-name file (one class per line, comma-separated synonyms)."""
-        return CLASS_DIR / f"{self.name}.txt"
+    def class_file(self, class_list: str = "paper") -> Path:
+        """A packaged class-name file (one class per line, comma-separated synonyms): `class_list`
+        is ``paper`` (the default) or ``curated``."""
+        if class_list not in CLASS_LISTS:
+            raise DatasetError(f"unknown class list {class_list!r}; packaged: {list(CLASS_LISTS)}")
+        return CLASS_LISTS[class_list] / f"{self.name}.txt"
 
 
 DATASETS: dict[str, DatasetSpec] = {s.name: s for s in [
@@ -113,11 +121,31 @@ def get_dataset(name: str) -> DatasetSpec:
         raise DatasetError(f"unknown dataset {name!r}; known: {list_datasets()}") from None
 
 
+def class_source(dataset: str, classes: str | None = None) -> str:
+    """The name of the class list an evaluation of `dataset` uses, as its results record it:
+    ``<list>:<dataset>`` for a packaged list (`classes` null = ``paper``, or ``curated``), else
+    `classes` itself, the path / URL of a class file."""
+    name = get_dataset(dataset).name
+    if not classes or classes in CLASS_LISTS:
+        return f"{classes or 'paper'}:{name}"
+    return classes
+
+
+def _packaged(source: str) -> Path | None:
+    """The packaged file of a dataset name (its paper list) or of ``<list>:<dataset>``; None otherwise."""
+    class_list, _, name = source.lower().rpartition(":")
+    if name in DATASETS and class_list in ("", *CLASS_LISTS):
+        return DATASETS[name].class_file(class_list or "paper")
+    return None
+
+
 def load_class_lines(source: str, store: Storage | None = None) -> list[str]:
-    """Class lines of a dataset name (its packaged file) or of a class file at a path / URL (read
-    through `store`, default: standard credentials)."""
-    if source.lower() in DATASETS:
-        text = DATASETS[source.lower()].class_file.read_text(encoding="utf-8")
+    """Class lines of a dataset name (its paper list), of a packaged list named ``<list>:<dataset>``
+    (``curated:voc21``), or of a class file at a path / URL (read through `store`, default:
+    standard credentials)."""
+    packaged = _packaged(source)
+    if packaged is not None:
+        text = packaged.read_text(encoding="utf-8")
     else:
         text = (store or Storage()).read_text(source)
     return [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]

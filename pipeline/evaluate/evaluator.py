@@ -13,7 +13,7 @@ import torch
 import spar
 from pipeline.config import ConfigError, check, resolve_paths, resolve_weights
 from pipeline.devices import AMP_DTYPES, device_name, pick_device, synchronize
-from pipeline.evaluate.datasets import DatasetSpec, get_dataset, load_class_lines
+from pipeline.evaluate.datasets import CLASS_LISTS, DatasetSpec, class_source, get_dataset, load_class_lines
 from pipeline.storage import Storage
 from spar.metrics import confusion_matrix
 from spar.segment import FeatureSettings, PostProcess, segment_image
@@ -40,7 +40,7 @@ class EvalConfig:
     amp_dtype: str = "float32"  # float32 (the reference) | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda
     threads: Optional[int] = None  # torch CPU threads (default: torch's)
-    classes: Optional[str] = None  # class file (path / URL) instead of the packaged one
+    classes: Optional[str] = None  # null / paper (the paper's packaged list) | curated | a class file (path / URL)
     scale: Optional[list[int]] = None  # evaluation resize (long, short); default the dataset's
     logit_scale: Optional[float] = None  # post-processing; null = the dataset's default (docs/method.md §5)
     logit_bias: Optional[float] = None
@@ -78,7 +78,9 @@ class EvalConfig:
         if self.pretrained == "default":
             self.pretrained = spar.get_spec(self.backbone).default_pretrained
         self.pretrained, self.checkpoint = resolve_weights(self.pretrained), resolve_weights(self.checkpoint)
-        resolve_paths(self, "root", "output", "classes")
+        resolve_paths(self, "root", "output")
+        if self.classes not in CLASS_LISTS:  # null or a class file
+            resolve_paths(self, "classes")
 
     @property
     def modes(self) -> list[str]:
@@ -110,7 +112,7 @@ class Evaluator:
         self.cfg, self.store = cfg, store
         self.spec = get_dataset(cfg.dataset)
         self.device = pick_device(cfg.device)
-        lines = load_class_lines(cfg.classes or self.spec.name, store)
+        lines = load_class_lines(class_source(self.spec.name, cfg.classes), store)
         base = None
         self.models: dict[str, spar.Backbone] = {}
         for mode in cfg.modes:

@@ -27,7 +27,7 @@ import torch
 from pipeline import storage
 from pipeline.config import to_dict, to_yaml
 from pipeline.storage import Storage
-from pipeline.evaluate.datasets import DatasetSpec, Sample, get_dataset, list_samples, load_sample
+from pipeline.evaluate.datasets import DatasetSpec, Sample, class_source, get_dataset, list_samples, load_sample
 from pipeline.evaluate.evaluator import EvalConfig, Evaluator, Totals, postprocess_settings
 from pipeline.evaluate.tables import mode_label, write_tables
 from spar.metrics import segmentation_scores
@@ -115,6 +115,7 @@ def _result(cfg: EvalConfig, spec: DatasetSpec, mode: str, t: Totals, class_name
     return {
         "dataset": spec.name, "title": spec.title, "split": cfg.split, "backbone": cfg.backbone, "mode": mode,
         "label": mode_label(mode, cfg.sliding_mode, cfg.stride), "weights": storage.public_url(weights),
+        "classes": storage.public_url(class_source(spec.name, cfg.classes)),
         **segmentation_scores(torch.from_numpy(t.confusion), class_names),
         "images": t.images, "images_listed": listed, "skipped": skipped,
         "seconds": t.seconds, "images_per_s": t.images / t.seconds if t.seconds else 0.0, "wall_seconds": wall,

@@ -2,8 +2,9 @@
 
 Each run of `jobs/evaluate.py` writes ``<output>/<backbone>/<dataset>/<mode label>.json``; this
 module gathers them into one row per (backbone, feature mode) with a column per dataset, the
-mean over the datasets the row has, the paper's six-benchmark mean (docs/method.md §6) for reference, and
-a second table of images/s. Written as ``table.md`` and ``table.json`` under the output.
+mean over the datasets the row has, the paper's six-benchmark mean (docs/method.md §6) for reference,
+the class list each column used (``paper:voc21``, ``curated:voc21`` or a class file), and a second
+table of images/s. Written as ``table.md`` and ``table.json`` under the output.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import posixpath
 
 from pipeline import storage
 from pipeline.storage import Storage
-from pipeline.evaluate.datasets import DATASETS
+from pipeline.evaluate.datasets import CLASS_LISTS, DATASETS
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +71,12 @@ def build_tables(results: list[dict]) -> dict:
     for r in sorted(results, key=lambda r: (r["backbone"], _MODE_ORDER.get(r["mode"], 9), r["label"])):
         row = rows.setdefault((r["backbone"], r["label"]), {
             "backbone": r["backbone"], "label": r["label"], "mode": r["mode"], "features": describe(r),
-            "miou": {}, "images_per_s": {}, "images": {}, "partial": [], "device": r.get("device", ""),
+            "miou": {}, "images_per_s": {}, "images": {}, "classes": {}, "partial": [], "device": r.get("device", ""),
             "paper_mean": PAPER_MEAN.get((r["backbone"], r["mode"]))})
         row["miou"][r["dataset"]] = r["miou"]
         row["images_per_s"][r["dataset"]] = r.get("images_per_s")
         row["images"][r["dataset"]] = r.get("images")
+        row["classes"][r["dataset"]] = r.get("classes")  # absent in results written before lists were recorded
         if r.get("images", 0) < r.get("images_listed", 0) or r.get("skipped"):
             row["partial"].append(r["dataset"])
     for row in rows.values():
@@ -85,6 +87,22 @@ def build_tables(results: list[dict]) -> dict:
     return {"markdown": _markdown(table), "json": table}
 
 
+def _list_name(source: str | None) -> str:
+    """Table cell of a class source: the packaged list's name (``paper``, ``curated``) or the file."""
+    if source is None:
+        return "unrecorded"
+    class_list, _, name = source.rpartition(":")
+    return class_list if name in DATASETS and class_list in CLASS_LISTS else source
+
+
+def _classes_cell(row: dict, datasets: list[str]) -> str:
+    """One name when every column of the row used the same kind of list, else one per column."""
+    names = {d: _list_name(row["classes"][d]) for d in datasets if d in row["classes"]}
+    if len(set(names.values())) == 1:
+        return next(iter(names.values()))
+    return "; ".join(f"{DATASETS[d].title}: {n}" for d, n in names.items())
+
+
 def _markdown(table: dict) -> str:
     datasets, rows = table["datasets"], table["rows"]
     titles = [DATASETS[d].title for d in datasets]
@@ -92,14 +110,15 @@ def _markdown(table: dict) -> str:
     lines = ["# Open-vocabulary segmentation", "",
              "mIoU (%), ignore index 255. `*` = evaluated on part of the split (`limit=` or skipped images); "
              f"mean = over the datasets the row has (k/{n_all} when not all six); paper = docs/method.md §6, "
-             "mean of the six benchmarks.", "",
-             "| backbone | features | " + " | ".join(titles) + " | mean | paper |",
-             "|---|---|" + "---:|" * (len(titles) + 2)]
+             "mean of the six benchmarks; classes = the class lists: paper (the SCLIP / ClearCLIP / ProxyCLIP "
+             "lists the paper uses, docs/method.md §5), curated, or a class file.", "",
+             "| backbone | features | " + " | ".join(titles) + " | mean | paper | classes |",
+             "|---|---|" + "---:|" * (len(titles) + 2) + "---|"]
     for row in rows:
         cells = [_fmt(row["miou"].get(d)) + ("*" if d in row["partial"] else "") for d in datasets]
         mean = _fmt(row["mean"]) + ("" if row["datasets_in_mean"] == n_all else f" ({row['datasets_in_mean']}/{n_all})")
         lines.append(f"| {row['backbone']} | {row['features']} | " + " | ".join(cells)
-                     + f" | {mean} | {_fmt(row['paper_mean'], 1)} |")
+                     + f" | {mean} | {_fmt(row['paper_mean'], 1)} | {_classes_cell(row, datasets)} |")
     lines += ["", "Images per second (inference: resize, features, logits, post-processing; decoding excluded).", "",
               "| backbone | features | " + " | ".join(titles) + " | device |",
               "|---|---|" + "---:|" * len(titles) + "---|"]

@@ -21,22 +21,29 @@ def reduce_zero(raw):
 
 # ------------------------------------------------------------------------------ class files
 
+@pytest.mark.parametrize("class_list", ["paper", "curated"])
 @pytest.mark.parametrize("name,count", [("voc21", 21), ("voc20", 20), ("context60", 60), ("context59", 59),
                                         ("cityscapes", 19), ("ade20k", 150)])
-def test_class_files_have_the_right_counts(name, count):
-    classes = parse_class_lines(load_class_lines(name))
+def test_class_files_have_the_right_counts(name, count, class_list):
+    classes = parse_class_lines(load_class_lines(f"{class_list}:{name}"))
     assert len(classes) == count == get_dataset(name).num_classes
     # a synonym in two classes would make the two classes tie on it
     names = [s.lower() for c in classes for s in c]
     assert len(names) == len(set(names))
 
 
-def test_without_background_files_are_the_with_background_files_minus_line_zero():
-    assert load_class_lines("voc20") == load_class_lines("voc21")[1:]
-    assert load_class_lines("context59") == load_class_lines("context60")[1:]
-    assert parse_class_lines(load_class_lines("voc21"))[0][0] == "background"
-    assert parse_class_lines(load_class_lines("cityscapes"))[0][0] == "road"
-    ade = parse_class_lines(load_class_lines("ade20k"))
+@pytest.mark.parametrize("class_list", ["paper", "curated"])
+def test_without_background_files_are_the_with_background_files_minus_line_zero(class_list):
+    def lines(name):
+        return load_class_lines(f"{class_list}:{name}")
+
+    assert lines("voc20") == lines("voc21")[1:]
+    assert lines("context59") == lines("context60")[1:]
+    # the paper's VOC background line names what VOC leaves unlabelled, sky first
+    assert parse_class_lines(lines("voc21"))[0][0] == {"paper": "sky", "curated": "background"}[class_list]
+    assert parse_class_lines(lines("context60"))[0][0] == "background"
+    assert parse_class_lines(lines("cityscapes"))[0][0] == "road"
+    ade = parse_class_lines(lines("ade20k"))
     assert ade[0][0] == "wall" and ade[-1][0] == "flag" and ade[12][0] == "person"
 
 
