@@ -1,19 +1,21 @@
-"""Backbones by name: open_clip ViTs with a dense ("MaskCLIP") head at any resolution.
+"""Backbones by name: ViTs with a dense head at any resolution.
 
 Every backbone is a `Backbone`: an ``nn.Module`` whose ``forward`` is the single-pass dense map
 ``(B, 3, H, W) -> (B, H/p, W/p, D)`` of docs/method.md §1. The registry maps a short name to a builder:
 
 * ``maskclip``       open_clip ViT-B-16, laion2b_s34b_b88k, window 224, D 512
 * ``siglip2``        open_clip ViT-B-16-SigLIP2-512 (timm trunk), webli, window 512, D 768
+* ``dinov3txt``      DINOv3 ViT-L/16 (timm trunk) + the dino.txt text tower, user-supplied weights,
+                     window 384, D 1024 (`spar.timm_backbones`)
+* ``timm:<name>``    any timm ViT, final-norm patch tokens, its pre-training size as window; no text
 * ``*-test``         tiny random-initialised members of the same families (CI, smoke runs)
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import open_clip
 import torch
@@ -30,6 +32,8 @@ open_clip.add_model_config(Path(__file__).parent / "model_configs")
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT = "default"  # `pretrained=DEFAULT` means the registry's default weights for that backbone
 
 
@@ -38,14 +42,22 @@ class BackboneSpec:
     """What a registry entry builds."""
 
     name: str  # spar's name, e.g. "maskclip"
-    model_name: str  # open_clip model name
-    family: str  # "maskclip" | "siglip2": which dense head
-    default_pretrained: str | None  # open_clip tag used when pretrained=DEFAULT
+    model_name: str  # open_clip model name (the timm model name for dinov3txt and timm:)
+    family: str  # "maskclip" | "siglip2" | "dinov3txt" | "timm": which dense head
+    default_pretrained: str | None  # open_clip tag used when pretrained=DEFAULT ("default": user-supplied only)
     window: int  # pre-training resolution: the teacher's crop
     patch_size: int  # ViT patch side
     dim: int  # dense feature dimension D
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    # the text side: "open_clip" (the open_clip model's), a `spar.dinotxt.TEXT_CONFIGS` name, or None
+    # (no text: cache and train only; evaluation and segmentation refuse the backbone)
+    text_tower: str | None = "open_clip"
+
+    @property
+    def has_text(self) -> bool:
+        """Whether the backbone can embed class names (evaluation, segmentation)."""
+        return self.text_tower is not None
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
@@ -60,40 +72,32 @@ def register_backbone(spec: BackboneSpec) -> BackboneSpec:
 
 
 def list_backbones() -> list[str]:
-    """Names accepted by `load_backbone`."""
+    """Registered names accepted by `load_backbone` (besides ``timm:<any timm ViT>``)."""
     return sorted(_REGISTRY)
 
 
 def get_spec(name: str) -> BackboneSpec:
-    """The registry entry for `name`, or a ValueError listing the known names."""
+    """The registry entry for `name` (``timm:<model>`` is built from timm's config), or a ValueError
+    listing the known names."""
+    if str(name).startswith("timm:"):
+        from spar.timm_backbones import timm_spec
+
+        return timm_spec(str(name))
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown backbone {name!r}; known: {list_backbones()}") from None
+        raise ValueError(f"unknown backbone {name!r}; known: {list_backbones()} or timm:<timm model name>") from None
 
 
 register_backbone(BackboneSpec("maskclip", "ViT-B-16", "maskclip", "laion2b_s34b_b88k", 224, 16, 512, CLIP_MEAN, CLIP_STD))
 register_backbone(BackboneSpec("siglip2", "ViT-B-16-SigLIP2-512", "siglip2", "webli", 512, 16, 768, (0.5,) * 3, (0.5,) * 3))
 register_backbone(BackboneSpec("maskclip-test", "spar-test-maskclip", "maskclip", None, 64, 16, 32, CLIP_MEAN, CLIP_STD))
 register_backbone(BackboneSpec("siglip2-test", "spar-test-sl2", "siglip2", None, 64, 16, 64, (0.5,) * 3, (0.5,) * 3))
-
-
-@contextlib.contextmanager
-def sdpa_attention(enabled: bool = True) -> Iterator[None]:
-    """Route ``nn.MultiheadAttention`` inference through SDPA instead of PyTorch's fast path.
-
-    The fast path (eval + no_grad) uses a plain softmax kernel; SDPA is ~28% faster at 1,568
-    tokens on CPU and uses flash/memory-efficient kernels on GPU.
-    """
-    if not enabled:
-        yield
-        return
-    before = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(before)
+# DINOv3 weights are gated (DINOv3 licence): "default" names nothing to download, the user gives the files
+register_backbone(BackboneSpec("dinov3txt", "vit_large_patch16_dinov3_qkvb", "dinov3txt", "default", 384, 16, 1024,
+                               IMAGENET_MEAN, IMAGENET_STD, text_tower="dinotxt-l"))
+register_backbone(BackboneSpec("dinov3txt-test", _timm_test_models.DINOV3_NAME, "dinov3txt", None, 64, 16, 32,
+                               IMAGENET_MEAN, IMAGENET_STD, text_tower="dinotxt-test"))
 
 
 class Backbone(nn.Module):
@@ -120,6 +124,8 @@ class Backbone(nn.Module):
     # -- what subclasses provide ------------------------------------------------------------
     patch_size: int
     dim: int
+    patch_fit = "crop"  # how segmentation fits any image to the patch grid: crop | pad | stretch (spar.segment)
+    export_layout = "open_clip"  # what `open_clip_state_dict` (and so `spar.export_open_clip`) writes
 
     @property
     def blocks(self) -> Sequence[nn.Module]:
@@ -163,11 +169,10 @@ class Backbone(nn.Module):
                 f"{h // p * p}x{w // p * p} (or pad) first"
             )
 
-    def dense(self, x: torch.Tensor, *, fast_attention: bool = True) -> torch.Tensor:
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
         """Single pass: normalised ``(B, 3, H, W)``, H and W multiples of p -> ``(B, H/p, W/p, D)`` float32."""
         self.check_input(x)
-        with sdpa_attention(fast_attention):
-            tokens = self._dense_tokens(x)
+        tokens = self._dense_tokens(x)
         b, (h, w) = x.shape[0], x.shape[-2:]
         return tokens.reshape(b, h // self.patch_size, w // self.patch_size, -1).float()
 
@@ -179,13 +184,21 @@ class Backbone(nn.Module):
         part in autograd are affected, frozen leading blocks store nothing anyway."""
         self.grad_checkpointing = enable
 
-    def _run_blocks(self, blocks: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    def _run_blocks(self, blocks: Sequence[nn.Module], x: torch.Tensor,
+                    block_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """``x`` through `blocks` in turn, each as ``block_fn(blk, x)`` (default: ``blk(x)``)."""
+        block_fn = block_fn or _call_block
         for blk in blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block_fn, blk, x, use_reentrant=False)
             else:
-                x = blk(x)
+                x = block_fn(blk, x)
         return x
+
+    def set_rope_rescale(self, factor: float | None) -> None:
+        """Train-mode RoPE coordinate rescaling (DINOv3 backbones only)."""
+        if factor is not None:
+            raise ValueError(f"backbone {self.name} has no RoPE: rope_rescale applies to dinov3txt only")
 
     def drop_text_tower(self) -> "Backbone":
         """Keep only the image tower (``clip.visual``): less memory for teachers and students that
@@ -219,9 +232,10 @@ class MaskCLIPBackbone(Backbone):
             raise TypeError(f"{spec.model_name}: maskclip head needs an open_clip VisionTransformer")
         if visual.attn_pool is not None or visual.final_ln_after_pool:
             raise TypeError(f"{spec.model_name}: attentional pooling towers are not supported by the maskclip head")
-        last = visual.transformer.resblocks[-1]
-        if not isinstance(last.attn, nn.MultiheadAttention):
-            raise TypeError(f"{spec.model_name}: maskclip head needs nn.MultiheadAttention blocks")
+        for blk in visual.transformer.resblocks:
+            if not isinstance(blk.attn, nn.MultiheadAttention):
+                raise TypeError(f"{spec.model_name}: maskclip head needs nn.MultiheadAttention blocks")
+            _check_attention(blk.attn, spec.model_name)
         self.patch_size = visual.patch_size[0]
         self.dim = visual.output_dim
         n = visual.positional_embedding.shape[0] - 1
@@ -261,16 +275,44 @@ class MaskCLIPBackbone(Backbone):
         x = x.flatten(2).transpose(1, 2)
         cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding(gh, gw).to(x.dtype)
-        x = visual.ln_pre(x)
-        batch_first = visual.transformer.batch_first
-        if not batch_first:
-            x = x.transpose(0, 1)
-        x = self._run_blocks(visual.transformer.resblocks[:-1], x)
+        x = visual.ln_pre(x)  # (B, L, width), batch first whatever the tower's own layout
+        x = self._run_blocks(visual.transformer.resblocks[:-1], x, _attention_block)
         x = _value_only_block(visual.transformer.resblocks[-1], x)
-        if not batch_first:
-            x = x.transpose(0, 1)
         x = visual.ln_post(x) @ visual.proj
         return x[:, 1:]
+
+
+def _call_block(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return blk(x)
+
+
+def _check_attention(attn: nn.MultiheadAttention, model_name: str) -> None:
+    """`_self_attention` computes plain packed-projection self-attention; refuse anything else."""
+    if not attn._qkv_same_embed_dim or attn.bias_k is not None or attn.add_zero_attn or attn.dropout:
+        raise TypeError(f"{model_name}: attention with separate q/k/v projections, bias_k/v, zero attention or "
+                        "attention dropout is not supported by the maskclip head")
+
+
+def _self_attention(attn: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
+    """``nn.MultiheadAttention(x, x, x)`` on batch-first ``(B, L, width)`` tokens, through SDPA.
+
+    The same computation as the module, but every projection is one GEMM on contiguous rows: the
+    module transposes batch-first inputs to sequence-first and its projections of the strided view
+    turn, under CPU bf16 autocast, into a batched matmul that copies its weight per image (three
+    quarters of the teacher's time). SDPA picks flash / memory-efficient kernels where it has them.
+    """
+    b, n, width = x.shape
+    heads = attn.num_heads
+    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).view(b, n, 3, heads, width // heads)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, L, head_dim) each
+    out = F.scaled_dot_product_attention(q, k, v)
+    return attn.out_proj(out.transpose(1, 2).reshape(b, n, width))
+
+
+def _attention_block(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """An open_clip ``ResidualAttentionBlock`` on batch-first tokens (self-attention, no mask)."""
+    x = x + blk.ls_1(_self_attention(blk.attn, blk.ln_1(x)))
+    return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
 
 
 def _value_only_block(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -285,6 +327,8 @@ def _value_only_block(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 class SigLIP2Backbone(Backbone):
     """open_clip ``TimmModel`` (timm ViT, MAP head) whose attention pool is reduced to its value path."""
+
+    patch_fit = "pad"  # timm's dynamic_img_pad
 
     def __init__(self, spec: BackboneSpec, clip: nn.Module, pretrained: str | None):
         super().__init__(spec, clip, pretrained)
@@ -341,6 +385,7 @@ class SigLIP2Backbone(Backbone):
 
 
 _HEADS: dict[str, Callable[..., Backbone]] = {"maskclip": MaskCLIPBackbone, "siglip2": SigLIP2Backbone}
+_BUILDERS: dict[str, Callable[..., Backbone]] = {}  # families that are not open_clip models: spar.timm_backbones
 
 
 def load_backbone(
@@ -355,9 +400,11 @@ def load_backbone(
     """Build a registered backbone in eval mode.
 
     Args:
-        name: a registry name (`list_backbones()`).
+        name: a registry name (`list_backbones()`) or ``timm:<timm model name>``.
         pretrained: ``"default"`` (the registry's open_clip tag), another open_clip tag, ``None``
-            (random init), or a local / fsspec (``s3://``) path to a weights file.
+            (random init), or a local / fsspec (``s3://``) path to a weights file. ``dinov3txt`` and
+            ``timm:`` backbones take a comma-separated list of files (``backbone.pth,dinotxt.pth``;
+            see `spar.timm_backbones`), and ``timm:`` also ``"timm"`` (timm's own pretrained weights).
         device, dtype: where and in which dtype to place the parameters.
         init_seed: seed of the random initialisation, so that ``pretrained=None`` is reproducible
             (a cache's teacher and the student built from its fingerprint must agree).
@@ -366,17 +413,26 @@ def load_backbone(
     spec = get_spec(name)
     if pretrained == DEFAULT:
         pretrained = spec.default_pretrained
-    resolved = resolve_pretrained(spec.model_name, pretrained, storage_options)
     on_meta = str(device) == "meta"  # shapes only (FLOP counting, planning): no memory, no weights
-    if on_meta and resolved is not None:
-        raise ValueError("device='meta' builds shapes only; use pretrained=None")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(init_seed)
-        clip = open_clip.create_model(spec.model_name, pretrained=resolved, device="meta" if on_meta else "cpu")
-    backbone = _HEADS[spec.family](spec, clip, pretrained)
+    if spec.family in _BUILDERS:  # not an open_clip model
+        backbone = _BUILDERS[spec.family](spec, pretrained, on_meta=on_meta, init_seed=init_seed,
+                                          storage_options=storage_options)
+    else:
+        resolved = resolve_pretrained(spec.model_name, pretrained, storage_options)
+        if on_meta and resolved is not None:
+            raise ValueError("device='meta' builds shapes only; use pretrained=None")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            clip = open_clip.create_model(spec.model_name, pretrained=resolved, device="meta" if on_meta else "cpu")
+        backbone = _HEADS[spec.family](spec, clip, pretrained)
     if (backbone.patch_size, backbone.dim) != (spec.patch_size, spec.dim):
         raise ValueError(f"{name}: built model has patch {backbone.patch_size} / dim {backbone.dim}, "
                          f"the registry says {spec.patch_size} / {spec.dim}")
     backbone.eval()
     backbone.requires_grad_(False)
     return backbone.to(device=device, dtype=dtype)
+
+
+from spar import timm_backbones  # noqa: E402  (registers the dinov3txt / timm builders; imports this module)
+
+_BUILDERS.update(timm_backbones.BUILDERS)

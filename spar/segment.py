@@ -2,7 +2,7 @@
 
     image (H0, W0, 3) uint8
       -> optional evaluation resize (keep aspect, fit inside (long, short))       `fit_size`
-      -> fit to the patch grid: crop (maskclip) or pad (siglip2)                  `fit_to_patches`
+      -> fit to the patch grid: crop (maskclip), pad (siglip2), stretch (dinov3txt) `fit_to_patches`
       -> dense features: single pass, or the sliding-window teacher               `dense_features`
       -> cosine logits with every synonym, upsampled to (H0, W0)                   `patch_logits`, `upsample_logits`
       -> scale + bias, softmax, best synonym per class, area_thd, argmax, prob_thd `postprocess`
@@ -13,7 +13,8 @@ averaged per pixel, as SCLIP does) is `sliding_window_logits`; it has no feature
 Patch remainders follow the reference: open_clip's patch embedding (a stride-p conv) drops the
 right / bottom remainder, so `maskclip` crops to the floor multiple and the logits of the cropped
 grid are stretched over the whole image; timm's SigLIP2 pads (``dynamic_img_pad``) to the next
-multiple, so the padded logits are cut back to the image before resizing.
+multiple, so the padded logits are cut back to the image before resizing; the DINOv3.txt reference
+stretches the image (bicubic) to the next multiple, so its logits cover the whole image.
 """
 from __future__ import annotations
 
@@ -96,19 +97,25 @@ def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def fit_to_patches(backbone: Backbone, x: torch.Tensor, min_side: int = 0) -> PatchFit:
-    """Crop or pad normalised ``(B, 3, H, W)`` to patch multiples (see the module docstring).
+    """Crop, pad or stretch normalised ``(B, 3, H, W)`` to patch multiples (``backbone.patch_fit``,
+    see the module docstring).
 
     Sides shorter than one patch, or than `min_side` (the sliding window), are zero-padded
     (zero = the mean colour after normalisation) whatever the family.
     """
     p = backbone.patch_size
-    pad_family = backbone.spec.family == "siglip2"
+    pad_family = backbone.patch_fit == "pad"
+    h, w = x.shape[-2:]
+    if backbone.patch_fit == "stretch":  # bicubic to the next multiples, as the DINOv3.txt reference
+        sh, sw = -(-h // p) * p, -(-w // p) * p
+        if (sh, sw) != (h, w):
+            x = F.interpolate(x, size=(sh, sw), mode="bicubic", align_corners=False)
+        h, w = sh, sw
 
     def target(n: int) -> int:
         t = -(-n // p) * p if pad_family or n < p else n // p * p
         return max(t, -(-min_side // p) * p)
 
-    h, w = x.shape[-2:]
     th, tw = target(h), target(w)
     ch, cw = min(h, th), min(w, tw)
     x = x[..., :ch, :cw]

@@ -1,8 +1,11 @@
-"""Student helpers (docs/method.md §4): which parameters train, the feature loss, and export to open_clip."""
+"""Student helpers (docs/method.md §4): which parameters train, the feature loss, and export (open_clip's
+layout, or spar's for backbones that are not open_clip models)."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +44,8 @@ def trainable_parameter_names(backbone: Backbone, spec: str = DEFAULT_TRAINABLE)
             key = item
         else:
             raise ValueError(f"unknown trainable item {item!r}; use blk_i, qkv_i, mlp_i, posembed, patchembed or all")
+        if key not in groups:  # e.g. posembed of a RoPE backbone
+            raise ValueError(f"trainable item {item!r}: backbone {backbone.name} has no such parameters")
         names.extend(n for n in groups[key] if n not in names)
     return names
 
@@ -52,6 +57,18 @@ def set_trainable(backbone: Backbone, spec: str = DEFAULT_TRAINABLE) -> list[str
     for n in names:
         backbone.clip.get_parameter(n).requires_grad_(True)
     return names
+
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Run `module` in eval mode inside the block, then restore its train / eval state: scoring a
+    student mid-training must not apply train-time augmentation (dinov3txt's ``rope_rescale``)."""
+    was = module.training
+    module.train(False)
+    try:
+        yield module
+    finally:
+        module.train(was)
 
 
 def feature_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> torch.Tensor:
@@ -72,10 +89,13 @@ def feature_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "mse") ->
 
 
 def export_open_clip(backbone: Backbone, path: str | os.PathLike) -> Path:
-    """Write the backbone's full open_clip state dict as safetensors.
+    """Write the backbone's full state dict (`Backbone.open_clip_state_dict`) as safetensors.
 
-    ``open_clip.create_model(backbone.model_name, pretrained=path)`` and
-    ``spar.load_backbone(backbone.name, pretrained=path)`` load it back bit-exactly.
+    ``spar.load_backbone(backbone.name, pretrained=path)`` loads it back bit-exactly. For open_clip
+    backbones it is a plain open_clip state dict (``open_clip.create_model(backbone.model_name,
+    pretrained=path)`` loads it); for ``dinov3txt`` and ``timm:`` it is spar's layout
+    ``spar-timm/1`` (``visual.*``: the timm trunk's state dict plus ``visual.rope.periods``;
+    ``text.*``: the dino.txt text tower, if the model had one), see `spar.timm_backbones`.
     """
     from safetensors.torch import save
 
@@ -86,7 +106,9 @@ def export_open_clip(backbone: Backbone, path: str | os.PathLike) -> Path:
     state = {k: v.detach().to("cpu").clone().contiguous() for k, v in backbone.open_clip_state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    data = save(state, metadata={"format": "pt", "open_clip_model": backbone.model_name, "spar_backbone": backbone.name})
+    layout = getattr(backbone, "export_layout", "open_clip")
+    data = save(state, metadata={"format": "pt", "layout": layout, "spar_backbone": backbone.name,
+                                 ("open_clip_model" if layout == "open_clip" else "timm_model"): backbone.model_name})
     with open(tmp, "wb") as f:  # plain open: the file gets the user's umask (save_file makes it 0600)
         f.write(data)
     os.replace(tmp, path)

@@ -103,7 +103,8 @@ def build_classifier(
     """Text embeddings of a class list (docs/method.md §5), cached per model and class list.
 
     Args:
-        backbone: a backbone that still has its text tower (``clip.encode_text``).
+        backbone: a backbone that still has its text tower (``clip.encode_text``; for ``dinov3txt`` the
+            patch-aligned half ``[:, 1024:]`` of dino.txt's 2048-d embedding, as the reference).
         class_lines: class lines (``"cat, kitty"``), one string holding them, or lists of synonyms.
         templates: prompt templates with one ``{}``; the default is CLIP's 80 ImageNet templates.
         batch_size: prompts per text-tower forward.
@@ -127,7 +128,9 @@ def build_classifier(
     prompts = [t.format(s) for s in synonyms for t in templates]
     log.info("embedding %d classes (%d synonyms x %d templates) with %s", len(classes), len(synonyms),
              len(templates), backbone.model_name)
-    emb = _embed_prompts(clip, get_tokenizer(backbone.model_name), prompts, batch_size, device)
+    # backbones whose text side is not an open_clip model bring their own tokenizer (dino.txt: CLIP's BPE)
+    tokenizer = clip.tokenize if hasattr(clip, "tokenize") else get_tokenizer(backbone.model_name)
+    emb = _embed_prompts(clip, tokenizer, prompts, batch_size, device)
     emb = F.normalize(emb.view(len(synonyms), len(templates), -1).mean(1), dim=-1)
     owner = torch.tensor([i for i, c in enumerate(classes) for _ in c], dtype=torch.long, device=device)
     result = TextClassifier(emb, owner, tuple(c[0] for c in classes), tuple(synonyms))

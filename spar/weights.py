@@ -4,7 +4,12 @@ A value is one of:
 * ``None`` -- random initialisation;
 * an open_clip pretrained tag (``laion2b_s34b_b88k``) -- fetched from the HF hub by open_clip;
 * a local file path (``/w/model.safetensors``, ``file:///w/model.bin``);
-* an fsspec URL (``s3://bucket/model.safetensors``) -- copied once into a local cache dir.
+* an fsspec URL (``s3://bucket/model.safetensors``) -- copied once into a local cache dir;
+* for backbones that are not open_clip models (``dinov3txt``, ``timm:<name>``): a comma-separated
+  list of such files (``backbone.pth,dinotxt.pth``), or ``timm`` (timm's own pretrained weights).
+
+Files that are not open_clip's are read with `read_state_dict`: safetensors, or ``torch.load`` with
+``weights_only=True`` (never unpickling code).
 """
 from __future__ import annotations
 
@@ -18,6 +23,9 @@ from pathlib import Path
 import open_clip
 
 log = logging.getLogger(__name__)
+
+TIMM_DEFAULT = "timm"  # pretrained= value for a `timm:` backbone's own weights (its pretrained_cfg, via the HF hub)
+USER_SUPPLIED = "default"  # default_pretrained of gated backbones: there is nothing to download
 
 OFFLINE_HELP = (
     "Offline options: pass pretrained=None for random initialisation, or pretrained=<path or URL> "
@@ -133,17 +141,74 @@ def resolve_pretrained(model_name: str, pretrained: str | None, storage_options:
     raise _unknown_weights(model_name, pretrained)
 
 
-def weights_identity(model_name: str, pretrained: str | None, storage_options: dict | None = None) -> dict:
-    """What identifies the weights, for fingerprints: the tag, or the sha256 of the file."""
+def split_files(pretrained: str) -> list[str]:
+    """The files of a ``pretrained=`` value: one, or several separated by commas."""
+    return [p.strip() for p in str(pretrained).split(",") if p.strip()]
+
+
+def resolve_files(pretrained: str | None, storage_options: dict | None = None, what: str = "pretrained") -> list[str]:
+    """Local paths of the comma-separated files in `pretrained` (remote ones fetched once into the
+    cache); ``[]`` for None. A part that is neither a URL nor an existing file is a FileNotFoundError."""
     if pretrained is None or pretrained == "":
-        return {"kind": "random", "value": None}
-    if open_clip.get_pretrained_cfg(model_name, str(pretrained)):
-        return {"kind": "tag", "value": str(pretrained)}
-    local = _fetch_url(pretrained, storage_options) if _is_url(pretrained) else pretrained
-    if not os.path.isfile(local):
-        raise _unknown_weights(model_name, pretrained)
+        return []
+    out = []
+    for part in split_files(pretrained):
+        local = _fetch_url(part, storage_options) if _is_url(part) else part
+        if not os.path.isfile(local):
+            raise FileNotFoundError(f"{what}: {public_url(part)!r} is not an existing file. " + OFFLINE_HELP)
+        out.append(local)
+    return out
+
+
+def read_state_dict(path: str) -> dict:
+    """A weights file as a dict of tensors: safetensors, or a torch checkpoint loaded with
+    ``weights_only=True`` (tensors and plain containers only, never pickled code). A checkpoint that
+    wraps its weights in one ``model`` / ``state_dict`` / ``module`` entry is unwrapped."""
+    import torch
+
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if path.endswith(".safetensors") or (len(head) == 9 and head[8:9] == b"{"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for files that need code to load, zip errors for non-checkpoints
+        raise ValueError(f"{path}: not a safetensors file or a weights-only torch checkpoint "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if isinstance(state, dict) and len(state) == 1 and next(iter(state)) in ("model", "state_dict", "module"):
+        state = next(iter(state.values()))
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: not a state dict (a mapping of names to tensors)")
+    return state
+
+
+def _file_digest(local: str) -> str:
     digest = hashlib.sha256()
     with open(local, "rb") as f:
         while chunk := f.read(16 << 20):
             digest.update(chunk)
-    return {"kind": "file", "value": f"sha256:{digest.hexdigest()}"}
+    return f"sha256:{digest.hexdigest()}"
+
+
+def weights_identity(model_name: str, pretrained: str | None, storage_options: dict | None = None) -> dict:
+    """What identifies the weights, for fingerprints: the tag, or the sha256 of the file (of each
+    file, sorted, for a comma-separated list)."""
+    if pretrained is None or pretrained == "":
+        return {"kind": "random", "value": None}
+    if str(pretrained) == TIMM_DEFAULT or open_clip.get_pretrained_cfg(model_name, str(pretrained)):
+        return {"kind": "tag", "value": str(pretrained)}
+    if str(pretrained) == USER_SUPPLIED:
+        raise FileNotFoundError(
+            f"pretrained=default: {model_name} has no weights to download (DINOv3's are gated by its licence); "
+            "pass the files you have, e.g. dinov3txt: pretrained=<dinov3_vitl16_pretrain_lvd1689m-*.pth>,"
+            "<dinov3_vitl16_dinotxt_vision_head_and_text_encoder-*.pth> (local, file:// or s3://)")
+    parts = split_files(pretrained)
+    if len(parts) > 1:
+        return {"kind": "file", "value": ",".join(sorted(_file_digest(p) for p in resolve_files(pretrained,
+                                                                                              storage_options)))}
+    local = _fetch_url(pretrained, storage_options) if _is_url(pretrained) else pretrained
+    if not os.path.isfile(local):
+        raise _unknown_weights(model_name, pretrained)
+    return {"kind": "file", "value": _file_digest(local)}

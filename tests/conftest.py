@@ -15,7 +15,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-TEST_BACKBONES = ["maskclip-test", "siglip2-test"]
+TEST_BACKBONES = ["maskclip-test", "siglip2-test", "dinov3txt-test"]
 
 
 @pytest.fixture(scope="session")

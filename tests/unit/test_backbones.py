@@ -54,8 +54,23 @@ def siglip2_reference(clip, x):
     return v.reshape(x.shape[0], math.ceil(x.shape[-2] / p), math.ceil(x.shape[-1] / p), -1)
 
 
+def dinov3_reference(bb, x):
+    """docs/method.md §1's DINOv3 map from timm's *own* model: a fresh dynamic-size Eva with the same
+    weights and RoPE periods, ``forward_features`` (final norm), prefix tokens dropped."""
+    trunk = bb.clip.visual
+    dyn = timm.create_model(trunk.default_cfg["architecture"], pretrained=False, num_classes=0, dynamic_img_size=True)
+    dyn.load_state_dict(trunk.state_dict())
+    dyn.rope.periods.copy_(trunk.rope.periods)
+    dyn.eval()
+    tok = dyn.forward_features(x)[:, dyn.num_prefix_tokens:]
+    return tok.reshape(x.shape[0], x.shape[-2] // 16, x.shape[-1] // 16, -1)
+
+
 def reference(backbone, x):
-    return maskclip_reference(backbone.clip, x) if backbone.spec.family == "maskclip" else siglip2_reference(backbone.clip, x)
+    family = backbone.spec.family
+    if family == "dinov3txt":
+        return dinov3_reference(backbone, x)
+    return maskclip_reference(backbone.clip, x) if family == "maskclip" else siglip2_reference(backbone.clip, x)
 
 
 def rel_err(a, b):
