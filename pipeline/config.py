@@ -92,12 +92,15 @@ def resolve_paths(cfg: Any, *names: str) -> None:
 
 
 def resolve_weights(value: str | None) -> str | None:
-    """A ``pretrained`` / ``checkpoint`` value with a local file path made absolute; open_clip tags,
-    ``default``, URLs and null are kept."""
+    """A ``pretrained`` / ``checkpoint`` value with local file paths made absolute; open_clip tags,
+    ``default``, URLs and null are kept. A comma-separated list of files (``dinov3txt``: backbone and
+    dino.txt) is resolved file by file."""
     import os
 
     from pipeline.storage import is_local, resolve
 
+    if value and "," in value:
+        return ",".join(resolve_weights(part.strip()) for part in value.split(",") if part.strip())
     if not value or not is_local(value):
         return value
     looks_like_path = os.sep in value or value.startswith(("~", ".", "file:")) or os.path.exists(value)

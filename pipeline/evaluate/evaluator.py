@@ -20,6 +20,25 @@ from spar.segment import FeatureSettings, PostProcess, segment_image
 
 MODES = ("single", "sliding", "student")
 
+# Post-processing of the reference configs that differ from a benchmark's defaults, by backbone family
+# (docs/method.md §5): DINOv3.txt's VOC21 config sets logit_scale 65 and no probability / area threshold.
+BACKBONE_POSTPROCESS: dict[tuple[str, str], dict[str, Any]] = {
+    ("dinov3txt", "voc21"): {"prob_thd": 0.0, "area_thd": None},
+}
+
+
+def check_text_backbone(backbone: str, pretrained: str | None, needs_pretrained: bool) -> None:
+    """ConfigError unless `backbone` can embed class names, and (if its pre-trained weights are used)
+    has weights to load: checked at parse time, before any work starts."""
+    spec = spar.get_spec(backbone)
+    check(spec.has_text, f"backbone {backbone!r} has no text tower, so it cannot segment with class names; "
+                         "timm: backbones cache and train only (evaluate and segment with maskclip, siglip2 or "
+                         "dinov3txt)")
+    if needs_pretrained and pretrained == "default" and spec.default_pretrained == "default":
+        from spar.timm_backbones import DINOV3_FILES_HELP
+
+        raise ConfigError(f"backbone={backbone}: " + DINOV3_FILES_HELP)
+
 
 @dataclass(kw_only=True)
 class EvalConfig:
@@ -65,9 +84,9 @@ class EvalConfig:
         check(bool(self.dataset), "dataset=<name> is required (voc21, voc20, context60, context59, cityscapes, ade20k)")
         check(bool(self.root), "root=<dataset directory or URL> is required")
         get_dataset(self.dataset)
-        spar.get_spec(self.backbone)
         check(bool(self.modes) and all(m in MODES for m in self.modes),
               f"features must be all or a comma-separated list of {MODES}, got {self.features!r}")
+        check_text_backbone(self.backbone, self.pretrained, needs_pretrained=self.modes != ["student"])
         check(self.sliding_mode in ("feature", "logits"), "sliding_mode must be feature or logits")
         check(self.amp_dtype in AMP_DTYPES, f"amp_dtype must be one of {list(AMP_DTYPES)}")
         check(self.stride >= 1 and self.window_batch >= 1, "stride and window_batch must be >= 1")
@@ -92,10 +111,15 @@ class EvalConfig:
 
 
 def postprocess_settings(cfg: EvalConfig, spec: DatasetSpec) -> PostProcess:
-    """The dataset's post-processing defaults with the config's overrides."""
+    """The dataset's post-processing defaults (with the backbone's reference differences,
+    `BACKBONE_POSTPROCESS`) and the config's overrides."""
+    family = spar.get_spec(cfg.backbone).family
+    defaults = {k: getattr(spec, k) for k in ("logit_scale", "logit_bias", "prob_thd", "area_thd")}
+    defaults.update(BACKBONE_POSTPROCESS.get((family, spec.name), {}))
+
     def pick(key: str):
         value = getattr(cfg, key)
-        return getattr(spec, key) if value is None else value
+        return defaults[key] if value is None else value
 
     return PostProcess(logit_scale=pick("logit_scale"), logit_bias=pick("logit_bias"), prob_thd=pick("prob_thd"),
                        area_thd=pick("area_thd"))

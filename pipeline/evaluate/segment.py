@@ -30,6 +30,7 @@ import spar
 from pipeline import storage
 from pipeline.config import ConfigError, check, resolve_paths, resolve_weights, to_dict
 from pipeline.evaluate.datasets import DATASETS, load_class_lines
+from pipeline.evaluate.evaluator import check_text_backbone
 from pipeline.codecs import decode_image, npy_bytes, png_bytes
 from pipeline.devices import AMP_DTYPES, pick_device
 from pipeline.samples import read_bytes
@@ -46,8 +47,8 @@ class SegmentConfig:
     classes: str = ""  # "cat, dog, sky"; synonyms with | ("person | man | woman, sky"); a dataset name; or a class file (required)
     output: str = "out/segment"  # directory for <stem>.png etc., or the overlay's .png path
     backbone: str = "maskclip"
-    pretrained: Optional[str] = "default"  # open_clip tag, file / URL, or null (random init)
-    checkpoint: Optional[str] = None  # SPAR student weights (student.safetensors); replaces `pretrained`
+    pretrained: Optional[str] = "default"  # open_clip tag, file / URL (dinov3txt: backbone.pth,dinotxt.pth), or null
+    checkpoint: Optional[str] = None  # SPAR student weights (student.safetensors[,dinotxt.pth]); replaces `pretrained`
     init_seed: int = 0
     features: str = "single"  # single (one pass: the pre-trained model, or the student) | sliding (teacher)
     sliding_mode: str = "feature"  # feature | logits (SCLIP-style)
@@ -70,7 +71,7 @@ class SegmentConfig:
     def __post_init__(self):
         check(bool(self.image), "image=<path or URL> is required")
         check(bool(self.classes.strip()), 'classes="cat, dog, sky" (or a dataset name / class file) is required')
-        spar.get_spec(self.backbone)
+        check_text_backbone(self.backbone, self.pretrained, needs_pretrained=not self.checkpoint)
         check(self.features in ("single", "sliding"), "features must be single or sliding (the student is "
                                                       "features=single with checkpoint=...)")
         check(self.sliding_mode in ("feature", "logits"), "sliding_mode must be feature or logits")

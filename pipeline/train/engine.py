@@ -102,6 +102,7 @@ def build_engine(cfg, source: dict, ds_config: dict, storage_options: dict | Non
     spar.set_trainable(student, cfg.trainable)
     student.drop_text_tower()  # never used here; export re-attaches it from the teacher's weights
     student.train()
+    student.set_rope_rescale(getattr(cfg, "rope_rescale", None))  # dinov3txt: train-mode RoPE augmentation
     if cfg.activation_checkpointing:
         student.set_grad_checkpointing(True)
     params = [p for p in student.parameters() if p.requires_grad]

@@ -41,7 +41,7 @@ def gather_trained(engine, keep: bool) -> tuple[dict[str, torch.Tensor], list[st
 
 def probe_features(engine, probe: dict, device: torch.device) -> torch.Tensor:
     """The engine's feature map of one cached image, as the run computes it."""
-    with torch.no_grad():
+    with torch.no_grad(), spar.student.eval_mode(engine.module):  # as the exported model runs
         x = engine.module.normalize(torch.from_numpy(probe["image"]).to(device))
         return engine(x).float().cpu()
 

@@ -68,6 +68,9 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp32) | bf16 | fp16 | fp32
     zero_stage: int = 0  # DeepSpeed ZeRO 0-3; 0 suits the default 2 trainable blocks, 2-3 for trainable=all
     activation_checkpointing: bool = False
+    # dinov3txt only: train-mode RoPE coordinate rescaling by a log-uniform factor in [1/R, R] per block
+    # (official DINOv3 pre-training: 2); null = off, as the SPAR reference trains (docs/method.md §4)
+    rope_rescale: Optional[float] = None
     deepspeed_config: Optional[str] = None  # JSON (e.g. infra/deepspeed/zero3.json) merged over the generated one
     seed: int = 0  # data order
     checkpoint_every: int = 0  # steps between checkpoints (a multiple of grad_accum); 0 = at the end of every epoch
@@ -97,8 +100,9 @@ class TrainConfig:
         check(self.scaling.num_workers >= 1, "scaling.num_workers must be >= 1")
         check(self.data.loader_workers >= 1, "data.loader_workers must be >= 1")
         check(0 <= self.val_fraction < 1 and self.val_every >= 0, "val_fraction must be in [0, 1), val_every >= 0")
-        check(self.backbone == FROM_CACHE or self.backbone in spar.list_backbones(),
-              f"unknown backbone {self.backbone!r}; known: {spar.list_backbones()}")
+        if self.backbone != FROM_CACHE:
+            spar.get_spec(self.backbone)  # a registry name or timm:<model>
+        check(self.rope_rescale is None or self.rope_rescale >= 1, "rope_rescale must be >= 1 (or null)")
         resolve_paths(self, "cache", "output", "deepspeed_config", "val_cache")
         if self.pretrained != FROM_CACHE:
             self.pretrained = resolve_weights(self.pretrained)
@@ -140,6 +144,9 @@ def run(cfg: TrainConfig) -> dict:
     except FileNotFoundError as e:
         raise CacheError(f"cannot read the cache {cfg.cache}: {e}") from None
     source = student_source(cfg, cache.fingerprint, store)
+    if cfg.rope_rescale is not None and spar.get_spec(source["backbone"]).family != "dinov3txt":
+        raise ConfigError(f"rope_rescale={cfg.rope_rescale}: the cache's backbone {source['backbone']} has no "
+                          "DINOv3 RoPE (the key applies to dinov3txt only)")
     validation, training = validation_split(cfg, store, cache)
     if training < cfg.scaling.num_workers:
         raise CacheError(f"{cfg.cache} has {training} samples to train on, fewer than the "

@@ -119,7 +119,7 @@ def score(engine, held: HeldOut, device: torch.device, padding: torch.Tensor) ->
 
     total, n = 0.0, 0
     samples = held.samples()
-    with torch.no_grad():
+    with torch.no_grad(), spar.student.eval_mode(engine.module):  # no train-time augmentation in a score
         for _ in range(-(-held.total // held.world)):
             s = next(samples, None)
             image = padding if s is None else s["image"][None]
