@@ -23,7 +23,9 @@ from spar.segment import (
 )
 from spar.student import DEFAULT_TRAINABLE, export_open_clip, feature_loss, set_trainable, trainable_parameter_names
 from spar.teacher import (
+    CompiledWindows,
     count_windows,
+    default_window_batch,
     sliding_window_features,
     sliding_window_features_many,
     upsample_factor,
@@ -34,7 +36,8 @@ from spar.text import IMAGENET_TEMPLATES, TextClassifier, build_classifier, pars
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEFAULT", "DEFAULT_TRAINABLE", "Backbone", "BackboneSpec", "count_windows", "export_open_clip",
+    "DEFAULT", "DEFAULT_TRAINABLE", "Backbone", "BackboneSpec", "CompiledWindows", "count_windows",
+    "default_window_batch", "export_open_clip",
     "feature_loss", "get_spec", "list_backbones", "load_backbone", "register_backbone", "set_trainable",
     "sliding_window_features", "sliding_window_features_many", "trainable_parameter_names",
     "upsample_factor", "window_starts", "__version__",

@@ -2,14 +2,15 @@
 
 Windows of every image in a call are laid out in one table and run through the ViT in chunks of
 `window_batch`, so memory is bounded by the chunk and the canvases whatever the image size, and
-small images share chunks. Window maps are overlap-added onto per-image canvases with one
-``index_add_`` per chunk; coverage is the outer product of per-axis counts.
+small images share chunks. Crops are gathered from one flat pixel buffer and window maps are
+overlap-added onto one flat canvas through index tables built on the device once per call, so the
+window loop never waits for the host; coverage is the outer product of per-axis counts.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -56,11 +57,17 @@ def _check_args(backbone: Backbone, height: int, width: int, crop: int, stride: 
 
 @dataclass
 class _Layout:
-    """Where every window of every image goes: per-window tables plus per-image canvas geometry."""
+    """Where every window of every image goes, as device tensors built once per call.
 
-    image: torch.Tensor  # (N,) image index of each window
-    top: torch.Tensor  # (N,) pixel offsets
-    left: torch.Tensor
+    Images are read from one flat ``(3, sum H_i W_i)`` pixel buffer and windows are added onto one
+    flat canvas of all images' cells, so a chunk of windows is one gather and one ``index_add_``
+    whichever images it spans, and nothing inside the window loop waits for the host.
+    """
+
+    pixel: torch.Tensor  # (N,) flat pixel offset of each window's top-left corner
+    row_stride: torch.Tensor  # (N,) pixel row length (image width) of each window's image
+    cell: torch.Tensor  # (N,) flat canvas offset of each window's top-left cell
+    cell_stride: torch.Tensor  # (N,) canvas row length of each window's image
     canvas_hw: list[tuple[int, int]]  # per image, canvas size at resolution p / r
     canvas_base: list[int]  # per image, offset of its canvas in the flat buffer
     coverage: list[torch.Tensor]  # per image, (Hc, Wc, 1) window count per canvas cell
@@ -68,27 +75,30 @@ class _Layout:
     @classmethod
     def build(cls, sizes: Sequence[tuple[int, int]], crop: int, stride: int, cell: int, device) -> "_Layout":
         k = crop // cell
-        image, top, left, canvas_hw, canvas_base, coverage = [], [], [], [], [], []
-        base = 0
-        for i, (h, w) in enumerate(sizes):
+        pixel, row_stride, cells, cell_stride, canvas_hw, canvas_base, coverage = [], [], [], [], [], [], []
+        pix_base = base = 0
+        for h, w in sizes:
             ys = torch.tensor(window_starts(h, crop, stride))
             xs = torch.tensor(window_starts(w, crop, stride))
-            gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-            top.append(gy.flatten())
-            left.append(gx.flatten())
-            image.append(torch.full((gy.numel(),), i))
+            gy, gx = (t.flatten() for t in torch.meshgrid(ys, xs, indexing="ij"))
             hc, wc = h // cell, w // cell
+            pixel.append(pix_base + gy * w + gx)
+            row_stride.append(torch.full_like(gy, w))
+            cells.append(base + gy // cell * wc + gx // cell)
+            cell_stride.append(torch.full_like(gy, wc))
             canvas_hw.append((hc, wc))
             canvas_base.append(base)
+            pix_base += h * w
             base += hc * wc
             cov_y = axis_coverage(ys // cell, k, hc)
             cov_x = axis_coverage(xs // cell, k, wc)
             coverage.append((cov_y[:, None] * cov_x[None, :]).clamp_(min=1).unsqueeze(-1).to(device))
-        return cls(torch.cat(image), torch.cat(top), torch.cat(left), canvas_hw, canvas_base, coverage)
+        tables = (torch.cat(t).to(device) for t in (pixel, row_stride, cells, cell_stride))
+        return cls(*tables, canvas_hw, canvas_base, coverage)
 
     @property
     def num_windows(self) -> int:
-        return int(self.image.numel())
+        return int(self.pixel.numel())
 
     @property
     def canvas_cells(self) -> int:
@@ -102,18 +112,9 @@ def axis_coverage(starts: torch.Tensor, k: int, length: int) -> torch.Tensor:
     return ((pos[None] >= starts[:, None]) & (pos[None] < starts[:, None] + k)).sum(0).float()
 
 
-def _gather_windows(images: Sequence[torch.Tensor], layout: _Layout, sel: slice, crop: int) -> torch.Tensor:
-    """Crops for windows `sel` as ``(n, 3, crop, crop)``; one gather per image the chunk touches."""
-    img_idx, top, left = layout.image[sel], layout.top[sel], layout.left[sel]
-    ar = torch.arange(crop)
-    parts = []
-    for i in torch.unique_consecutive(img_idx).tolist():
-        m = img_idx == i
-        img = images[i]
-        rows = (top[m][:, None] + ar).to(img.device)
-        cols = (left[m][:, None] + ar).to(img.device)
-        parts.append(img[:, rows[:, :, None], cols[:, None, :]].transpose(0, 1))
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
+def _grid_index(origin: torch.Tensor, row: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+    """Flat indices ``(n, k, k)`` of the k x k squares at flat offsets `origin` of row length `row`."""
+    return origin[:, None, None] + side[None, :, None] * row[:, None, None] + side[None, None, :]
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -129,14 +130,56 @@ def iter_window_chunks(total: int, window_batch: int) -> Iterator[slice]:
         yield slice(start, min(start + window_batch, total))
 
 
+CPU_WINDOW_BATCH = 64  # GEMMs of 64 x 197 tokens already run at the CPU's peak; more only costs memory
+GPU_WINDOW_BATCH = 256  # large enough to fill an H100 with ViT-B windows; capped by free memory below
+
+
+def default_window_batch(backbone: Backbone, crop: int, device: torch.device,
+                         amp_dtype: torch.dtype | None = None) -> int:
+    """Windows per forward for `device`: 64 on CPU; on a GPU 256, or fewer when a quarter of the
+    free memory cannot hold that many windows' activations (estimated from the token count and
+    width: q/k/v, the MLP's hidden layer and a few residual copies, plus the float32 window maps)."""
+    if device.type != "cuda":
+        return CPU_WINDOW_BATCH
+    free, _ = torch.cuda.mem_get_info(device)
+    tokens = (crop // backbone.patch_size) ** 2 + 8  # prefix tokens: class, registers
+    width = max(p.shape[-1] for p in backbone.parameters() if p.ndim == 2)
+    act_bytes = 2 if amp_dtype in (torch.bfloat16, torch.float16) else 4
+    r = 2  # the largest upsampling of the paper's strides (24 on patch 16)
+    per_window = tokens * width * act_bytes * 12 + (crop // backbone.patch_size * r) ** 2 * backbone.dim * 4 * 2
+    fits = int(free // 4 // per_window)
+    return max(1, min(GPU_WINDOW_BATCH, 1 << max(0, fits.bit_length() - 1)))
+
+
+class CompiledWindows:
+    """``backbone.dense`` compiled for one window batch shape (`torch.compile`, static shapes).
+
+    Every window has the same shape, so one graph serves every chunk: smaller chunks (the last
+    one of a call) are padded to `window_batch` with zero windows whose outputs are dropped.
+    ``mode="reduce-overhead"`` adds CUDA graphs on GPUs.
+    """
+
+    def __init__(self, backbone: Backbone, window_batch: int, mode: str | None = None):
+        self.window_batch = window_batch
+        self.fn = torch.compile(backbone.dense, dynamic=False, mode=mode)
+
+    def __call__(self, crops: torch.Tensor) -> torch.Tensor:
+        n = crops.shape[0]
+        if n < self.window_batch:
+            crops = torch.cat([crops, crops.new_zeros(self.window_batch - n, *crops.shape[1:])])
+        return self.fn(crops)[:n]
+
+
 @torch.no_grad()
 def sliding_window_features_many(
     backbone: Backbone,
     images: Sequence[torch.Tensor],
     crop: int | None = None,
     stride: int = 24,
-    window_batch: int = 64,
+    window_batch: int | None = None,
     amp_dtype: torch.dtype | None = None,
+    *,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """Teacher maps of images of different sizes, their windows batched together.
 
@@ -144,8 +187,10 @@ def sliding_window_features_many(
         images: normalised float tensors ``(3, H_i, W_i)``, sides multiples of the patch, >= crop.
         crop: window side (default: the backbone's pre-training resolution).
         stride: window stride in pixels.
-        window_batch: windows per ViT forward; bounds memory.
+        window_batch: windows per ViT forward; bounds memory (default: `default_window_batch`).
         amp_dtype: ``torch.bfloat16`` / ``torch.float16`` to autocast the ViT (accumulation stays float32).
+        forward: the window forward ``(n, 3, crop, crop) -> (n, crop/p, crop/p, D)``, e.g. a
+            `CompiledWindows` (default: ``backbone.dense``).
 
     Returns: one ``(H_i/p, W_i/p, D)`` float32 map per image, on the images' device.
     """
@@ -155,37 +200,37 @@ def sliding_window_features_many(
         if img.ndim != 3 or img.shape[0] != 3:
             raise ValueError(f"expected (3, H, W) images, got shape {tuple(img.shape)}")
         _check_args(backbone, img.shape[1], img.shape[2], crop, stride)
+    device = images[0].device
+    if window_batch is None:
+        window_batch = default_window_batch(backbone, crop, device, amp_dtype)
     if window_batch < 1:
         raise ValueError(f"window_batch must be >= 1, got {window_batch}")
-    device = images[0].device
+    forward = forward or backbone.dense
     r = upsample_factor(p, stride)
     cell = p // r  # canvas resolution in pixels
     k = crop // cell  # window map side on the canvas
     layout = _Layout.build([tuple(img.shape[1:]) for img in images], crop, stride, cell, device)
+    pixels = torch.cat([img.reshape(3, -1) for img in images], dim=1) if len(images) > 1 else images[0].reshape(3, -1)
     canvas = torch.zeros(layout.canvas_cells, backbone.dim, device=device, dtype=torch.float32)
-    wc = torch.tensor([hw[1] for hw in layout.canvas_hw])
-    base = torch.tensor(layout.canvas_base)
-    offs = torch.arange(k)
+    crop_side = torch.arange(crop, device=device)
+    map_side = torch.arange(k, device=device)
 
     for sel in iter_window_chunks(layout.num_windows, window_batch):
-        crops = _gather_windows(images, layout, sel, crop)
+        idx = _grid_index(layout.pixel[sel], layout.row_stride[sel], crop_side)
+        crops = pixels[:, idx].transpose(0, 1)  # (n, 3, crop, crop)
         with autocast(device, amp_dtype):
-            maps = backbone.dense(crops)  # (n, g, g, D) float32
+            maps = forward(crops).float()  # (n, g, g, D)
         if r > 1:
             maps = F.interpolate(maps.permute(0, 3, 1, 2), scale_factor=r, mode="bilinear",
                                  align_corners=False).permute(0, 2, 3, 1)
-        img_idx = layout.image[sel]
-        rows = layout.top[sel] // cell
-        cols = layout.left[sel] // cell
-        flat = (base[img_idx][:, None, None] + (rows[:, None, None] + offs[None, :, None]) * wc[img_idx][:, None, None]
-                + cols[:, None, None] + offs[None, None, :])
-        canvas.index_add_(0, flat.flatten().to(device), maps.reshape(-1, backbone.dim))
+        cells = _grid_index(layout.cell[sel], layout.cell_stride[sel], map_side)
+        canvas.index_add_(0, cells.flatten(), maps.reshape(-1, backbone.dim))
 
     out = []
-    for (hc, wc_i), b, cov, img in zip(layout.canvas_hw, layout.canvas_base, layout.coverage, images):
-        avg = canvas[b:b + hc * wc_i].view(hc, wc_i, -1) / cov
+    for (hc, wc), b, cov, img in zip(layout.canvas_hw, layout.canvas_base, layout.coverage, images):
+        avg = canvas[b:b + hc * wc].view(hc, wc, -1) / cov
         h, w = img.shape[1] // p, img.shape[2] // p
-        if (hc, wc_i) != (h, w):
+        if (hc, wc) != (h, w):
             avg = F.interpolate(avg.permute(2, 0, 1)[None], size=(h, w), mode="bilinear",
                                 align_corners=False)[0].permute(1, 2, 0)
         out.append(avg.contiguous())
@@ -197,8 +242,10 @@ def sliding_window_features(
     x: torch.Tensor,
     crop: int | None = None,
     stride: int = 24,
-    window_batch: int = 64,
+    window_batch: int | None = None,
     amp_dtype: torch.dtype | None = None,
+    *,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The teacher of docs/method.md §2: normalised ``(B, 3, H, W)`` -> ``(B, H/p, W/p, D)`` float32.
 
@@ -207,4 +254,5 @@ def sliding_window_features(
     """
     if x.ndim != 4:
         raise ValueError(f"expected a (B, 3, H, W) tensor, got shape {tuple(x.shape)}")
-    return torch.stack(sliding_window_features_many(backbone, list(x), crop, stride, window_batch, amp_dtype))
+    return torch.stack(sliding_window_features_many(backbone, list(x), crop, stride, window_batch, amp_dtype,
+                                                    forward=forward))

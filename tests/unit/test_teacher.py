@@ -162,3 +162,77 @@ def test_bf16_autocast_keeps_float32_output(tiny_backbones):
 def test_teacher_value_errors(tiny_backbones, shape, kw, msg):
     with pytest.raises(ValueError, match=msg):
         spar.sliding_window_features(tiny_backbones["maskclip-test"], torch.randn(*shape), **kw)
+
+
+def _rel_l2(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+BF16_REL_L2 = 2e-2  # bf16 autocast teacher vs float32, relative L2 over the whole map (stated in the README)
+
+
+@pytest.mark.parametrize("name", TEST_BACKBONES)
+def test_bf16_teacher_matches_fp32_within_tolerance(tiny_backbones, name):
+    bb = tiny_backbones[name]
+    x = torch.randn(1, 3, 112, 160)
+    with torch.no_grad():
+        ref = spar.sliding_window_features(bb, x, stride=24)
+        low = spar.sliding_window_features(bb, x, stride=24, amp_dtype=torch.bfloat16)
+    assert low.dtype == torch.float32
+    assert _rel_l2(low, ref) <= BF16_REL_L2
+    assert F.cosine_similarity(low.reshape(-1, bb.dim), ref.reshape(-1, bb.dim), dim=1).min() > 0.99
+
+
+@pytest.mark.slow
+def test_bf16_teacher_matches_fp32_within_tolerance_vitb16(vitb16):
+    x = torch.randn(1, 3, 224, 272)
+    with torch.no_grad():
+        ref = spar.sliding_window_features(vitb16, x, stride=24)
+        low = spar.sliding_window_features(vitb16, x, stride=24, amp_dtype=torch.bfloat16)
+    assert _rel_l2(low, ref) <= BF16_REL_L2
+
+
+@pytest.mark.parametrize("name", TEST_BACKBONES)
+def test_attention_runs_through_sdpa(tiny_backbones, name):
+    """Every backbone's attention goes through F.scaled_dot_product_attention (flash kernel on CPU),
+    not nn.MultiheadAttention's own fast path or a hand-written softmax."""
+    from torch.profiler import profile
+
+    from pipeline.bench.teacher import attention_kernels
+
+    bb = tiny_backbones[name]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert attention_kernels(lambda: bb.dense(x)) == ["flash"]
+        with profile() as prof:
+            bb.dense(x)
+    names = {e.key for e in prof.key_averages()}
+    assert not any("native_multi_head_attention" in n or n == "aten::_softmax" for n in names), names
+
+
+def test_index_tables_live_on_the_images_device(tiny_backbones):
+    """The window loop reads its tables on the device: nothing is copied from the host per chunk."""
+    from spar.teacher import _Layout
+
+    layout = _Layout.build([(128, 160), (64, 96)], 64, 24, 8, "meta")
+    assert {t.device.type for t in (layout.pixel, layout.row_stride, layout.cell, layout.cell_stride)} == {"meta"}
+
+
+def test_default_window_batch_on_cpu(tiny_backbones):
+    assert spar.default_window_batch(tiny_backbones["maskclip-test"], 64, torch.device("cpu")) == 64
+
+
+@pytest.mark.slow
+def test_compiled_window_forward_equals_eager(tiny_backbones):
+    """torch.compile of the window forward (static shape, last chunk padded) gives the eager teacher."""
+    bb = tiny_backbones["maskclip-test"]
+    x = torch.randn(1, 3, 112, 160)  # 3 x 5 = 15 windows: chunks of 8 and 7 (padded to 8)
+    compiled = spar.CompiledWindows(bb, window_batch=8)
+    with torch.no_grad():
+        ref = spar.sliding_window_features(bb, x, stride=24, window_batch=8)
+        got = spar.sliding_window_features(bb, x, stride=24, window_batch=8, forward=compiled)
+        low_ref = spar.sliding_window_features(bb, x, stride=24, window_batch=8, amp_dtype=torch.bfloat16)
+        low = spar.sliding_window_features(bb, x, stride=24, window_batch=8, amp_dtype=torch.bfloat16,
+                                           forward=compiled)
+    assert _rel_l2(got, ref) <= 1e-5
+    assert _rel_l2(low, ref) <= BF16_REL_L2 and _rel_l2(low, low_ref) <= BF16_REL_L2
