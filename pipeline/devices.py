@@ -1,9 +1,54 @@
-"""Device and precision names shared by the jobs (config strings -> torch objects)."""
+"""Device and precision names shared by the jobs (config strings -> torch objects).
+
+A teacher's *compute dtype* is part of its cache's fingerprint, so it is resolved once, on the
+driver, from the requested ``amp_dtype`` and from whether the actors get GPUs:
+
+* ``auto``: bf16 autocast on GPUs (fp16 on GPUs without bf16), `CPU_DEFAULT` on CPUs;
+* ``float32`` on a GPU is ``tf32`` (TF32 tensor-core matmuls, float32 everywhere else) unless
+  ``strict_fp32`` asks for IEEE float32 matmuls; on a CPU it is float32;
+* ``bfloat16`` / ``float16`` as asked.
+"""
 from __future__ import annotations
 
 import torch
 
-AMP_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}  # None: no autocast
+# compute dtype -> autocast dtype (None: no autocast; tf32 differs from float32 only in GPU matmuls)
+AMP_DTYPES = {"float32": None, "tf32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+REQUESTABLE = ("auto", "float32", "bfloat16", "float16")  # what a job's amp_dtype key accepts
+CPU_DEFAULT = "float32"  # the reference's precision; see `jobs/benchmark.py teacher` for why not bf16
+NO_BF16_GPUS = ("V100", "T4", "P100", "P4", "K80", "M60", "P40")  # Ray accelerator types without bf16
+
+
+def resolve_compute_dtype(requested: str, *, gpu: bool, strict_fp32: bool = False,
+                          gpu_types: tuple[str, ...] = ()) -> str:
+    """The compute dtype a teacher on a GPU (`gpu`) or a CPU runs in (see the module docstring);
+    `gpu_types` are the cluster's Ray accelerator types, when it reports them."""
+    if requested not in REQUESTABLE:
+        raise ValueError(f"amp_dtype must be one of {REQUESTABLE}, got {requested!r}")
+    if requested == "auto":
+        if not gpu:
+            return CPU_DEFAULT
+        return "float16" if gpu_types and all(t in NO_BF16_GPUS for t in gpu_types) else "bfloat16"
+    if requested == "float32" and gpu and not strict_fp32:
+        return "tf32"
+    return requested
+
+
+def use_compute_dtype(compute: str, device: torch.device) -> torch.dtype | None:
+    """Set this process up for `compute` on `device` (TF32 matmuls on or off); returns the autocast
+    dtype. Refuses what the device cannot do, naming the key that fixes it."""
+    if compute not in AMP_DTYPES:
+        raise ValueError(f"unknown compute dtype {compute!r}; one of {list(AMP_DTYPES)}")
+    if device.type == "cuda":
+        if compute == "bfloat16" and not torch.cuda.is_bf16_supported():
+            raise RuntimeError(f"{torch.cuda.get_device_name(device)} has no bfloat16: set teacher.amp_dtype=float16 "
+                               "(or float32)")
+        torch.backends.cuda.matmul.allow_tf32 = compute == "tf32"
+        torch.backends.cudnn.allow_tf32 = compute == "tf32"
+    elif compute == "tf32":
+        raise RuntimeError("tf32 is a GPU precision; this teacher runs on the CPU (set teacher.amp_dtype=float32 "
+                           "and device=cpu on the job that makes the cache)")
+    return AMP_DTYPES[compute]
 
 
 def pick_device(device: str) -> torch.device:

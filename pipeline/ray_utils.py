@@ -35,6 +35,11 @@ def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
+def accelerator_types() -> tuple[str, ...]:
+    """The GPU models the cluster's nodes report (Ray's ``accelerator_type:<model>`` resources)."""
+    return tuple(sorted(k.split(":", 1)[1] for k in ray.cluster_resources() if k.startswith("accelerator_type:")))
+
+
 def autoscaler_gpus() -> int:
     """The most GPUs the cluster's autoscaler says it can have (its node types x their max counts, as
     Ray Train and Ray Data read it); 0 without an autoscaler, or one without GPU node types."""

@@ -98,18 +98,20 @@ def augment(image: np.ndarray, seed: int, key: str, view: int, cfg: AugmentConfi
 
 
 def augment_row(row: dict, *, seed: int, cfg: AugmentConfig, max_pixels: int, min_source_side: int,
-                max_aspect: float, png_level: int, store: Storage) -> dict:
-    """Ray Data stage ``row -> row``: read, decode, augment and PNG-encode one (source, view).
+                max_aspect: float, image_encoding: str, png_level: int, store: Storage) -> dict:
+    """Ray Data stage ``row -> row``: read, decode, augment and encode (raw ``.npy`` or PNG) one
+    (source, view); ``image_member`` holds the encoded bytes.
 
     Bad inputs become rows with an ``error`` reason (recorded later); storage and decode failures
     are bad inputs, anything else is a bug and raises.
     """
     from pipeline.samples import read_bytes
-    from pipeline.codecs import BadImage, decode_image, png_bytes
+    from pipeline.cache.encode import encode_image
+    from pipeline.codecs import BadImage, decode_image
     from pipeline.storage import public_url
 
     out = {"key": row["key"], "sample_key": row["sample_key"], "source": row["source"], "view": row["view"],
-           "image": _PLACEHOLDER, "png": b"", "meta": "", "error": ""}
+           "image": _PLACEHOLDER, "image_member": b"", "meta": "", "error": ""}
     if row.get("error"):  # recorded upstream (an unreadable tar)
         return dict(out, error=row["error"])
     try:
@@ -122,7 +124,7 @@ def augment_row(row: dict, *, seed: int, cfg: AugmentConfig, max_pixels: int, mi
     view, plan = augment(image, seed, row["key"], int(row["view"]), cfg)
     meta = {"key": row["sample_key"], "source_key": row["key"], "source": public_url(row["source"]),
             "view": int(row["view"]), "augment": plan, "seed": seed}
-    return dict(out, image=view, png=png_bytes(view, png_level), meta=json.dumps(meta))
+    return dict(out, image=view, image_member=encode_image(view, image_encoding, png_level), meta=json.dumps(meta))
 
 
 _PLACEHOLDER = np.zeros((1, 1, 3), dtype=np.uint8)  # keeps the column's type for error rows

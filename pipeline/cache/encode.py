@@ -1,9 +1,10 @@
 """Sample encoding: targets as ``.npy`` (float16 / float32 / int8 + per-token scales), images as
-lossless PNG, metadata as JSON -- and the reverse, with checksum verification.
+raw uint8 ``.npy`` or lossless PNG, metadata as JSON -- and the reverse, with checksum verification.
 
 A cached sample is one WebDataset group of tar members sharing a key::
 
-    <key>.png               the augmented image, exactly the pixels the teacher saw
+    <key>.image.npy         the augmented image, exactly the pixels the teacher saw: (H, W, 3) uint8
+      or <key>.png          the same pixels as a lossless PNG (image_encoding=png)
     <key>.target.npy        (h, w, D) in the cache's encoding
     <key>.target_scale.npy  (h, w, 1) float32 per-token scales (int8 only)
     <key>.json              metadata (source, augmentation, sizes, encoding, checksums)
@@ -18,10 +19,15 @@ import zlib
 import numpy as np
 import torch
 
-from pipeline.codecs import decode_png, load_npy, npy_bytes
+from pipeline.codecs import decode_png, load_npy, npy_bytes, png_bytes
 
 ENCODINGS = ("float16", "float32", "int8")
-IMAGE_EXT, TARGET_EXT, SCALE_EXT, META_EXT = "png", "target.npy", "target_scale.npy", "json"
+# image encoding -> its tar member. raw costs 3 B/px and no decode; PNG ~1.5-2 B/px of photos, but
+# decoding it is what limits a training loader (`jobs/benchmark.py loader`), so raw is the default.
+IMAGE_MEMBERS = {"raw": "image.npy", "png": "png"}
+IMAGE_ENCODINGS = tuple(IMAGE_MEMBERS)
+DEFAULT_IMAGE_ENCODING = "raw"
+TARGET_EXT, SCALE_EXT, META_EXT = "target.npy", "target_scale.npy", "json"
 
 
 class CorruptSample(ValueError):
@@ -57,21 +63,39 @@ def dequantize(target: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
         return target.astype(np.float32) * scale.astype(np.float32)
     return target.astype(np.float32, copy=False)
 
+def encode_image(image: np.ndarray, encoding: str, png_level: int = 1) -> bytes:
+    """The image member's bytes: ``(H, W, 3)`` uint8 as ``.npy`` (raw) or lossless PNG."""
+    if encoding == "raw":
+        return npy_bytes(image)
+    if encoding == "png":
+        return png_bytes(image, png_level)
+    raise ValueError(f"unknown image encoding {encoding!r}; use one of {IMAGE_ENCODINGS}")
 
 
+def image_member(sample: dict) -> tuple[str, bytes]:
+    """(extension, bytes) of a sample's image member, whichever encoding it has."""
+    for ext in IMAGE_MEMBERS.values():
+        if ext in sample:
+            return ext, sample[ext]
+    raise KeyError(" or ".join(IMAGE_MEMBERS.values()))
 
 
+def _decode_image_member(key: str, ext: str, data: bytes) -> np.ndarray:
+    if ext == IMAGE_MEMBERS["png"]:
+        return decode_png(data)
+    image = load_npy(data)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise CorruptSample(f"sample {key}: image member is {image.dtype} {image.shape}, not (H, W, 3) uint8")
+    return image
 
 
-
-
-
-def encode_members(key: str, png: bytes, target: dict[str, np.ndarray], meta: dict) -> dict:
-    """The tar members of one sample; checksums of image and target go into its metadata."""
-    members = {"__key__": key, IMAGE_EXT: png, TARGET_EXT: npy_bytes(target["target"])}
+def encode_members(key: str, image: bytes, image_ext: str, target: dict[str, np.ndarray], meta: dict) -> dict:
+    """The tar members of one sample (`image` is an `encode_image` result, stored under `image_ext`);
+    checksums of image and target go into its metadata."""
+    members = {"__key__": key, image_ext: image, TARGET_EXT: npy_bytes(target["target"])}
     if "target_scale" in target:
         members[SCALE_EXT] = npy_bytes(target["target_scale"])
-    meta = dict(meta, image_checksum=checksum(png), target_checksum=checksum(members[TARGET_EXT]))
+    meta = dict(meta, image_checksum=checksum(image), target_checksum=checksum(members[TARGET_EXT]))
     if SCALE_EXT in members:
         meta["target_scale_checksum"] = checksum(members[SCALE_EXT])
     members[META_EXT] = json.dumps(meta, sort_keys=True).encode()
@@ -85,16 +109,17 @@ def decode_stored(sample: dict, verify: bool = True) -> dict:
     key = sample["__key__"]
     try:
         meta = json.loads(sample[META_EXT])
-        png, tgt = sample[IMAGE_EXT], sample[TARGET_EXT]
+        ext, image = image_member(sample)
+        tgt = sample[TARGET_EXT]
     except KeyError as e:
         raise CorruptSample(f"sample {key}: missing member {e}") from None
     scale_bytes = sample.get(SCALE_EXT)
     if verify:
-        pairs = [("image", png), ("target", tgt)] + ([("target_scale", scale_bytes)] if scale_bytes else [])
+        pairs = [("image", image), ("target", tgt)] + ([("target_scale", scale_bytes)] if scale_bytes else [])
         for name, data in pairs:
             if checksum(data) != meta.get(f"{name}_checksum"):
                 raise CorruptSample(f"sample {key}: {name} checksum mismatch")
-    out = {"key": key, "image": decode_png(png), "target": load_npy(tgt), "meta": meta}
+    out = {"key": key, "image": _decode_image_member(key, ext, image), "target": load_npy(tgt), "meta": meta}
     if scale_bytes:
         out["scale"] = load_npy(scale_bytes)
     return out

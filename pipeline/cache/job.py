@@ -22,11 +22,12 @@ import spar
 from pipeline import __version__, storage
 from pipeline.cache import shards, sources
 from pipeline.cache.augment import AugmentConfig, augment_row
-from pipeline.cache.encode import ENCODINGS, IMAGE_EXT, META_EXT, SCALE_EXT, TARGET_EXT
+from pipeline.cache.encode import (DEFAULT_IMAGE_ENCODING, ENCODINGS, IMAGE_ENCODINGS, IMAGE_MEMBERS, META_EXT,
+                                   SCALE_EXT, TARGET_EXT)
 from pipeline.cache.reader import FORMAT, FingerprintMismatch, check_format, fingerprint_diff, fingerprint_digest
-from pipeline.cache.teacher import TeacherActor
+from pipeline.cache.teacher import IMAGE_MEMBER, TeacherActor
 from pipeline.config import check, resolve_paths, resolve_weights, to_dict, to_yaml
-from pipeline.devices import AMP_DTYPES
+from pipeline.devices import REQUESTABLE, resolve_compute_dtype
 from pipeline.logs import Progress
 from pipeline.storage import Storage, public_url
 
@@ -44,13 +45,15 @@ class TeacherConfig:
     num_actors: int = 0  # a fixed pool size (overrides min_actors and max_actors)
     threads: Optional[int] = None  # torch threads of a CPU actor (default: all cores)
     batch_images: int = 2  # images per actor call; their windows share ViT batches
-    window_batch: int = 64  # windows per ViT forward (bounds activation memory)
-    amp_dtype: str = "float32"  # float32 (the reference) | bfloat16 | float16 -- part of the fingerprint
+    window_batch: int = 0  # windows per ViT forward (bounds activation memory); 0 = 64 on CPU, 256 on GPU (less if memory is short)
+    amp_dtype: str = "auto"  # auto (bf16 on GPU, float32 on CPU) | float32 (TF32 on GPU) | bfloat16 | float16 -- in the fingerprint
+    strict_fp32: bool = False  # with float32 on a GPU: IEEE float32 matmuls instead of TF32
+    compile: bool = False  # torch.compile the window forward (one static shape; the first call compiles)
     device: str = "auto"  # auto | cpu | cuda
 
     def __post_init__(self):
-        check(self.amp_dtype in AMP_DTYPES, f"teacher.amp_dtype must be one of {list(AMP_DTYPES)}")
-        check(self.batch_images >= 1 and self.window_batch >= 1, "teacher batch sizes must be >= 1")
+        check(self.amp_dtype in REQUESTABLE, f"teacher.amp_dtype must be one of {list(REQUESTABLE)}")
+        check(self.batch_images >= 1 and self.window_batch >= 0, "teacher.batch_images must be >= 1, window_batch >= 0")
 
 
 @dataclass(kw_only=True)
@@ -67,6 +70,7 @@ class CacheConfig:
     seed: int = 0  # augmentation seed: views are a function of (seed, key, view)
     views: int = 1  # augmented views per source image
     encoding: str = "float16"  # target encoding: float16 | float32 | int8 (per-token scales)
+    image_encoding: str = DEFAULT_IMAGE_ENCODING  # raw (uint8 .npy, no decode) | png (lossless, ~40% smaller, slow to decode)
     shard_size: int = 32  # max samples per shard tar
     limit: Optional[int] = None  # only the first N source images (natural order; tars: natural order, then tar order)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -88,6 +92,7 @@ class CacheConfig:
     def __post_init__(self):
         spar.get_spec(self.backbone)
         check(self.encoding in ENCODINGS, f"encoding must be one of {ENCODINGS}")
+        check(self.image_encoding in IMAGE_ENCODINGS, f"image_encoding must be one of {IMAGE_ENCODINGS}")
         check(self.views >= 1, "views must be >= 1")
         check(self.shard_size >= 1, "shard_size must be >= 1")
         check(self.stride >= 1, "stride must be >= 1")
@@ -112,8 +117,9 @@ class TooManyFailures(RuntimeError):
     """More inputs failed than `max_failed_fraction` allows (the cache keeps what succeeded)."""
 
 
-def build_fingerprint(cfg: CacheConfig, store: Storage) -> dict:
-    """The teacher's identity: everything that changes what a target contains."""
+def build_fingerprint(cfg: CacheConfig, store: Storage, compute_dtype: str | None = None) -> dict:
+    """The teacher's identity: everything that changes what a target contains. `compute_dtype` is
+    the resolved precision (`teacher_precision`); default: what a CPU teacher would use."""
     from spar.weights import weights_identity
 
     spec = spar.get_spec(cfg.backbone)
@@ -128,7 +134,8 @@ def build_fingerprint(cfg: CacheConfig, store: Storage) -> dict:
         "patch_size": spec.patch_size, "dim": spec.dim, "crop": crop, "stride": cfg.stride,
         "upsample_factor": spar.upsample_factor(spec.patch_size, cfg.stride),
         "normalization": {"mean": list(spec.mean), "std": list(spec.std)},
-        "compute_dtype": cfg.teacher.amp_dtype, "encoding": cfg.encoding, "image_format": "png",
+        "compute_dtype": compute_dtype or teacher_precision(cfg, gpu=False), "encoding": cfg.encoding,
+        "image_format": cfg.image_encoding,
         "augmentation": {"seed": cfg.seed, **to_dict(cfg.augment)},
         "project_version": __version__,
     }
@@ -136,13 +143,19 @@ def build_fingerprint(cfg: CacheConfig, store: Storage) -> dict:
     return fp
 
 
-def claim_output(cfg: CacheConfig, store: Storage) -> dict:
+def teacher_precision(cfg: CacheConfig, *, gpu: bool, gpu_types: tuple[str, ...] = ()) -> str:
+    """The compute dtype of this job's teacher actors (`pipeline.devices.resolve_compute_dtype`)."""
+    return resolve_compute_dtype(cfg.teacher.amp_dtype, gpu=gpu, strict_fp32=cfg.teacher.strict_fp32,
+                                 gpu_types=gpu_types)
+
+
+def claim_output(cfg: CacheConfig, store: Storage, compute_dtype: str | None = None) -> dict:
     """Write the fingerprint into a new output, or check it against an existing one.
 
     An output whose earlier run committed nothing (it failed before its first shard, e.g. weights that
     could not be fetched) is not a cache yet: its fingerprint is replaced, with a warning.
     """
-    fp = build_fingerprint(cfg, store)
+    fp = build_fingerprint(cfg, store, compute_dtype)
     path = storage.join(cfg.output, "teacher.json")
     if store.exists(path):
         old = shards.read_json(store, path)
@@ -206,15 +219,17 @@ def expand_tar(row: dict, *, views: int, done: Any, store: Storage) -> Iterator[
                "error": f"unreadable tar: {type(e).__name__}: {e}"}
 
 
-def write_batch(batch: dict[str, np.ndarray], *, output: str, store: Storage, run: str) -> dict[str, np.ndarray]:
-    """Ray Data stage: commit one shard (and record errors) from a batch of teacher outputs."""
+def write_batch(batch: dict[str, np.ndarray], *, output: str, image_ext: str, store: Storage,
+                run: str) -> dict[str, np.ndarray]:
+    """Ray Data stage: commit one shard (and record errors) from a batch of teacher outputs (the
+    image member, column ``image_member``, is stored as ``<key>.<image_ext>``)."""
     samples, rows, errors = [], [], []
     for i in range(len(batch["sample_key"])):
         key, source = str(batch["sample_key"][i]), str(batch["source"][i])
         if batch["error"][i]:
             errors.append({"key": key, "source": public_url(source), "reason": str(batch["error"][i])})
             continue
-        members = {"__key__": key, IMAGE_EXT: batch[IMAGE_EXT][i], TARGET_EXT: batch[TARGET_EXT][i],
+        members = {"__key__": key, image_ext: batch[IMAGE_MEMBER][i], TARGET_EXT: batch[TARGET_EXT][i],
                    META_EXT: batch[META_EXT][i]}
         if len(batch[SCALE_EXT][i]):
             members[SCALE_EXT] = batch[SCALE_EXT][i]
@@ -232,17 +247,22 @@ def write_batch(batch: dict[str, np.ndarray], *, output: str, store: Storage, ru
             "windows": np.array([int(np.sum(batch["windows"]))])}
 
 
-def build_dataset(cfg: CacheConfig, store: Storage, items: list[dict], is_tars: bool, done: set[str], fp: dict,
-                  run: str):
-    """The streaming Ray Data pipeline for `items` (not executed yet)."""
-    import ray
-
+def teacher_pool(cfg: CacheConfig):
+    """The teacher actor pool this cluster gives the job (`pipeline.ray_utils.actor_pool`)."""
     from pipeline.ray_utils import actor_pool
 
     t = cfg.teacher
-    pool = actor_pool(device=t.device, num_gpus=t.num_gpus, num_cpus=t.num_cpus, num_actors=t.num_actors,
+    return actor_pool(device=t.device, num_gpus=t.num_gpus, num_cpus=t.num_cpus, num_actors=t.num_actors,
                       min_actors=t.min_actors, max_actors=t.max_actors)
-    log.info("teacher: %s, %d images per call", pool.describe(), t.batch_images)
+
+
+def build_dataset(cfg: CacheConfig, store: Storage, items: list[dict], is_tars: bool, done: set[str], fp: dict,
+                  run: str, pool):
+    """The streaming Ray Data pipeline for `items` (not executed yet) on the actor `pool`."""
+    import ray
+
+    t = cfg.teacher
+    log.info("teacher: %s, %d images per call, %s", pool.describe(), t.batch_images, fp["compute_dtype"])
     read_cpus = cfg.read_cpus if cfg.read_cpus > 0 else (1.0 if pool.num_gpus else 0.5)
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
     if is_tars:
@@ -250,42 +270,46 @@ def build_dataset(cfg: CacheConfig, store: Storage, items: list[dict], is_tars: 
                          num_cpus=read_cpus)
     ds = ds.map(augment_row, num_cpus=read_cpus, fn_kwargs={
         "seed": cfg.seed, "cfg": cfg.augment, "max_pixels": cfg.max_pixels, "min_source_side": cfg.min_source_side,
-        "max_aspect": cfg.max_aspect, "png_level": cfg.png_compress_level, "store": store})
+        "max_aspect": cfg.max_aspect, "image_encoding": cfg.image_encoding, "png_level": cfg.png_compress_level,
+        "store": store})
     ds = ds.map_batches(
         TeacherActor, batch_size=t.batch_images, batch_format="numpy", compute=pool.strategy(),
         num_gpus=pool.num_gpus, num_cpus=pool.num_cpus, scheduling_strategy="SPREAD", fn_constructor_kwargs={
             "backbone": cfg.backbone, "pretrained": cfg.pretrained, "crop": cfg.crop, "stride": cfg.stride,
-            "window_batch": t.window_batch, "amp_dtype": t.amp_dtype, "encoding": cfg.encoding,
-            "device": t.device, "threads": t.threads, "fingerprint": fp["fingerprint"], "init_seed": cfg.init_seed,
-            "store": store})
+            "window_batch": t.window_batch, "compute_dtype": fp["compute_dtype"], "compile": t.compile,
+            "encoding": cfg.encoding, "image_ext": IMAGE_MEMBERS[cfg.image_encoding], "device": t.device, "threads": t.threads, "fingerprint": fp["fingerprint"],
+            "init_seed": cfg.init_seed, "store": store})
     return ds.map_batches(write_batch, batch_size=cfg.shard_size, batch_format="numpy", num_cpus=cfg.write_cpus,
-                          fn_kwargs={"output": cfg.output, "store": store, "run": run})
+                          fn_kwargs={"output": cfg.output, "image_ext": IMAGE_MEMBERS[cfg.image_encoding],
+                                     "store": store, "run": run})
 
 
 def run(cfg: CacheConfig) -> dict:
     """Run (or resume) the cache job; returns the summary. Raises `TooManyFailures` after writing
     everything that succeeded if too many inputs failed."""
-    from pipeline.ray_utils import init_ray, require_on_every_node
+    from pipeline.ray_utils import accelerator_types, init_ray, require_on_every_node
 
     store = Storage(cfg.storage_options)
-    fp = claim_output(cfg, store)
-    shards.create_tables(store, cfg.output)
-    shards.clean_orphans(store, cfg.output, cfg.orphan_retention_s)
-    run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    store.write_text(storage.join(cfg.output, "config.yaml"), to_yaml(cfg))
-    store.write_text(storage.join(cfg.output, "runs", run_id, "config.yaml"), to_yaml(cfg))
-    committed, version, _ = shards.read_manifest(store, cfg.output)
-    done = set(committed.column("key").to_pylist())
-    items, listed, is_tars = work_items(cfg, store, done)
-    log.info("fingerprint %s; %d samples already committed (manifest version %d); %d work items",
-             fp["fingerprint"][:19], len(done), version, len(items))
     started = init_ray(cfg.ray_address, cfg.num_cpus)
     t0 = time.perf_counter()
     totals = {"samples": 0, "errors": 0, "bytes": 0, "windows": 0, "shards": 0}
     try:
+        # the precision is part of the fingerprint and follows the actors' devices: decided before the claim
+        pool = teacher_pool(cfg)
+        fp = claim_output(cfg, store, teacher_precision(cfg, gpu=pool.num_gpus > 0, gpu_types=accelerator_types()))
+        shards.create_tables(store, cfg.output)
+        shards.clean_orphans(store, cfg.output, cfg.orphan_retention_s)
+        run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+        store.write_text(storage.join(cfg.output, "config.yaml"), to_yaml(cfg))
+        store.write_text(storage.join(cfg.output, "runs", run_id, "config.yaml"), to_yaml(cfg))
+        committed, version, _ = shards.read_manifest(store, cfg.output)
+        done = set(committed.column("key").to_pylist())
+        items, listed, is_tars = work_items(cfg, store, done)
+        log.info("fingerprint %s; %d samples already committed (manifest version %d); %d work items",
+                 fp["fingerprint"][:19], len(done), version, len(items))
         require_on_every_node(storage.join(cfg.output, "teacher.json"), "the cache output")
         if items:
-            dataset = build_dataset(cfg, store, items, is_tars, done, fp, run_id)
+            dataset = build_dataset(cfg, store, items, is_tars, done, fp, run_id, pool)
             expected = -1 if is_tars and listed < 0 else (len(items) if not is_tars else listed * cfg.views - len(done))
             progress = Progress(log, "cache progress, samples", expected, cfg.progress_every_s)
             for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):

@@ -16,21 +16,22 @@ import numpy as np
 import torch
 
 import spar
-from pipeline.devices import AMP_DTYPES, pick_device
+from pipeline.devices import pick_device, use_compute_dtype
 from pipeline.storage import Storage
-from pipeline.cache.encode import IMAGE_EXT, META_EXT, SCALE_EXT, TARGET_EXT, encode_members, quantize
+from pipeline.cache.encode import META_EXT, SCALE_EXT, TARGET_EXT, encode_members, quantize
 
 log = logging.getLogger(__name__)
 
-MEMBER_COLUMNS = (IMAGE_EXT, TARGET_EXT, SCALE_EXT, META_EXT)  # tar members, as output columns
+IMAGE_MEMBER = "image_member"  # the encoded image (raw .npy or PNG bytes), made by the read tasks
+MEMBER_COLUMNS = (IMAGE_MEMBER, TARGET_EXT, SCALE_EXT, META_EXT)  # tar members, as output columns
 
 
 class TeacherActor:
     """``batch -> batch``: the tar members of every row without an error (one column per member)."""
 
     def __init__(self, *, backbone: str, pretrained: str | None, crop: int | None, stride: int,
-                 window_batch: int, amp_dtype: str, encoding: str, device: str = "auto",
-                 threads: int | None = None, fingerprint: str = "", init_seed: int = 0,
+                 window_batch: int, compute_dtype: str, encoding: str, image_ext: str, compile: bool = False,
+                 device: str = "auto", threads: int | None = None, fingerprint: str = "", init_seed: int = 0,
                  store: Storage | None = None):
         self.device = pick_device(device)
         if self.device.type == "cpu":
@@ -41,10 +42,12 @@ class TeacherActor:
                                      storage_options=options).drop_text_tower()
         self.bb.to(self.device)
         self.crop = crop or self.bb.window
-        self.stride, self.window_batch, self.encoding = stride, window_batch, encoding
-        self.amp = AMP_DTYPES[amp_dtype]
-        self.fingerprint = fingerprint
-        log.info("teacher %s on %s (%d threads)", backbone, self.device, torch.get_num_threads())
+        self.stride, self.encoding, self.image_ext, self.fingerprint = stride, encoding, image_ext, fingerprint
+        self.amp = use_compute_dtype(compute_dtype, self.device)
+        self.window_batch = window_batch or spar.default_window_batch(self.bb, self.crop, self.device, self.amp)
+        self.forward = spar.CompiledWindows(self.bb, self.window_batch) if compile else None
+        log.info("teacher %s on %s (%d threads), %s, %d windows per forward%s", backbone, self.device,
+                 torch.get_num_threads(), compute_dtype, self.window_batch, ", compiled" if compile else "")
 
     def _refuse(self, image: np.ndarray) -> str:
         h, w = image.shape[:2]
@@ -69,7 +72,7 @@ class TeacherActor:
             # Ray hands out read-only views of the object store; normalize copies them anyway
             images = [self.bb.normalize(torch.from_numpy(np.array(batch["image"][i])))[0] for i in todo]
             maps = spar.sliding_window_features_many(self.bb, images, self.crop, self.stride,
-                                                     self.window_batch, self.amp)
+                                                     self.window_batch, self.amp, forward=self.forward)
             for i, img, fmap in zip(todo, images, maps):
                 target = {k: v.cpu().numpy() for k, v in quantize(fmap, self.encoding).items()}
                 meta = json.loads(batch["meta"][i])
@@ -77,7 +80,8 @@ class TeacherActor:
                 meta.update(image_size=list(img.shape[1:]), grid=list(fmap.shape[:2]), dim=int(fmap.shape[2]),
                             encoding=self.encoding, dtype=str(target["target"].dtype), windows=windows[i],
                             teacher=self.fingerprint)
-                members = encode_members(batch["sample_key"][i], batch["png"][i], target, meta)
+                members = encode_members(batch["sample_key"][i], batch[IMAGE_MEMBER][i], self.image_ext, target, meta)
+                members[IMAGE_MEMBER] = members.pop(self.image_ext)
                 for name in MEMBER_COLUMNS:
                     cols[name][i] = members.get(name, b"")
         seconds = (time.perf_counter() - t) / max(1, len(todo))

@@ -12,7 +12,7 @@ import spar
 from jobs import cache_teacher, inspect_cache
 from pipeline import open_cache, storage
 from pipeline.cache import shards
-from pipeline.cache.encode import IMAGE_EXT, META_EXT, TARGET_EXT, encode_members
+from pipeline.cache.encode import META_EXT, TARGET_EXT, encode_members, image_member
 from pipeline.cache.inspect import LABEL, PANEL, pick_samples
 from pipeline.codecs import load_npy
 from pipeline.storage import Storage
@@ -76,7 +76,7 @@ def test_the_audit_passes_on_an_intact_cache_and_names_a_swapped_target(ray_clus
     for raw in raws:
         target = load_npy(raws[0][TARGET_EXT] if raw["__key__"] == victim else raw[TARGET_EXT])
         meta = json.loads(raw[META_EXT])
-        m = encode_members(raw["__key__"], raw[IMAGE_EXT], {"target": target}, meta)
+        m = encode_members(raw["__key__"], image_member(raw)[1], image_member(raw)[0], {"target": target}, meta)
         meta = json.loads(m[META_EXT])
         row = manifest[raw["__key__"]]
         rows.append({k: row[k] for k in ("key", "source", "view", "height", "width", "grid_h", "grid_w", "windows")}

@@ -6,25 +6,28 @@ import torch
 from pipeline import storage
 from pipeline.cache import shards
 from pipeline.cache.reader import FORMAT, CacheError, iter_shard, open_cache
-from pipeline.cache.encode import CorruptSample, decode_members, encode_members, quantize
-from pipeline.codecs import png_bytes
+from pipeline.cache.encode import (IMAGE_ENCODINGS, IMAGE_MEMBERS, CorruptSample, decode_members, encode_image,
+                                   encode_members, quantize)
 from pipeline.storage import Storage
 
 
-def _sample(key, h=4, w=6, d=32, encoding="float16", seed=0):
+def _sample(key, h=4, w=6, d=32, encoding="float16", seed=0, image_encoding="raw"):
     g = torch.Generator().manual_seed(seed)
     target = torch.randn(h, w, d, generator=g)
     image = np.random.default_rng(seed).integers(0, 256, (h * 16, w * 16, 3), dtype=np.uint8)
     enc = {k: v.numpy() for k, v in quantize(target, encoding).items()}
     meta = {"image_size": [h * 16, w * 16], "grid": [h, w]}
-    return encode_members(key, png_bytes(image), enc, meta), image, target.numpy()
+    members = encode_members(key, encode_image(image, image_encoding), IMAGE_MEMBERS[image_encoding], enc, meta)
+    return members, image, target.numpy()
 
 
+@pytest.mark.parametrize("image_encoding", IMAGE_ENCODINGS)
 @pytest.mark.parametrize("encoding,tol", [("float32", 0), ("float16", 1e-3), ("int8", 1e-2)])
-def test_members_round_trip(encoding, tol):
-    members, image, target = _sample("k", encoding=encoding)
+def test_members_round_trip(encoding, tol, image_encoding):
+    members, image, target = _sample("k", encoding=encoding, image_encoding=image_encoding)
+    assert IMAGE_MEMBERS[image_encoding] in members
     out = decode_members(members)
-    assert np.array_equal(out["image"], image)
+    assert np.array_equal(out["image"], image) and out["image"].dtype == np.uint8
     assert np.linalg.norm(out["target"] - target) / np.linalg.norm(target) <= tol
     assert out["target"].dtype == np.float32
 
@@ -38,16 +41,28 @@ def test_int8_bytes_and_cosine_for_d512():
     assert per_token <= 600 and cos.min() >= 0.999
 
 
-def test_corruption_is_detected():
-    members, _, _ = _sample("k")
+@pytest.mark.parametrize("image_encoding", IMAGE_ENCODINGS)
+@pytest.mark.parametrize("member", ["target.npy", "image"])
+def test_corruption_is_detected(image_encoding, member):
+    members, _, _ = _sample("k", image_encoding=image_encoding)
+    member = IMAGE_MEMBERS[image_encoding] if member == "image" else member
     bad = dict(members)
-    t = bytearray(bad["target.npy"])
+    t = bytearray(bad[member])
     t[-1] ^= 0xFF
-    bad["target.npy"] = bytes(t)
+    bad[member] = bytes(t)
     with pytest.raises(CorruptSample, match="checksum"):
         decode_members(bad)
     with pytest.raises(CorruptSample, match="missing"):
-        decode_members({k: v for k, v in members.items() if k != "png"})
+        decode_members({k: v for k, v in members.items() if k != IMAGE_MEMBERS[image_encoding]})
+
+
+def test_a_raw_image_member_that_is_not_rgb_uint8_is_refused():
+    from pipeline.codecs import npy_bytes
+
+    members, _, _ = _sample("k")
+    members["image.npy"] = npy_bytes(np.zeros((64, 96, 3), dtype=np.float32))
+    with pytest.raises(CorruptSample, match="uint8"):
+        decode_members(members, verify=False)
 
 
 def test_npy_members_refuse_pickles():

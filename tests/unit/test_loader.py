@@ -98,8 +98,8 @@ def _write_cache(tmp_path, n=10):
         h, w = (4, 6) if i % 2 else (6, 4)
         target = {k: v.numpy() for k, v in quantize(torch.randn(h, w, 8), "float16").items()}
         img = rng.integers(0, 256, (h * 16, w * 16, 3), dtype=np.uint8)
-        members.append(encode_members(f"s{i:02d}", png_bytes(img), target, {"image_size": [h * 16, w * 16],
-                                                                              "grid": [h, w]}))
+        members.append(encode_members(f"s{i:02d}", png_bytes(img), "png", target,
+                                      {"image_size": [h * 16, w * 16], "grid": [h, w]}))
         rows.append({"key": f"s{i:02d}", "source": "x", "view": 0, "height": h * 16, "width": w * 16,
                      "grid_h": h, "grid_w": w, "target_bytes": 0, "target_checksum": "", "windows": 1})
     shards.create_tables(Storage(), out)
