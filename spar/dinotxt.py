@@ -15,8 +15,9 @@ module by dropping its ``text_model.`` prefix (`text_state_from_dinotxt`).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -116,16 +117,17 @@ class DinoTxtTextTower(nn.Module):
         return self(tokens)[:, self.cfg.embed_dim // 2:]
 
 
-def tokenizer(cfg: TextConfig):
-    """OpenAI CLIP's BPE tokenizer (the one dino.txt uses), padded / truncated to the context."""
+@functools.lru_cache(maxsize=None)
+def _bpe(context_length: int):
     from open_clip.tokenizer import SimpleTokenizer
 
-    tok = SimpleTokenizer(context_length=cfg.context_length)
+    return SimpleTokenizer(context_length=context_length)  # reads the vocabulary once per process
 
-    def tokenize(texts: str | Sequence[str]) -> torch.Tensor:
-        return tok(texts)
 
-    return tokenize
+def tokenizer(cfg: TextConfig) -> Callable[[str | Sequence[str]], torch.Tensor]:
+    """OpenAI CLIP's BPE tokenizer (the one dino.txt uses), padded / truncated to the context (the
+    last token of a truncated prompt stays the end-of-text token)."""
+    return _bpe(cfg.context_length)
 
 
 def is_dinotxt_file(state: dict) -> bool:
