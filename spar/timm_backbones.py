@@ -30,6 +30,7 @@ recognised by its keys, all read without unpickling (`spar.weights.read_state_di
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -344,7 +345,7 @@ def build(spec: BackboneSpec, pretrained: str | None, *, on_meta: bool, init_see
     paths = [] if hub else resolve_files(pretrained, storage_options)
     if on_meta and (paths or hub):
         raise ValueError("device='meta' builds shapes only; use pretrained=None")
-    with torch.random.fork_rng(devices=[]), (torch.device("meta") if on_meta else _nullcontext()):
+    with torch.random.fork_rng(devices=[]), (torch.device("meta") if on_meta else contextlib.nullcontext()):
         torch.manual_seed(init_seed)
         trunk = _timm_hub_trunk(spec.model_name) if hub else _create_trunk(spec.model_name)
         parts = _gather(spec, paths, trunk)
@@ -365,12 +366,6 @@ def build(spec: BackboneSpec, pretrained: str | None, *, on_meta: bool, init_see
     if periods is not None:
         backbone.set_rope_periods(periods)
     return backbone
-
-
-def _nullcontext():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 # -- registry --------------------------------------------------------------------------------------
