@@ -81,6 +81,17 @@ def npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.lib.format.write_array(buf, np.ascontiguousarray(array), allow_pickle=False)
     return buf.getvalue()
-def load_npy(data: bytes) -> np.ndarray:
-    """Array from ``.npy`` bytes; object arrays (pickles) are refused."""
-    return np.load(io.BytesIO(data), allow_pickle=False)
+def load_npy(data: bytes | bytearray) -> np.ndarray:
+    """Array from ``.npy`` bytes; object arrays (pickles) are refused. The array is a view of a
+    writable buffer (`bytearray`) without a copy, and a writable copy of read-only bytes."""
+    head = io.BytesIO(memoryview(data)[:4096])  # .npy headers are short (padded to 64 bytes)
+    version = np.lib.format.read_magic(head)
+    if isinstance(data, bytes) or version not in ((1, 0), (2, 0)):
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(head)
+    if dtype.hasobject:
+        raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
+    count = int(np.prod(shape, dtype=np.int64))
+    array = np.frombuffer(data, dtype=dtype, count=count, offset=head.tell())
+    return array.reshape(shape[::-1]).transpose() if fortran else array.reshape(shape)

@@ -108,7 +108,7 @@ def decode_stored(sample: dict, verify: bool = True) -> dict:
     be read-only views of the member bytes."""
     key = sample["__key__"]
     try:
-        meta = json.loads(sample[META_EXT])
+        meta = json.loads(bytes(sample[META_EXT]))
         ext, image = image_member(sample)
         tgt = sample[TARGET_EXT]
     except KeyError as e:

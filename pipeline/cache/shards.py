@@ -133,8 +133,8 @@ class _HashingWriter(io.RawIOBase):
 def _tar_into(raw, samples: list[dict]) -> tuple[int, str]:
     hw = _HashingWriter(raw)
     with wds.TarWriter(hw, mtime=0.0) as sink:  # fixed mtime: the bytes are a function of the samples
-        for s in samples:
-            sink.write(s)
+        for s in samples:  # webdataset re-encodes anything that is not bytes by its extension
+            sink.write({k: bytes(v) if isinstance(v, (bytearray, memoryview)) else v for k, v in s.items()})
     return hw.n, hw.sha.hexdigest()
 
 

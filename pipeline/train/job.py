@@ -40,7 +40,7 @@ class ScalingSettings:
 class DataSettings:
     """How shards become batches."""
 
-    loader_workers: int = 2  # background decoding processes per rank
+    loader_workers: int = 0  # background decoding processes per rank; 0 = scaling.cpus_per_worker (the rank's CPUs)
     prefetch: int = 4  # batches each loader process decodes ahead
     shuffle_buffer: int = 8  # per loader process; 1 = shard-order only
     verify_checksums: bool = True  # crc32 of every member while reading
@@ -98,7 +98,9 @@ class TrainConfig:
         check(self.checkpoint_every % self.grad_accum == 0 and (self.max_steps or 0) % self.grad_accum == 0,
               f"checkpoint_every and max_steps must be multiples of grad_accum={self.grad_accum}")
         check(self.scaling.num_workers >= 1, "scaling.num_workers must be >= 1")
-        check(self.data.loader_workers >= 1, "data.loader_workers must be >= 1")
+        check(self.data.loader_workers >= 0, "data.loader_workers must be >= 0 (0 = scaling.cpus_per_worker)")
+        if not self.data.loader_workers:  # resolved here, so config.yaml and checkpoints record the layout
+            self.data.loader_workers = max(1, int(self.scaling.cpus_per_worker))
         check(0 <= self.val_fraction < 1 and self.val_every >= 0, "val_fraction must be in [0, 1), val_every >= 0")
         if self.backbone != FROM_CACHE:
             spar.get_spec(self.backbone)  # a registry name or timm:<model>

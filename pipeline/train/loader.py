@@ -191,12 +191,33 @@ def trained_positions(refs: dict[str, list[SampleRef]], *, seed: int, epoch: int
     return out
 
 
+def shared_buffer(size: int) -> np.ndarray:
+    """A writable ``size``-byte buffer in shared memory (a numpy view of a torch storage made with
+    `_new_shared`): members read into it reach the training process without a copy."""
+    return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size)).numpy()
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """`array` as a tensor. One that views a `shared_buffer` becomes a view of that buffer's shared
+    storage (torch would otherwise copy it into new shared memory to pass it between processes)."""
+    owner = array
+    while isinstance(owner, np.ndarray) and isinstance(owner.base, np.ndarray):
+        owner = owner.base
+    if isinstance(owner.base, torch.Tensor) and array.flags.c_contiguous:
+        flat = owner.base
+        offset = array.ctypes.data - flat.data_ptr()
+        dtype = torch.from_numpy(array[:0].reshape(0)).dtype
+        return flat[offset:offset + array.nbytes].view(dtype).view(array.shape)
+    return torch.from_numpy(array)
+
+
 def decode_for_training(raw: dict, verify: bool = True) -> dict:
-    """Image as uint8 and the target in its stored dtype (dequantised later, on the device)."""
+    """Image as uint8 and the target in its stored dtype (dequantised later, on the device); arrays
+    decoded in place from the member buffers stay views of them."""
     s = decode_stored(raw, verify)
-    out = {"key": s["key"], "image": torch.from_numpy(s["image"]), "target": torch.from_numpy(s["target"].copy())}
+    out = {"key": s["key"], "image": _tensor(s["image"]), "target": _tensor(s["target"])}
     if "scale" in s:
-        out["scale"] = torch.from_numpy(s["scale"].copy())
+        out["scale"] = _tensor(s["scale"])
     return out
 
 
@@ -225,8 +246,9 @@ class PlannedBatches(IterableDataset):
         batches, first = self.plan.worker_batches[w], self.skip[w]
         skipped = {r.key for b in batches[:first] for r in b}
         wanted = {r.key for b in batches for r in b}
+        alloc = bytearray if get_worker_info() is None else shared_buffer  # loader processes: shared memory
         stream = (raw for name in self.plan.worker_shards[w]
-                  for raw in iter_raw_shard(shard_url(self.cache_url, name), self.store))
+                  for raw in iter_raw_shard(shard_url(self.cache_url, name), self.store, alloc))
         pending: dict[str, dict] = {}
         for index in range(first, len(batches)):
             for ref in batches[index]:
@@ -238,11 +260,24 @@ class PlannedBatches(IterableDataset):
             yield _collate(samples, w, index)
 
 
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One batch tensor; in a loader process it is written straight into shared memory (as torch's
+    default collate does), so handing it to the training process copies nothing more. A batch of
+    one is a view of its sample."""
+    if len(tensors) == 1:
+        return tensors[0].unsqueeze(0)
+    if get_worker_info() is None:
+        return torch.stack(tensors)
+    first = tensors[0]
+    out = first.new(first.untyped_storage()._new_shared(len(tensors) * first.nbytes)).view(len(tensors), *first.shape)
+    return torch.stack(tensors, out=out)
+
+
 def _collate(samples: list[dict], worker: int, index: int) -> dict:
-    out = {"keys": [s["key"] for s in samples], "image": torch.stack([s["image"] for s in samples]),
-           "target": torch.stack([s["target"] for s in samples]), "worker": worker, "index": index}
+    out = {"keys": [s["key"] for s in samples], "image": _stack([s["image"] for s in samples]),
+           "target": _stack([s["target"] for s in samples]), "worker": worker, "index": index}
     if "scale" in samples[0]:
-        out["scale"] = torch.stack([s["scale"] for s in samples])
+        out["scale"] = _stack([s["scale"] for s in samples])
     return out
 
 
