@@ -4,7 +4,10 @@ Windows come from `spar.count_windows` over the augmented sizes (drawn with the 
 augmentation code from a typical source size, or one fixed resolution); FLOPs are counted by
 torch's FlopCounterMode on a shape-only (meta) model: per teacher window, and per student step
 (forward + backward of the trainable blocks) at each sampled size. Throughput is a measured
-windows/s or images/s per GPU if you have one (`jobs/benchmark.py`), else peak x MFU.
+windows/s or images/s per GPU if you have one (`jobs/benchmark.py`), else peak x MFU, the peak
+of the precision the cache job's GPU teacher will run in (`teacher_amp_dtype`, resolved as the
+job resolves it). Loader cores per GPU follow from the training rate and the loader's measured
+samples/s per core for the image encoding (`LOADER_RATES`, scaled by pixels).
 """
 from __future__ import annotations
 
@@ -18,9 +21,18 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import spar
 from pipeline.cache.augment import AugmentConfig, plan_view
+from pipeline.cache.encode import DEFAULT_IMAGE_ENCODING, IMAGE_ENCODINGS
 from pipeline.config import check
+from pipeline.devices import REQUESTABLE, resolve_compute_dtype
 
 BYTES_PER_VALUE = {"float16": 2, "float32": 4, "int8": 1}
+# dense peak of each compute dtype relative to bf16 (H100 SXM: 989 bf16/fp16, 495 TF32, 67 fp32 TFLOP/s)
+PEAK_RATIO = {"bfloat16": 1.0, "float16": 1.0, "tf32": 0.5, "float32": 67 / 989}
+# loader samples/s per core at 1024 x 2048 with float16 D=512 targets and checksums on, measured by
+# `jobs/benchmark.py loader` (Xeon, 2 cores, local disk); the cost is per byte, so it scales with pixels
+LOADER_RATES = {"raw": 61.2, "png": 9.7}
+LOADER_RATE_PIXELS = 1024 * 2048
+RAW_HEADER_BYTES = 128  # .npy header of a raw image member
 
 
 @dataclass(kw_only=True)
@@ -38,18 +50,23 @@ class PlanConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     trainable: str = spar.DEFAULT_TRAINABLE
     gpus: int = 8
-    peak_tflops: float = 800.0  # per GPU, dense bf16 (H100 SXM ~ 800-990)
+    peak_tflops: float = 800.0  # per GPU, dense bf16 (H100 SXM ~ 800-990); other precisions scale by PEAK_RATIO
+    teacher_amp_dtype: str = "auto"  # the cache job's teacher.amp_dtype: auto = bf16 on GPU; float32 = TF32
+    strict_fp32: bool = False  # the cache job's teacher.strict_fp32 (float32 without TF32)
     mfu: float = 0.5  # assumed teacher model-FLOP utilisation, if no measured rate
     teacher_windows_per_s: Optional[float] = None  # measured per GPU (overrides peak x mfu)
     train_mfu: float = 0.5
     train_images_per_s: Optional[float] = None  # measured per GPU (overrides peak x train_mfu)
     epochs: int = 10
     shard_size: int = 32
-    png_bytes_per_pixel: float = 1.8  # lossless PNG of photos: ~1.5-2 B/px (3 B/px raw)
-    loader_samples_per_s_per_core: Optional[float] = None  # measured (`benchmark.py train`)
+    image_encoding: str = DEFAULT_IMAGE_ENCODING  # raw | png: bytes per sample and loader cores
+    png_bytes_per_pixel: float = 1.8  # lossless PNG of photos: ~1.5-2 B/px (raw: 3 B/px)
+    loader_samples_per_s_per_core: Optional[float] = None  # measured at the plan's sizes (default: LOADER_RATES)
 
     def __post_init__(self):
         spar.get_spec(self.backbone)
+        check(self.image_encoding in IMAGE_ENCODINGS, f"image_encoding must be one of {IMAGE_ENCODINGS}")
+        check(self.teacher_amp_dtype in REQUESTABLE, f"teacher_amp_dtype must be one of {REQUESTABLE}")
         check(self.images >= 1 and self.views >= 1 and self.gpus >= 1, "images, views, gpus must be >= 1")
         check(self.resolution is None or len(self.resolution) == 2, "resolution must be [h, w]")
 
@@ -103,28 +120,33 @@ def plan(cfg: PlanConfig) -> dict:
     spar.set_trainable(bb, cfg.trainable)
     per_window = window_flops(bb, crop)
     teacher_flops = per_window * windows_per_image * samples
-    rate = cfg.teacher_windows_per_s or cfg.peak_tflops * 1e12 * cfg.mfu / per_window
+    precision = resolve_compute_dtype(cfg.teacher_amp_dtype, gpu=True, strict_fp32=cfg.strict_fp32)
+    peak = cfg.peak_tflops * PEAK_RATIO[precision]
+    rate = cfg.teacher_windows_per_s or peak * 1e12 * cfg.mfu / per_window
     teacher_gpu_h = windows_per_image * samples / rate / 3600
     probe = sizes[:: max(1, len(sizes) // 16)]  # FLOPs at a spread of sizes (attention is quadratic)
     step = statistics.fmean(student_step_flops(bb, h, w) for h, w in probe)
     train_rate = cfg.train_images_per_s or cfg.peak_tflops * 1e12 * cfg.train_mfu / step
     train_gpu_h = samples * cfg.epochs / train_rate / 3600
+    image_bytes = {"raw": pixels * 3 + RAW_HEADER_BYTES, "png": pixels * cfg.png_bytes_per_pixel}
     cache = {}
     for enc, nbytes in BYTES_PER_VALUE.items():
         target = tokens * (spec.dim * nbytes + (4 if enc == "int8" else 0))
-        per_sample = target + pixels * cfg.png_bytes_per_pixel
+        per_sample = target + image_bytes[cfg.image_encoding]
         cache[enc] = {"bytes_per_sample": per_sample, "total_tb": per_sample * samples / 1e12,
                       "train_read_mb_per_s_per_gpu": per_sample * train_rate / 1e6}
+    loader_rate = cfg.loader_samples_per_s_per_core or LOADER_RATES[cfg.image_encoding] * LOADER_RATE_PIXELS / pixels
     out = {
         "samples": samples, "mean_image_hw": [round(statistics.fmean(h for h, _ in sizes)),
                                               round(statistics.fmean(w for _, w in sizes))],
         "windows_per_image": windows_per_image, "windows_total": windows_per_image * samples,
         "gflop_per_window": per_window / 1e9, "teacher_pflop": teacher_flops / 1e15,
+        "teacher_precision": precision, "teacher_peak_tflops": peak,
         "teacher_windows_per_s_per_gpu": rate, "teacher_gpu_hours": teacher_gpu_h,
         "teacher_wall_hours": teacher_gpu_h / cfg.gpus, "shards": math.ceil(samples / cfg.shard_size),
         "cache": cache, "student_step_tflop": step / 1e12, "train_images_per_s_per_gpu": train_rate,
         "train_gpu_hours": train_gpu_h, "train_wall_hours": train_gpu_h / cfg.gpus,
+        "image_encoding": cfg.image_encoding, "loader_samples_per_s_per_core": loader_rate,
+        "loader_cores_per_gpu": train_rate / loader_rate,
     }
-    if cfg.loader_samples_per_s_per_core:
-        out["loader_cores_per_gpu"] = train_rate / cfg.loader_samples_per_s_per_core
     return out

@@ -45,8 +45,9 @@ class TeacherConfig:
     num_actors: int = 0  # a fixed pool size (overrides min_actors and max_actors)
     threads: Optional[int] = None  # torch threads of a CPU actor (default: all cores)
     batch_images: int = 2  # images per actor call; their windows share ViT batches
-    window_batch: int = 0  # windows per ViT forward (bounds activation memory); 0 = 64 on CPU, 256 on GPU (less if memory is short)
-    amp_dtype: str = "auto"  # auto (bf16 on GPU, float32 on CPU) | float32 (TF32 on GPU) | bfloat16 | float16 -- in the fingerprint
+    window_batch: int = 0  # windows per ViT forward (bounds memory); 0 = 64 on CPU, 256 on GPU (less if short of memory)
+    # auto (bf16 on GPU, float32 on CPU) | float32 (TF32 on GPU) | bfloat16 | float16 (the reference's); fingerprinted
+    amp_dtype: str = "auto"
     strict_fp32: bool = False  # with float32 on a GPU: IEEE float32 matmuls instead of TF32
     compile: bool = False  # torch.compile the window forward (one static shape; the first call compiles)
     device: str = "auto"  # auto | cpu | cuda
@@ -70,7 +71,7 @@ class CacheConfig:
     seed: int = 0  # augmentation seed: views are a function of (seed, key, view)
     views: int = 1  # augmented views per source image
     encoding: str = "float16"  # target encoding: float16 | float32 | int8 (per-token scales)
-    image_encoding: str = DEFAULT_IMAGE_ENCODING  # raw (uint8 .npy, no decode) | png (lossless, ~40% smaller, slow to decode)
+    image_encoding: str = DEFAULT_IMAGE_ENCODING  # raw (uint8 .npy: no decode) | png (lossless, smaller, slow to decode)
     shard_size: int = 32  # max samples per shard tar
     limit: Optional[int] = None  # only the first N source images (natural order; tars: natural order, then tar order)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -277,8 +278,8 @@ def build_dataset(cfg: CacheConfig, store: Storage, items: list[dict], is_tars: 
         num_gpus=pool.num_gpus, num_cpus=pool.num_cpus, scheduling_strategy="SPREAD", fn_constructor_kwargs={
             "backbone": cfg.backbone, "pretrained": cfg.pretrained, "crop": cfg.crop, "stride": cfg.stride,
             "window_batch": t.window_batch, "compute_dtype": fp["compute_dtype"], "compile": t.compile,
-            "encoding": cfg.encoding, "image_ext": IMAGE_MEMBERS[cfg.image_encoding], "device": t.device, "threads": t.threads, "fingerprint": fp["fingerprint"],
-            "init_seed": cfg.init_seed, "store": store})
+            "encoding": cfg.encoding, "image_ext": IMAGE_MEMBERS[cfg.image_encoding], "device": t.device,
+            "threads": t.threads, "fingerprint": fp["fingerprint"], "init_seed": cfg.init_seed, "store": store})
     return ds.map_batches(write_batch, batch_size=cfg.shard_size, batch_format="numpy", num_cpus=cfg.write_cpus,
                           fn_kwargs={"output": cfg.output, "image_ext": IMAGE_MEMBERS[cfg.image_encoding],
                                      "store": store, "run": run})

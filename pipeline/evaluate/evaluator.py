@@ -56,7 +56,7 @@ class EvalConfig:
     crop: Optional[int] = None  # sliding window; default the backbone's pre-training size
     sliding_mode: str = "feature"  # feature (teacher map, docs/method.md §2) | logits (SCLIP-style per-pixel average)
     window_batch: int = 64  # windows per ViT forward in the sliding mode
-    amp_dtype: str = "float32"  # float32 (the reference) | bfloat16 | float16
+    amp_dtype: str = "float32"  # float32 (exact) | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda
     threads: Optional[int] = None  # torch CPU threads (default: torch's)
     classes: Optional[str] = None  # null / paper (the paper's packaged list) | curated | a class file (path / URL)

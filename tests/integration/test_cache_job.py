@@ -14,7 +14,7 @@ import spar
 from jobs import cache_teacher
 from pipeline import open_cache, storage
 from pipeline.cache.augment import AugmentConfig, augment
-from pipeline.cache.reader import CacheError
+from pipeline.cache.reader import CacheError, shard_url
 from pipeline.cache.sources import make_key
 from pipeline.codecs import decode_image
 from pipeline.storage import Storage
@@ -226,3 +226,39 @@ def test_a_local_output_that_other_nodes_cannot_see_is_refused_before_any_work(r
     assert exit_info.value.code == 2 and seen == [str(tmp_path / "cache" / "teacher.json")]
     assert "use shared storage" in caplog.text and "10.0.0.7" in caplog.text
     assert not (tmp_path / "cache" / "shards").exists()
+
+
+def test_raw_and_png_caches_hold_bit_identical_images_and_targets(ray_cluster, storage_root):
+    """Both image encodings store exactly the pixels the teacher saw, and the same targets; the
+    fingerprint records the encoding and the precision, and an output refuses the other ones."""
+    from pipeline.cache.reader import FingerprintMismatch
+
+    src = storage.join(storage_root, "images")
+    put_files(src, good_images(3))
+    caches = {}
+    for enc in ("raw", "png"):
+        out = storage.join(storage_root, f"cache-{enc}")
+        run_job(f"source={src}", f"output={out}", f"image_encoding={enc}")
+        caches[enc] = open_cache(out)
+    raw, png = ({s["key"]: s for s in caches[e]} for e in ("raw", "png"))
+    assert sorted(raw) == sorted(png) and len(raw) == 3
+    for key in raw:
+        assert raw[key]["image"].dtype == np.uint8 and np.array_equal(raw[key]["image"], png[key]["image"])
+        assert np.array_equal(raw[key]["target"], png[key]["target"])
+    fps = {e: c.fingerprint for e, c in caches.items()}
+    assert (fps["raw"]["image_format"], fps["png"]["image_format"]) == ("raw", "png")
+    assert fps["raw"]["compute_dtype"] == "float32"  # a CPU cluster: the reference precision
+    members = {ext for name in caches["raw"].shards.column("shard").to_pylist()
+               for ext in _member_exts(shard_url(caches["raw"].url, name))}
+    assert "image.npy" in members and "png" not in members
+
+    out = storage.join(storage_root, "cache-raw")
+    with pytest.raises(FingerprintMismatch, match="image_format"):
+        run_job(f"source={src}", f"output={out}", "image_encoding=png")
+    with pytest.raises(FingerprintMismatch, match="compute_dtype"):
+        run_job(f"source={src}", f"output={out}", "teacher.amp_dtype=bfloat16")
+
+
+def _member_exts(tar_url: str) -> set[str]:
+    with Storage().open(tar_url, "rb") as f, tarfile.open(fileobj=f) as tar:
+        return {m.name.split(".", 1)[1] for m in tar if m.isfile()}
