@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 # Relative L2 error ||stored - recomputed|| / ||recomputed|| a target may have: its encoding's rounding
 # plus what another machine's kernels and thread counts change at the cache's compute dtype.
 ENCODING_BOUND = {"float32": 1e-6, "float16": 2e-3, "int8": 2e-2}
-COMPUTE_BOUND = {"float32": 1e-3, "float16": 1e-2, "bfloat16": 5e-2}
+COMPUTE_BOUND = {"float32": 1e-3, "tf32": 1e-2, "float16": 1e-2, "bfloat16": 5e-2}
 PANEL = 160  # contact-sheet panel side, pixels
 LABEL = 18  # label strip above each row
 
