@@ -244,21 +244,29 @@ def _describe(path: str, state: dict, n: int = 8) -> str:
     return f"{public_url(path)} (keys: {', '.join(keys[:n])}{more})"
 
 
-def _check_bias_mask(state: dict, path: str) -> None:
-    """The official q/k/v bias is masked by ``bias_mask``: 1 on q and v, 0 on k. timm fixes k at 0,
-    so any other mask would change the network."""
+def _masked_qkv_bias(state: dict, path: str) -> dict:
+    """`state` with each ``qkv.bias`` replaced by what the official attention adds, ``bias * bias_mask``
+    (the mask is 1 on q and v and 0 on k when trained; the distilled releases store zero biases and
+    masks). timm keeps q and v biases and fixes k at 0, so a non-zero effective k bias is refused."""
+    out = dict(state)
     for k, mask in state.items():
-        if k.endswith(".bias_mask"):
-            q, kk, v = mask.float().chunk(3)
-            if not (torch.all(q == 1) and torch.all(kk == 0) and torch.all(v == 1)):
-                raise ValueError(f"{public_url(path)}: {k} is not the (1, 0, 1) q/k/v mask timm assumes")
+        bias_key = k[: -len("_mask")]
+        if not k.endswith(".bias_mask") or bias_key not in state:
+            continue
+        if not torch.isfinite(mask).all():
+            raise ValueError(f"{public_url(path)}: {k} holds non-finite values (an uninitialised mask)")
+        bias = state[bias_key].float() * mask.float()
+        if torch.any(bias.chunk(3)[1] != 0):
+            raise ValueError(f"{public_url(path)}: {bias_key} * {k} has a non-zero k part; timm's DINOv3 fixes it at 0")
+        out[bias_key] = bias.to(state[bias_key].dtype)
+    return out
 
 
 def _dinov3_visual(state: dict, trunk: nn.Module, path: str) -> tuple[dict, torch.Tensor | None]:
     """(timm trunk weights, stored RoPE periods) of an official DINOv3 backbone state dict."""
     from timm.models.eva import checkpoint_filter_fn
 
-    _check_bias_mask(state, path)
+    state = _masked_qkv_bias(state, path)
     periods = state.get("rope_embed.periods")
     return checkpoint_filter_fn(state, trunk), (periods.float() if periods is not None else None)
 
@@ -266,6 +274,8 @@ def _dinov3_visual(state: dict, trunk: nn.Module, path: str) -> tuple[dict, torc
 def _timm_visual(state: dict, trunk: nn.Module) -> dict:
     """A timm trunk's weights from a timm state dict or an original release its timm module converts."""
     own = set(trunk.state_dict())
+    # the trunk is built headless (num_classes=0): a classifier saved with the model is not part of it
+    state = {k: v for k, v in state.items() if k in own or not k.startswith(("head.", "head_dist."))}
     if set(state) <= own:
         return state
     convert = getattr(sys.modules.get(type(trunk).__module__), "checkpoint_filter_fn", None)

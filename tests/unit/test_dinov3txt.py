@@ -110,6 +110,23 @@ def test_official_layout_loads_without_missing_or_unexpected_keys(bb, tmp_path):
         spar.build_classifier(alone, ["cat"])
 
 
+def test_the_distilled_release_layout_with_zero_biases_and_masks_loads(bb, tmp_path):
+    """The released distilled ViT-B/L/H files store all-zero q/k/v biases and masks: the official
+    attention adds bias * mask = 0, so they load as zero q and v biases."""
+    state = official_backbone_state(bb)
+    for k in [k for k in state if k.endswith("qkv.bias") or k.endswith("qkv.bias_mask")]:
+        state[k] = torch.zeros_like(state[k])
+    torch.save(state, tmp_path / "zero.pth")
+    got = spar.load_backbone("dinov3txt-test", pretrained=str(tmp_path / "zero.pth"))
+    blk = got.clip.visual.blocks[0].attn
+    assert torch.count_nonzero(blk.q_bias) == 0 and torch.count_nonzero(blk.v_bias) == 0
+    # a trained mask keeps q and v and drops whatever the k slot holds
+    trained = official_backbone_state(bb, k_bias_noise=True)
+    torch.save(trained, tmp_path / "trained.pth")
+    ref = spar.load_backbone("dinov3txt-test", pretrained=str(tmp_path / "trained.pth")).clip.visual.blocks[0].attn
+    assert torch.equal(ref.q_bias, bb.clip.visual.blocks[0].attn.q_bias)
+
+
 def test_low_precision_keeps_rope_float32_with_the_checkpoint_periods(bb):
     m = spar.load_backbone("dinov3txt-test", pretrained=None, init_seed=3)
     periods = m.clip.visual.rope.periods * 0.99
@@ -129,7 +146,8 @@ def test_low_precision_keeps_rope_float32_with_the_checkpoint_periods(bb):
 @pytest.mark.parametrize("corrupt,msg", [
     (lambda s: s.pop("blocks.1.ls2.gamma"), "missing keys.*blocks.1.gamma_2"),
     (lambda s: s.__setitem__("blocks.0.attn.extra.weight", torch.zeros(2)), "unexpected keys.*blocks.0.attn.extra"),
-    (lambda s: s["blocks.0.attn.qkv.bias_mask"].fill_(1), "bias_mask"),
+    (lambda s: s["blocks.0.attn.qkv.bias_mask"].fill_(1), "non-zero k part"),  # the k bias would count
+    (lambda s: s["blocks.0.attn.qkv.bias_mask"].fill_(float("nan")), "non-finite"),
 ])
 def test_a_damaged_official_file_is_refused_naming_keys(bb, tmp_path, corrupt, msg):
     state = official_backbone_state(bb)

@@ -66,6 +66,11 @@ def test_a_plain_timm_state_dict_loads_and_a_wrong_one_is_refused(bb, tmp_path):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(loaded.dense(x), bb.dense(x))
+    with_head = dict(bb.clip.visual.state_dict(), **{"head.weight": torch.zeros(10, bb.dim),
+                                                      "head.bias": torch.zeros(10)})
+    torch.save(with_head, tmp_path / "with_head.pth")  # timm checkpoints usually keep their classifier
+    with torch.no_grad():
+        assert torch.equal(spar.load_backbone(NAME, pretrained=str(tmp_path / "with_head.pth")).dense(x), bb.dense(x))
     partial = dict(bb.clip.visual.state_dict())
     partial.pop("norm.weight")
     torch.save(partial, tmp_path / "partial.pth")
@@ -85,6 +90,9 @@ def test_cache_and_train_configs_take_timm_backbones():
 
     cfg = parse_config(CacheConfig, [f"backbone={NAME}", "pretrained=null", "augment.min_side=64"])
     assert cfg.backbone == NAME
+    with pytest.raises(ConfigError, match="augment.multiple=16 is not a multiple.*patch size 14.*augment.multiple=14"):
+        parse_config(CacheConfig, ["backbone=timm:vit_small_patch14_dinov2.lvd142m", "pretrained=null",
+                                   "augment.min_side=518"])
     assert parse_config(TrainConfig, ["cache=out/c", f"backbone={NAME}"]).backbone == NAME
 
 
