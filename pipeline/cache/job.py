@@ -105,6 +105,9 @@ class CacheConfig:
         crop = self.crop or spec.window
         check(crop % spec.patch_size == 0, f"crop {crop} is not a multiple of {self.backbone}'s patch size "
                                            f"{spec.patch_size}")
+        check(self.augment.multiple % spec.patch_size == 0,
+              f"augment.multiple={self.augment.multiple} is not a multiple of {self.backbone}'s patch size "
+              f"{spec.patch_size}: views would not cover whole patches; pass augment.multiple={spec.patch_size}")
         check(self.stride <= crop, f"stride {self.stride} > crop {crop}: windows would leave parts of images "
                                    "uncovered")
         check(self.augment.min_side >= crop, f"augment.min_side {self.augment.min_side} < teacher crop {crop}")

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 PAPER_MEAN = {
     ("maskclip", "single"): 27.7, ("maskclip", "sliding"): 33.6, ("maskclip", "student"): 34.4,
     ("siglip2", "single"): 33.1, ("siglip2", "sliding"): 41.2, ("siglip2", "student"): 43.6,
+    ("dinov3txt", "single"): 43.8, ("dinov3txt", "sliding"): 44.0, ("dinov3txt", "student"): 44.4,
 }
 _MODE_ORDER = {"single": 0, "sliding": 1, "student": 2}
 
