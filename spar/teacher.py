@@ -217,7 +217,7 @@ def sliding_window_features_many(
 
     for sel in iter_window_chunks(layout.num_windows, window_batch):
         idx = _grid_index(layout.pixel[sel], layout.row_stride[sel], crop_side)
-        crops = pixels[:, idx].transpose(0, 1)  # (n, 3, crop, crop)
+        crops = pixels[:, idx].transpose(0, 1).contiguous()  # (n, 3, crop, crop); one layout for compiled forwards
         with autocast(device, amp_dtype):
             maps = forward(crops).float()  # (n, g, g, D)
         if r > 1:
