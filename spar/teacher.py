@@ -155,13 +155,17 @@ class CompiledWindows:
     """``backbone.dense`` compiled for one window batch shape (`torch.compile`, static shapes).
 
     Every window has the same shape, so one graph serves every chunk: smaller chunks (the last
-    one of a call) are padded to `window_batch` with zero windows whose outputs are dropped.
-    ``mode="reduce-overhead"`` adds CUDA graphs on GPUs.
+    one of a call) are padded to `window_batch` with zero windows whose outputs are dropped. The
+    teacher is frozen, so its weights are compiled in as constants (inductor's ``freezing``: weights
+    prepacked for the GEMM library, bias and activation fused into it; ~1.3x eager bf16 on a CPU):
+    later changes to the backbone's weights are not seen. `cuda_graphs` replays the graph as a CUDA
+    graph (GPUs only).
     """
 
-    def __init__(self, backbone: Backbone, window_batch: int, mode: str | None = None):
+    def __init__(self, backbone: Backbone, window_batch: int, freeze: bool = True, cuda_graphs: bool = False):
         self.window_batch = window_batch
-        self.fn = torch.compile(backbone.dense, dynamic=False, mode=mode)
+        self.fn = torch.compile(backbone.dense, dynamic=False,
+                                options={"freezing": freeze, "triton.cudagraphs": cuda_graphs})
 
     def __call__(self, crops: torch.Tensor) -> torch.Tensor:
         n = crops.shape[0]

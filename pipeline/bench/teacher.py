@@ -101,6 +101,9 @@ def bench_teacher(cfg: TeacherBench) -> dict:
     def teacher():
         spar.sliding_window_features(bb, x, crop, cfg.stride, batch, amp, forward=forward)
 
+    def eager_teacher():  # beside the compiled one, so the speed-up is measured side by side
+        spar.sliding_window_features(bb, x, crop, cfg.stride, batch, amp)
+
     from pipeline.plan import window_flops
 
     # counted on a shape-only model: some CPU attention kernels are invisible to the counter
@@ -112,16 +115,20 @@ def bench_teacher(cfg: TeacherBench) -> dict:
         kernels = attention_kernels(lambda: bb.dense(chunk[:2]))  # the eager path; compiled graphs call the same ops
     # the GEMM ceiling is measured beside every repeat: a shared machine's speed drifts over minutes, so
     # MFU is the median of (teacher FLOP/s / the ceiling measured next to it); the best ceiling is kept too
-    t_teacher, t_vit, ceilings = [], [], []
+    t_teacher, t_vit, ceilings, t_eager = [], [], [], []
     for _ in range(cfg.repeats):
         t_teacher.append(timed(teacher, device))
         t_vit.append(timed(vit_only, device))
         ceilings.append(gemm_ceiling(device, amp))
+        if cfg.compile:
+            t_eager.append(timed(eager_teacher, device))
     tt, tv, ceiling = statistics.median(t_teacher), statistics.median(t_vit), statistics.median(ceilings)
     achieved = flops_per_window * windows / tt
     mfu = statistics.median(flops_per_window * windows / t / c for t, c in zip(t_teacher, ceilings))
+    compiled = {"eager_teacher_s": statistics.median(t_eager),
+                "compile_speedup": statistics.median(e / t for e, t in zip(t_eager, t_teacher))} if cfg.compile else {}
     return {
-        "mode": "teacher", "backbone": cfg.backbone, "device": device_name(device), "dtype": compute,
+        "mode": "teacher", "backbone": cfg.backbone, "device": device_name(device), "dtype": compute, **compiled,
         "compile": cfg.compile, "attention_kernels": kernels,
         "threads": torch.get_num_threads(), "image": [cfg.height, cfg.width], "images": cfg.images,
         "crop": crop, "stride": cfg.stride, "window_batch": batch, "windows": windows,
