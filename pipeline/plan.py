@@ -7,7 +7,7 @@ torch's FlopCounterMode on a shape-only (meta) model: per teacher window, and pe
 windows/s or images/s per GPU if you have one (`jobs/benchmark.py`), else peak x MFU, the peak
 of the precision the cache job's GPU teacher will run in (`teacher_amp_dtype`, resolved as the
 job resolves it). Loader cores per GPU follow from the training rate and the loader's measured
-samples/s per core for the image encoding (`LOADER_RATES`, scaled by pixels).
+seconds per sample of one core, from a model fitted to `jobs/benchmark.py loader` (below).
 """
 from __future__ import annotations
 
@@ -28,10 +28,11 @@ from pipeline.devices import REQUESTABLE, resolve_compute_dtype
 BYTES_PER_VALUE = {"float16": 2, "float32": 4, "int8": 1}
 # dense peak of each compute dtype relative to bf16 (H100 SXM: 989 bf16/fp16, 495 TF32, 67 fp32 TFLOP/s)
 PEAK_RATIO = {"bfloat16": 1.0, "float16": 1.0, "tf32": 0.5, "float32": 67 / 989}
-# loader samples/s per core at 1024 x 2048 with float16 D=512 targets and checksums on, measured by
-# `jobs/benchmark.py loader` (Xeon, 2 cores, local disk); the cost is per byte, so it scales with pixels
-LOADER_RATES = {"raw": 61.2, "png": 9.7}
-LOADER_RATE_PIXELS = 1024 * 2048
+# One loader core's seconds per sample = bytes read x LOADER_S_PER_BYTE (+ pixels x PNG_S_PER_PIXEL for
+# PNG), fitted to `jobs/benchmark.py loader` at 1024 x 2048 with float16 D=512 targets, checksums on
+# (Xeon, 2 cores, local disk): raw 61.2 samples/s of 14.69 MB; PNG 9.7 samples/s of 13.06 MB.
+LOADER_S_PER_BYTE = 1 / 61.2 / 14.69e6
+PNG_S_PER_PIXEL = (1 / 9.7 - 13.06e6 * LOADER_S_PER_BYTE) / (1024 * 2048)
 RAW_HEADER_BYTES = 128  # .npy header of a raw image member
 
 
@@ -61,7 +62,7 @@ class PlanConfig:
     shard_size: int = 32
     image_encoding: str = DEFAULT_IMAGE_ENCODING  # raw | png: bytes per sample and loader cores
     png_bytes_per_pixel: float = 1.8  # lossless PNG of photos: ~1.5-2 B/px (raw: 3 B/px)
-    loader_samples_per_s_per_core: Optional[float] = None  # measured at the plan's sizes (default: LOADER_RATES)
+    loader_samples_per_s_per_core: Optional[float] = None  # measured at the plan's sizes (default: the fitted model)
 
     def __post_init__(self):
         spar.get_spec(self.backbone)
@@ -135,7 +136,9 @@ def plan(cfg: PlanConfig) -> dict:
         per_sample = target + image_bytes[cfg.image_encoding]
         cache[enc] = {"bytes_per_sample": per_sample, "total_tb": per_sample * samples / 1e12,
                       "train_read_mb_per_s_per_gpu": per_sample * train_rate / 1e6}
-    loader_rate = cfg.loader_samples_per_s_per_core or LOADER_RATES[cfg.image_encoding] * LOADER_RATE_PIXELS / pixels
+    sample_bytes = cache["float16"]["bytes_per_sample"]  # default targets; cost per byte read (+ PNG decoding)
+    decode_s = pixels * PNG_S_PER_PIXEL if cfg.image_encoding == "png" else 0.0
+    loader_rate = cfg.loader_samples_per_s_per_core or 1 / (sample_bytes * LOADER_S_PER_BYTE + decode_s)
     out = {
         "samples": samples, "mean_image_hw": [round(statistics.fmean(h for h, _ in sizes)),
                                               round(statistics.fmean(w for _, w in sizes))],
