@@ -107,8 +107,10 @@ def _teacher_actors() -> list:
 
 def train(cache_url: str, output: str) -> dict:
     start(2)
+    # val_fraction=0: every sample trains, whichever images the source paths (under tmp) hash into a held-out set
     metrics = train_student.main([f"cache={cache_url}", f"output={output}", "name=multinode", "epochs=1",
-                                  "scaling.num_workers=2", "scaling.cpus_per_worker=1", "data.loader_workers=1"])
+                                  "scaling.num_workers=2", "scaling.cpus_per_worker=1", "data.loader_workers=1",
+                                  "val_fraction=0"])
     # what the jobs' shared-storage check sees on each node: a path they all have, and one none has
     return {"metrics": metrics, "nodes": len([n for n in ray.nodes() if n["Alive"]]),
             "missing_cache": nodes_missing(cache_url), "missing_elsewhere": nodes_missing(cache_url + "-elsewhere")}
