@@ -137,8 +137,9 @@ GPU_WINDOW_BATCH = 256  # large enough to fill an H100 with ViT-B windows; cappe
 def default_window_batch(backbone: Backbone, crop: int, device: torch.device,
                          amp_dtype: torch.dtype | None = None) -> int:
     """Windows per forward for `device`: 64 on CPU; on a GPU 256, or fewer when a quarter of the
-    free memory cannot hold that many windows' activations (estimated from the token count and
-    width: q/k/v, the MLP's hidden layer and a few residual copies, plus the float32 window maps)."""
+    free memory cannot hold that many windows' activations. The estimate is deliberately generous:
+    tokens x the widest layer (the MLP's hidden width) x 12 activations, plus the float32 window maps
+    upsampled x2."""
     if device.type != "cuda":
         return CPU_WINDOW_BATCH
     free, _ = torch.cuda.mem_get_info(device)

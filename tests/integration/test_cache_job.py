@@ -262,3 +262,19 @@ def test_raw_and_png_caches_hold_bit_identical_images_and_targets(ray_cluster, s
 def _member_exts(tar_url: str) -> set[str]:
     with Storage().open(tar_url, "rb") as f, tarfile.open(fileobj=f) as tar:
         return {m.name.split(".", 1)[1] for m in tar if m.isfile()}
+
+
+def test_a_compiled_teacher_writes_the_eager_teachers_targets(ray_cluster, tmp_path, monkeypatch):
+    """teacher.compile=true, from a relative output in a fresh directory: the actors' compiled window
+    forward stores the targets the eager teacher stores, and the fingerprint is the same cache's."""
+    monkeypatch.chdir(tmp_path)
+    put_files("images", good_images(2))
+    run_job("source=images", "output=eager", "encoding=float32")
+    run_job("source=images", "output=compiled", "encoding=float32", "teacher.compile=true", "teacher.window_batch=4")
+    eager, compiled = open_cache("eager"), open_cache("compiled")
+    assert eager.fingerprint["fingerprint"] == compiled.fingerprint["fingerprint"]  # compile does not change targets
+    want = {s["key"]: s["target"] for s in eager}
+    got = {s["key"]: s["target"] for s in compiled}
+    assert sorted(got) == sorted(want) and len(got) == 2
+    for key, target in got.items():
+        assert np.linalg.norm(target - want[key]) / np.linalg.norm(want[key]) <= 1e-5
