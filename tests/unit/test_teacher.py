@@ -236,3 +236,10 @@ def test_compiled_window_forward_equals_eager(tiny_backbones):
                                            forward=compiled)
     assert _rel_l2(got, ref) <= 1e-5
     assert _rel_l2(low, ref) <= BF16_REL_L2 and _rel_l2(low, low_ref) <= BF16_REL_L2
+    if torch.backends.mkldnn.is_available():  # frozen: the weights are prepacked for the CPU GEMM library
+        from torch.profiler import profile
+
+        with torch.no_grad(), profile() as prof:
+            compiled(x[:, :, :64, :64].expand(8, -1, -1, -1).contiguous())
+        ops = {e.key for e in prof.key_averages()}
+        assert ops & {"mkl::_mkl_linear", "mkldnn::_linear_pointwise"} and "aten::addmm" not in ops, sorted(ops)
