@@ -3,8 +3,9 @@ ViT forwards and the GEMM ceiling of the same dtype, and the single pass against
 from __future__ import annotations
 
 import statistics
+import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -34,11 +35,16 @@ class TeacherBench:
     compile: bool = False  # torch.compile the window forward (compile time excluded: one warm-up call)
     repeats: int = 1  # timed repetitions (median reported)
     device: str = "auto"  # auto | cpu | cuda
+    # where the GEMM ceiling is sampled: "interleaved" (before every window chunk: the teacher and
+    # the ceiling see the same machine state; "auto" on CPUs) or "beside" (around every repeat; "auto"
+    # on GPUs, whose window loop must not wait for the host)
+    ceiling: str = "auto"
     out: Optional[str] = None  # optional JSON result path or URL
 
     def __post_init__(self):
         check(self.dtype in DTYPES, f"dtype must be one of {list(DTYPES)}")
         check(self.repeats >= 1 and self.images >= 1, "repeats and images must be >= 1")
+        check(self.ceiling in ("auto", "interleaved", "beside"), "ceiling must be auto, interleaved or beside")
 
 
 @dataclass(kw_only=True)
@@ -78,8 +84,46 @@ def attention_kernels(fn) -> list[str]:
                                                    for n in names))
 
 
+class InterleavedCeiling:
+    """A window forward that first runs a sample of the GEMM ceiling, timed apart.
+
+    On a shared CPU the GEMM rate swings by 2-3x within seconds, so a ceiling measured around a
+    whole teacher call can catch a faster (or slower) moment than the teacher ran in. Sampling it
+    before every chunk, for about `share` of the chunk's FLOP, puts both in the same moments: the
+    teacher's time is the call's wall time less `seconds`, and the ceiling is `flop / seconds`.
+    The forwards are timed too (`forward_seconds`; the CPU runs them synchronously): the rest of the
+    teacher's time is spent outside the ViT, measured in the same call. `beside`, another forward
+    (the eager one beside a compiled one), runs on every chunk too and is timed apart
+    (`beside_seconds`), so the two are compared on the same chunks in the same moments.
+    """
+
+    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], flop_per_window: float,
+                 device: torch.device, amp: torch.dtype | None, share: float = 0.5, n: int = 2048,
+                 beside: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.forward, self.beside, self.flop_per_window, self.share = forward, beside, flop_per_window, share
+        self.a = torch.randn(n, n, device=device, dtype=amp or torch.float32)
+        self.gemm_flop = 2 * n ** 3
+        self.seconds = self.flop = self.forward_seconds = self.beside_seconds = 0.0
+
+    def __call__(self, crops: torch.Tensor) -> torch.Tensor:
+        gemms = max(1, round(self.share * self.flop_per_window * crops.shape[0] / self.gemm_flop))
+        t = time.perf_counter()
+        for _ in range(gemms):
+            self.a @ self.a
+        self.seconds += time.perf_counter() - t
+        self.flop += gemms * self.gemm_flop
+        if self.beside is not None:
+            t = time.perf_counter()
+            self.beside(crops)
+            self.beside_seconds += time.perf_counter() - t
+        t = time.perf_counter()
+        out = self.forward(crops)
+        self.forward_seconds += time.perf_counter() - t
+        return out
+
+
 def bench_teacher(cfg: TeacherBench) -> dict:
-    """Measure the teacher and the bare ViT forwards on the same windows, interleaved."""
+    """Measure the teacher, its time in the ViT forwards and the GEMM ceiling beside it."""
     device = pick_device(cfg.device)
     compute, amp = _precision(cfg.dtype, device)
     bb = spar.load_backbone(cfg.backbone, pretrained=cfg.pretrained, device=device).drop_text_tower()
@@ -91,18 +135,12 @@ def bench_teacher(cfg: TeacherBench) -> dict:
     chunk = torch.randn(min(batch, windows), 3, crop, crop, device=device)
     full, rest = divmod(windows, batch)
 
-    def vit_only():
+    def vit_only(fwd):  # the bare forwards of as many windows, for the "beside" method
         with torch.no_grad(), autocast(device, amp):
             for _ in range(full):
-                forward(chunk)
+                fwd(chunk)
             if rest:
-                forward(chunk[:rest])
-
-    def teacher():
-        spar.sliding_window_features(bb, x, crop, cfg.stride, batch, amp, forward=forward)
-
-    def eager_teacher():  # beside the compiled one, so the speed-up is measured side by side
-        spar.sliding_window_features(bb, x, crop, cfg.stride, batch, amp)
+                fwd(chunk[:rest])
 
     from pipeline.plan import window_flops
 
@@ -113,19 +151,36 @@ def bench_teacher(cfg: TeacherBench) -> dict:
         if rest:
             forward(chunk[:rest])
         kernels = attention_kernels(lambda: bb.dense(chunk[:2]))  # the eager path; compiled graphs call the same ops
-    # the GEMM ceiling is measured beside every repeat: a shared machine's speed drifts over minutes, so
-    # MFU is the median of (teacher FLOP/s / the ceiling measured next to it); the best ceiling is kept too
-    t_teacher, t_vit, ceilings, t_eager = [], [], [], []
+    method = cfg.ceiling if cfg.ceiling != "auto" else "beside" if device.type == "cuda" else "interleaved"
+
+    def teacher() -> tuple[float, float, float, float | None]:
+        """One timed teacher call: (teacher s, its ViT s, ceiling FLOP/s, the eager teacher's s when
+        compiled: measured on the same chunks (interleaved) or by a second call (beside))."""
+        if method == "beside":
+            t = timed(lambda: spar.sliding_window_features(bb, x, crop, cfg.stride, batch, amp, forward=forward),
+                      device)
+            vit, ceiling = timed(lambda: vit_only(forward), device), gemm_ceiling(device, amp)
+            eager = timed(lambda: spar.sliding_window_features(bb, x, crop, cfg.stride, batch, amp),
+                          device) if cfg.compile else None
+            return t, vit, ceiling, eager
+        paired = InterleavedCeiling(forward, flops_per_window, device, amp, beside=bb.dense if cfg.compile else None)
+        wall = timed(lambda: spar.sliding_window_features(bb, x, crop, cfg.stride, batch, amp, forward=paired), device)
+        t = wall - paired.seconds - paired.beside_seconds
+        eager = t - paired.forward_seconds + paired.beside_seconds if cfg.compile else None
+        return t, paired.forward_seconds, paired.flop / paired.seconds, eager
+
+    # MFU is the median over repeats of (teacher FLOP/s / the ceiling of that repeat); a best-of-5 square
+    # GEMM after every repeat is kept too (the ceiling itself when method is "beside")
+    t_teacher, t_vit, ceilings, best_ceilings, t_eager = [], [], [], [], []
     for _ in range(cfg.repeats):
-        t_teacher.append(timed(teacher, device))
-        t_vit.append(timed(vit_only, device))
-        ceilings.append(gemm_ceiling(device, amp))
-        if cfg.compile:
-            t_eager.append(timed(eager_teacher, device))
+        t, v, c, e = teacher()
+        t_teacher.append(t), t_vit.append(v), ceilings.append(c), t_eager.append(e)
+        best_ceilings.append(c if method == "beside" else gemm_ceiling(device, amp))
     tt, tv, ceiling = statistics.median(t_teacher), statistics.median(t_vit), statistics.median(ceilings)
     achieved = flops_per_window * windows / tt
     mfu = statistics.median(flops_per_window * windows / t / c for t, c in zip(t_teacher, ceilings))
     compiled = {"eager_teacher_s": statistics.median(t_eager),
+                "eager_mfu": statistics.median(flops_per_window * windows / e / c for e, c in zip(t_eager, ceilings)),
                 "compile_speedup": statistics.median(e / t for e, t in zip(t_eager, t_teacher))} if cfg.compile else {}
     return {
         "mode": "teacher", "backbone": cfg.backbone, "device": device_name(device), "dtype": compute, **compiled,
@@ -135,8 +190,9 @@ def bench_teacher(cfg: TeacherBench) -> dict:
         "teacher_s": tt, "vit_only_s": tv, "windows_per_s": windows / tt, "images_per_s": cfg.images / tt,
         "s_per_image": tt / cfg.images,
         "outside_vit_share": max(0.0, (tt - tv) / tt), "gflop_per_window": flops_per_window / 1e9,
-        "model_tflops": achieved / 1e12, "gemm_ceiling_tflops": ceiling / 1e12, "mfu": mfu,
-        "mfu_vs_best_ceiling": achieved / max(ceilings),
+        "model_tflops": achieved / 1e12, "ceiling_method": method, "gemm_ceiling_tflops": ceiling / 1e12,
+        "mfu": mfu, "best_ceiling_tflops": max(best_ceilings) / 1e12,
+        "mfu_vs_best_ceiling": achieved / max(best_ceilings),
     }
 
 

@@ -1,0 +1,49 @@
+"""`benchmark.py teacher` on a tiny backbone: what it reports, with either ceiling method."""
+import pytest
+
+from pipeline.bench.teacher import InterleavedCeiling, TeacherBench, bench_teacher
+from pipeline.config import ConfigError
+
+
+def _run(**keys) -> dict:
+    return bench_teacher(TeacherBench(backbone="maskclip-test", height=112, width=160, stride=24,
+                                      dtype="float32", window_batch=8, repeats=2, **keys))
+
+
+@pytest.mark.parametrize("ceiling", ["interleaved", "beside"])
+def test_teacher_bench_reports_throughput_against_a_ceiling(ceiling):
+    r = _run(ceiling=ceiling)
+    assert r["ceiling_method"] == ceiling and r["dtype"] == "float32" and r["windows"] == 15
+    assert r["teacher_s"] > 0 and r["windows_per_s"] == pytest.approx(15 / r["teacher_s"])
+    assert 0 < r["vit_only_s"] and 0 <= r["outside_vit_share"] < 1
+    assert r["gemm_ceiling_tflops"] > 0 and r["best_ceiling_tflops"] >= r["gemm_ceiling_tflops"] * (ceiling == "beside")
+    assert 0 < r["mfu"] and r["model_tflops"] == pytest.approx(r["gflop_per_window"] * r["windows_per_s"] / 1e3)
+    assert r["attention_kernels"] == ["flash"]
+
+
+def test_cpu_samples_the_ceiling_between_chunks_by_default():
+    assert _run()["ceiling_method"] == "interleaved"
+
+
+def test_interleaved_ceiling_times_its_gemms_apart_from_the_forward():
+    import torch
+
+    calls = []
+    paired = InterleavedCeiling(lambda c: calls.append(c.shape[0]) or c, flop_per_window=4 * 64 ** 3,
+                                device=torch.device("cpu"), amp=None, n=64, beside=lambda c: calls.append(-1))
+    x = torch.zeros(3, 1)
+    assert paired(x) is x and calls == [-1, 3]
+    assert paired.flop == 3 * 2 * 64 ** 3  # half the chunk's 3 x 4 * 64^3 FLOP, in 64^3 GEMMs
+    assert paired.seconds > 0 and paired.forward_seconds >= 0 and paired.beside_seconds >= 0
+
+
+def test_bad_ceiling_method_is_refused():
+    with pytest.raises(ConfigError, match="ceiling"):
+        TeacherBench(ceiling="sometimes")
+
+
+@pytest.mark.slow
+def test_compiled_teacher_is_compared_with_eager_on_the_same_chunks():
+    r = _run(compile=True)
+    assert r["compile"] and r["eager_teacher_s"] > 0 and r["eager_mfu"] > 0
+    assert r["compile_speedup"] == pytest.approx(r["eager_teacher_s"] / r["teacher_s"], rel=0.5)
