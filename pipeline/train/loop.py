@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 import spar
+from pipeline.devices import keep_freed_memory
 from pipeline.cache.reader import open_cache
 from pipeline.logs import duration, rank_zero_info
 from pipeline.storage import Storage
@@ -71,6 +72,8 @@ class Trainer:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.store = Storage(cfg.storage_options)
         self.engine = build_engine(cfg, self.source, self.ds_config,
                                    self.store.options_for(self.source["pretrained"] or ""))
