@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 import spar
-from pipeline.devices import keep_freed_memory
 from pipeline.cache.reader import open_cache
+from pipeline.devices import keep_freed_memory
 from pipeline.logs import duration, rank_zero_info
 from pipeline.storage import Storage
 from pipeline.train import loader, validation
