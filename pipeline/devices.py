@@ -61,21 +61,24 @@ def pick_device(device: str) -> torch.device:
 
 
 _KEPT = False
+MMAP_DEFAULT_MAX = 32 * 2 ** 20  # glibc's dynamic mmap threshold never rises above this on 64-bit
+TRIM_DEFAULT = 128 * 2 ** 10
 
 
-def keep_freed_memory() -> bool:
+def keep_freed_memory(keep: bool = True) -> bool:
     """Let glibc's malloc keep freed blocks of any size in the heap for reuse (True once it does).
 
     PyTorch's CPU allocator calls malloc and free for every tensor. By default glibc serves blocks
     over 32 MiB with a fresh mmap and unmaps them on free, so every large activation of a ViT forward
     (a 64-window chunk of ViT-B/16 makes many of 40-80 MB) faults in and zeroes its pages again: about
-    a million page faults per chunk, and 1.3-1.4x slower bf16 forwards on this project's 2-core CPUs,
-    measured in one process with the setting toggled. Raising the mmap and trim thresholds keeps them
-    in the heap instead. The cost: a process holds on to its peak heap until it exits. A no-op (False)
-    where the C library is not glibc.
+    a million page faults per chunk, and 1.2-1.4x slower bf16 forwards on this project's 2-core CPUs
+    (`benchmark.py teacher malloc_compare=true`). Raising the mmap and trim thresholds keeps them in
+    the heap instead. The cost: a process holds on to its peak heap until it exits. ``keep=False``
+    puts glibc's behaviour for blocks over 32 MiB back (for that comparison). A no-op (False) where
+    the C library is not glibc.
     """
     global _KEPT
-    if not _KEPT:
+    if _KEPT != keep:
         import ctypes
         import ctypes.util
 
@@ -84,8 +87,10 @@ def keep_freed_memory() -> bool:
             mallopt = libc.mallopt
         except (OSError, AttributeError):
             return False
-        m_trim_threshold, m_mmap_threshold, most = -1, -3, ctypes.c_int(2 ** 31 - 1)
-        _KEPT = bool(mallopt(m_mmap_threshold, most)) and bool(mallopt(m_trim_threshold, most))
+        m_trim_threshold, m_mmap_threshold, most = -1, -3, 2 ** 31 - 1
+        mmap, trim = (most, most) if keep else (MMAP_DEFAULT_MAX, TRIM_DEFAULT)
+        done = bool(mallopt(m_mmap_threshold, ctypes.c_int(mmap))) and bool(mallopt(m_trim_threshold, ctypes.c_int(trim)))
+        _KEPT = keep and done
     return _KEPT
 
 

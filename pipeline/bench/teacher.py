@@ -12,7 +12,8 @@ import torch
 import spar
 from pipeline.bench.common import gemm_ceiling, timed
 from pipeline.config import check
-from pipeline.devices import AMP_DTYPES, device_name, pick_device, resolve_compute_dtype, use_compute_dtype
+from pipeline.devices import (AMP_DTYPES, device_name, keep_freed_memory, pick_device, resolve_compute_dtype,
+                              use_compute_dtype)
 from spar.teacher import autocast
 
 DTYPES = ("auto", *AMP_DTYPES)  # auto: what the cache job's teacher would use on this device
@@ -39,6 +40,9 @@ class TeacherBench:
     # the ceiling see the same machine state; "auto" on CPUs) or "beside" (around every repeat; "auto"
     # on GPUs, whose window loop must not wait for the host)
     ceiling: str = "auto"
+    # CPU: also time one window chunk's forward with freed memory kept (`keep_freed_memory`) against
+    # glibc's default, alternated in both orders in this process
+    malloc_compare: bool = False
     out: Optional[str] = None  # optional JSON result path or URL
 
     def __post_init__(self):
@@ -122,9 +126,36 @@ class InterleavedCeiling:
         return out
 
 
+def freed_memory_comparison(forward: Callable[[torch.Tensor], torch.Tensor], chunk: torch.Tensor,
+                            amp: torch.dtype | None, rounds: int) -> dict:
+    """One chunk's forward with freed memory kept and with glibc's default, alternated `rounds` times
+    (each order in turn): the median speed-up of keeping, and the page faults of a forward in each."""
+    import resource
+
+    def forward_once(keep: bool) -> tuple[float, int]:
+        keep_freed_memory(keep)
+        with torch.no_grad(), autocast(chunk.device, amp):
+            forward(chunk)  # settles the heap in this mode
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            t = time.perf_counter()
+            forward(chunk)
+            return time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+
+    runs = {True: [], False: []}
+    for r in range(rounds):
+        for keep in (True, False) if r % 2 == 0 else (False, True):
+            runs[keep].append(forward_once(keep))
+    keep_freed_memory(True)
+    return {"freed_memory_kept_speedup": statistics.median(d[0] / k[0] for k, d in zip(runs[True], runs[False])),
+            "page_faults_per_forward": {"kept": statistics.median(k[1] for k in runs[True]),
+                                        "glibc_default": statistics.median(d[1] for d in runs[False])}}
+
+
 def bench_teacher(cfg: TeacherBench) -> dict:
     """Measure the teacher, its time in the ViT forwards and the GEMM ceiling beside it."""
     device = pick_device(cfg.device)
+    check(not cfg.malloc_compare or (device.type == "cpu" and keep_freed_memory()),
+          "malloc_compare=true needs a CPU device and glibc")
     compute, amp = _precision(cfg.dtype, device)
     bb = spar.load_backbone(cfg.backbone, pretrained=cfg.pretrained, device=device).drop_text_tower()
     crop = cfg.crop or bb.window
@@ -179,11 +210,12 @@ def bench_teacher(cfg: TeacherBench) -> dict:
     tt, tv, ceiling = statistics.median(t_teacher), statistics.median(t_vit), statistics.median(ceilings)
     achieved = flops_per_window * windows / tt
     mfu = statistics.median(flops_per_window * windows / t / c for t, c in zip(t_teacher, ceilings))
+    malloc = freed_memory_comparison(forward, chunk, amp, max(2, cfg.repeats)) if cfg.malloc_compare else {}
     compiled = {"eager_teacher_s": statistics.median(t_eager),
                 "eager_mfu": statistics.median(flops_per_window * windows / e / c for e, c in zip(t_eager, ceilings)),
                 "compile_speedup": statistics.median(e / t for e, t in zip(t_eager, t_teacher))} if cfg.compile else {}
     return {
-        "mode": "teacher", "backbone": cfg.backbone, "device": device_name(device), "dtype": compute, **compiled,
+        "mode": "teacher", "backbone": cfg.backbone, "device": device_name(device), "dtype": compute, **compiled, **malloc,
         "compile": cfg.compile, "attention_kernels": kernels,
         "threads": torch.get_num_threads(), "image": [cfg.height, cfg.width], "images": cfg.images,
         "crop": crop, "stride": cfg.stride, "window_batch": batch, "windows": windows,

@@ -6,8 +6,9 @@ from pipeline.config import ConfigError
 
 
 def _run(**keys) -> dict:
-    return bench_teacher(TeacherBench(backbone="maskclip-test", height=112, width=160, stride=24,
-                                      dtype="float32", window_batch=8, repeats=2, **keys))
+    defaults = dict(backbone="maskclip-test", height=112, width=160, stride=24, dtype="float32", window_batch=8,
+                    repeats=2)
+    return bench_teacher(TeacherBench(**{**defaults, **keys}))
 
 
 @pytest.mark.parametrize("ceiling", ["interleaved", "beside"])
@@ -47,3 +48,15 @@ def test_compiled_teacher_is_compared_with_eager_on_the_same_chunks():
     r = _run(compile=True)
     assert r["compile"] and r["eager_teacher_s"] > 0 and r["eager_mfu"] > 0
     assert r["compile_speedup"] == pytest.approx(r["eager_teacher_s"] / r["teacher_s"], rel=0.5)
+
+
+def test_freed_memory_comparison_counts_the_page_faults_of_each_mode():
+    from pipeline.devices import keep_freed_memory
+
+    if not keep_freed_memory():
+        pytest.skip("the C library is not glibc")
+    r = _run(malloc_compare=True)
+    assert r["freed_memory_kept_speedup"] > 0
+    faults = r["page_faults_per_forward"]  # the tiny model's blocks are small: few faults either way
+    assert 0 <= faults["kept"] <= faults["glibc_default"]
+    assert keep_freed_memory()  # kept again afterwards

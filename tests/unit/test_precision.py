@@ -91,8 +91,12 @@ def test_cpu_processes_reuse_freed_tensor_memory():
             y = torch.nn.functional.gelu(y) + 1
         return y.sum()
 
-    activations()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    activations()
+    def faults() -> int:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        activations()
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    # the heap grows to the computation's peak within a few runs (from whatever earlier code left);
+    # glibc's default faults in ~9 x pages on every run
     pages = x.nbytes // resource.getpagesize()
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < pages // 10  # default: ~9 x pages
+    assert min(faults() for _ in range(6)) < pages // 10  # default: ~9 x pages
