@@ -140,11 +140,10 @@ def pick_samples(cache: Cache, n: int, seed: int) -> list[dict]:
     names = cache.shards.column("shard").to_pylist()
     committed, out = set(cache.keys()), []
     for i in order:
-        for raw in iter_raw_shard(shard_url(cache.url, names[i]), cache.store):
-            if raw["__key__"] in committed:
-                out.append(raw)
-                if len(out) == n:
-                    return out
+        for raw in iter_raw_shard(shard_url(cache.url, names[i]), cache.store, keep=committed.__contains__):
+            out.append(raw)
+            if len(out) == n:
+                return out
     return out
 
 

@@ -56,15 +56,19 @@ def fingerprint_diff(a: dict, b: dict) -> list[str]:
 TAR_STREAM_BUFSIZE = 1 << 20  # tarfile's stream mode reads in 10 kB pieces by default: ~1 GB/s at most
 
 
-def _tar_members(stream, alloc: Callable[[int], Any] = bytearray) -> Iterator[dict]:
+def _tar_members(stream, alloc: Callable[[int], Any] = bytearray,
+                 keep: Callable[[str], bool] | None = None) -> Iterator[dict]:
     """``{fname, data}`` of every regular member, in tar order. A seekable stream (local files, s3fs
     and other fsspec files) is read member by member into a fresh writable buffer ``alloc(size)``
     (a ``bytearray`` by default) -- one copy from the file, and arrays decode in place; other
-    streams go through tarfile's stream reader."""
+    streams go through tarfile's stream reader. Members of samples whose key `keep` refuses are
+    left out: unread on a seekable stream, and never copied into a buffer."""
+    from webdataset.tariterators import base_plus_ext
+
     seekable = getattr(stream, "seekable", lambda: False)()
     with tarfile.open(fileobj=stream, mode="r:" if seekable else "r|", bufsize=TAR_STREAM_BUFSIZE) as tar:
         for m in tar:
-            if not m.isfile():
+            if not m.isfile() or (keep is not None and not keep(base_plus_ext(m.name)[0])):
                 continue
             data = alloc(m.size)
             if seekable:
@@ -77,14 +81,16 @@ def _tar_members(stream, alloc: Callable[[int], Any] = bytearray) -> Iterator[di
             yield {"fname": m.name, "data": data}
 
 
-def iter_raw_shard(url: str, store: Storage, alloc: Callable[[int], Any] = bytearray) -> Iterator[dict]:
+def iter_raw_shard(url: str, store: Storage, alloc: Callable[[int], Any] = bytearray,
+                   keep: Callable[[str], bool] | None = None) -> Iterator[dict]:
     """Undecoded samples (member bytes by extension, in writable buffers made by `alloc`) of one
-    shard, in tar order. The tar is opened through `store`, so every fsspec URL is read with the
-    job's options; members are grouped into samples by webdataset's key rules."""
+    shard, in tar order; only those whose key `keep` accepts, if it is given (the others are not
+    read where the stream can seek). The tar is opened through `store`, so every fsspec URL is
+    read with the job's options; members are grouped into samples by webdataset's key rules."""
     from webdataset.tariterators import group_by_keys
 
     with store.open(url, "rb") as stream:
-        yield from group_by_keys(dict(m, __url__=url) for m in _tar_members(stream, alloc))
+        yield from group_by_keys(dict(m, __url__=url) for m in _tar_members(stream, alloc, keep))
 
 
 def iter_shard(url: str, store: Storage, verify: bool = True) -> Iterator[dict]:

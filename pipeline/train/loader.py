@@ -16,7 +16,7 @@ so every rank computes every rank's plan without talking to the others:
 
 A position in an epoch is therefore one number, the step: a resumed epoch with the same layout
 (ranks, loader workers, batch size, shuffle buffer) skips the batches of the steps done (their
-bytes are read, not decoded). A resume with another layout marks the samples the old layout
+members are passed over unread, as are the samples of other workers in a shared shard). A resume with another layout marks the samples the old layout
 trained as done and plans the rest of the epoch over the new one (a new *segment*); the next
 epoch is planned as any run of the new layout would plan it.
 """
@@ -244,18 +244,16 @@ class PlannedBatches(IterableDataset):
 
     def _worker(self, w: int) -> Iterator[dict]:
         batches, first = self.plan.worker_batches[w], self.skip[w]
-        skipped = {r.key for b in batches[:first] for r in b}
-        wanted = {r.key for b in batches for r in b}
+        wanted = {r.key for b in batches[first:] for r in b}
         alloc = bytearray if get_worker_info() is None else shared_buffer  # loader processes: shared memory
         stream = (raw for name in self.plan.worker_shards[w]
-                  for raw in iter_raw_shard(shard_url(self.cache_url, name), self.store, alloc))
+                  for raw in iter_raw_shard(shard_url(self.cache_url, name), self.store, alloc, wanted.__contains__))
         pending: dict[str, dict] = {}
         for index in range(first, len(batches)):
             for ref in batches[index]:
                 while ref.key not in pending:
                     raw = next(stream)
-                    if raw["__key__"] in wanted and raw["__key__"] not in skipped:
-                        pending[raw["__key__"]] = raw
+                    pending[raw["__key__"]] = raw
             samples = [decode_for_training(pending.pop(r.key), self.verify) for r in batches[index]]
             yield _collate(samples, w, index)
 

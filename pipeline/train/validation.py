@@ -80,9 +80,9 @@ class HeldOut:
         self.dir = tempfile.mkdtemp(prefix="spar-val-")
         wanted = set(self.keys)
         for name in self.shards:
-            for raw in iter_raw_shard(shard_url(self.cache_url, name), self.store):
+            for raw in iter_raw_shard(shard_url(self.cache_url, name), self.store, keep=wanted.__contains__):
                 key = raw["__key__"]
-                if key in wanted:
+                if key in wanted:  # once, should a shard hold a key twice
                     wanted.discard(key)
                     os.makedirs(os.path.join(self.dir, key))
                     for ext, data in raw.items():

@@ -123,6 +123,51 @@ def test_loader_yields_the_plan_in_order_and_resumes_at_any_step(tmp_path):
         assert [b["keys"] for b in rest] == [b["keys"] for b in full[start:]], start
 
 
+def test_a_shard_read_for_some_samples_leaves_the_others_unread(tmp_path):
+    """A rank or loader process that needs a few samples of a shard (the ends of its range, a resumed
+    epoch, a held-out split) reads and buffers only theirs."""
+    import glob
+
+    from pipeline.cache.reader import iter_raw_shard
+
+    out, _ = _write_cache(tmp_path, n=3)
+    tar = sorted(glob.glob(f"{out}/shards/**/*.tar", recursive=True))[0]
+    whole = list(iter_raw_shard(tar, Storage()))
+    assert [r["__key__"] for r in whole] == ["s00", "s01", "s02"]
+
+    class Counted:  # the shard file, counting the member bytes read into buffers
+        def __init__(self, f, storage):
+            self.f, self.storage = f, storage
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def readinto(self, b):
+            n = self.f.readinto(b)
+            self.storage.read += n
+            return n
+
+    class CountingStorage(Storage):
+        read = 0
+
+        def open(self, url, mode="rb", **kwargs):
+            return Counted(super().open(url, mode, **kwargs), self)
+
+    store, buffers = CountingStorage(), []
+    some = list(iter_raw_shard(tar, store, lambda n: buffers.append(n) or bytearray(n), keep={"s01"}.__contains__))
+    assert [r["__key__"] for r in some] == ["s01"]
+    members = {k: bytes(v) for k, v in whole[1].items() if not k.startswith("__")}
+    assert {k: bytes(v) for k, v in some[0].items() if not k.startswith("__")} == members
+    member_bytes = sum(map(len, members.values()))
+    assert sum(buffers) == member_bytes and store.read == member_bytes
+
+
 def test_metrics_csv_has_one_header_whatever_row_comes_first(tmp_path):
     import csv
 
