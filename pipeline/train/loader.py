@@ -16,9 +16,10 @@ so every rank computes every rank's plan without talking to the others:
 
 A position in an epoch is therefore one number, the step: a resumed epoch with the same layout
 (ranks, loader workers, batch size, shuffle buffer) skips the batches of the steps done (their
-members are passed over unread, as are the samples of other workers in a shared shard). A resume with another layout marks the samples the old layout
-trained as done and plans the rest of the epoch over the new one (a new *segment*); the next
-epoch is planned as any run of the new layout would plan it.
+members are passed over unread, as are other workers' samples in a shard they share). A resume
+with another layout marks the samples the old layout trained as done and plans the rest of the
+epoch over the new one (a new *segment*); the next epoch is planned as any run of the new layout
+would plan it.
 """
 from __future__ import annotations
 
