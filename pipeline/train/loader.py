@@ -247,8 +247,8 @@ class PlannedBatches(IterableDataset):
         batches, first = self.plan.worker_batches[w], self.skip[w]
         wanted = {r.key for b in batches[first:] for r in b}
         alloc = bytearray if get_worker_info() is None else shared_buffer  # loader processes: shared memory
-        stream = (raw for name in self.plan.worker_shards[w]
-                  for raw in iter_raw_shard(shard_url(self.cache_url, name), self.store, alloc, wanted.__contains__))
+        stream = (raw for name in self.plan.worker_shards[w] for raw in
+                  iter_raw_shard(shard_url(self.cache_url, name), self.store, alloc, keep=wanted.__contains__))
         pending: dict[str, dict] = {}
         for index in range(first, len(batches)):
             for ref in batches[index]:

@@ -53,27 +53,18 @@ def test_compiled_teacher_is_compared_with_eager_on_the_same_chunks():
 def test_freed_memory_comparison_counts_the_page_faults_of_each_mode():
     """Kept freed memory serves a forward's large intermediates from the heap; glibc's default maps
     (and faults in) each of them afresh."""
-    import resource
-
     import torch
 
     from pipeline.bench.teacher import freed_memory_comparison
     from pipeline.devices import keep_freed_memory
+    from tests.memory import PAGES, TENSOR, large_intermediates
 
     if not keep_freed_memory():
         pytest.skip("the C library is not glibc")
-    x = torch.ones(16 * 2 ** 20)  # 64 MiB: over glibc's default mmap threshold of 32 MiB
-
-    def forward(chunk):
-        y = chunk * 2
-        for _ in range(4):
-            y = torch.nn.functional.gelu(y) + 1
-        return y.sum()
-
-    r = freed_memory_comparison(forward, x, None, rounds=3)
-    pages = x.nbytes // resource.getpagesize()
+    x = torch.ones(TENSOR)  # 64 MiB: over glibc's default mmap threshold of 32 MiB
+    r = freed_memory_comparison(large_intermediates, x, None, rounds=3)
     faults = r["page_faults_per_forward"]
-    assert faults["glibc_default"] > pages and faults["kept"] < pages // 10  # default: 2-9 x pages
+    assert faults["glibc_default"] > PAGES and faults["kept"] < PAGES // 10  # default: 2-9 x pages
     assert r["freed_memory_kept_speedup"] > 0
     assert keep_freed_memory()  # kept again afterwards
 

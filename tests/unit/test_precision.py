@@ -79,24 +79,18 @@ def test_cpu_processes_reuse_freed_tensor_memory():
     import resource
 
     from pipeline.devices import keep_freed_memory, pick_device
+    from tests.memory import PAGES, TENSOR, large_intermediates
 
     assert pick_device("cpu").type == "cpu"
     if not keep_freed_memory():
         pytest.skip("the C library is not glibc")
-    x = torch.ones(16 * 2 ** 20)  # 64 MiB: glibc's default would mmap and unmap every such tensor
-
-    def activations():  # like a ViT forward: large intermediates made and freed in turn
-        y = x * 2
-        for _ in range(4):
-            y = torch.nn.functional.gelu(y) + 1
-        return y.sum()
+    x = torch.ones(TENSOR)  # 64 MiB: glibc's default would mmap and unmap every such tensor
 
     def faults() -> int:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        activations()
+        large_intermediates(x)
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
     # the heap grows to the computation's peak within a few runs (from whatever earlier code left);
     # glibc's default faults in ~9 x pages on every run
-    pages = x.nbytes // resource.getpagesize()
-    assert min(faults() for _ in range(6)) < pages // 10  # default: ~9 x pages
+    assert min(faults() for _ in range(6)) < PAGES // 10  # default: ~9 x pages
