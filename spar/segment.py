@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from spar.backbones import Backbone
+from spar.interface import Backbone
 from spar.teacher import autocast, axis_coverage, iter_window_chunks, sliding_window_features, window_starts
 from spar.text import TextClassifier
 

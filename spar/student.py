@@ -10,7 +10,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from spar.backbones import Backbone
+from spar.interface import Backbone
 
 DEFAULT_TRAINABLE = "blk_-1,blk_-2"
 

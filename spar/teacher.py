@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from spar.backbones import Backbone
+from spar.interface import Backbone
 
 
 def upsample_factor(patch: int, stride: int) -> int:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from torch import nn
 
-from spar.backbones import Backbone
+from spar.interface import Backbone
 
 log = logging.getLogger(__name__)
 

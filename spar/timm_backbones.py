@@ -42,7 +42,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from spar import dinotxt
-from spar.backbones import Backbone, BackboneSpec
+from spar.interface import Backbone, BackboneSpec
 from spar.weights import OFFLINE_HELP, TIMM_DEFAULT, USER_SUPPLIED, public_url, read_state_dict, resolve_files
 
 log = logging.getLogger(__name__)

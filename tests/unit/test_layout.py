@@ -19,11 +19,12 @@ def module_name(path: Path) -> str:
 
 
 def modules() -> dict[str, Path]:
-    return {module_name(p): p for p in sorted((ROOT / "pipeline").rglob("*.py"))}
+    """Every module of the model library and of the pipeline."""
+    return {module_name(p): p for d in ("spar", "pipeline") for p in sorted((ROOT / d).rglob("*.py"))}
 
 
 def imports(path: Path, known: set[str]) -> set[str]:
-    """Every pipeline module `path` imports, at module level or inside functions."""
+    """Every spar / pipeline module `path` imports, at module level or inside functions."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
