@@ -9,6 +9,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded at tes
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray Train's controller polls its workers every 2 s by default, so every checkpoint a test waits on
+# (the loop waits until a reported checkpoint is committed) and the end of every run take up to 2 s
+# more; the resume tests checkpoint every step. Ray Train passes this on from the driver's environment.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -32,3 +36,4 @@ def vitb16():
     import spar
 
     return spar.load_backbone("maskclip", pretrained=None)
+

@@ -4,6 +4,9 @@ S3-compatible server: how many storage requests an operation costs, whatever cli
 the network must not share a process with the server).
 
 The proxy's ``GET /__requests__`` answers the number of requests forwarded so far, ``POST /__reset__`` zeroes it.
+Given ``admit=<access key id>`` it answers 403 to every request not signed with that key (moto itself
+accepts any credentials): a test can then tell a client that used the credentials it was given from
+one that fell back to others (the environment's, a provider chain's).
 Used by ``benchmark.py manifest`` and the manifest tests, against the moto S3 server.
 """
 from __future__ import annotations
@@ -20,8 +23,23 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 _HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
 
 
-def serve(upstream: str, port: int) -> None:
-    """Forward every request to `upstream`, counting them (blocks)."""
+_DENIED = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
+           b"<Message>Access Denied (not signed with the admitted access key)</Message></Error>")
+
+
+def signed_by(headers, path: str) -> str | None:
+    """The access key id that signed a request (SigV4 header or pre-signed query), or None."""
+    auth = headers.get("Authorization") or ""
+    if "Credential=" in auth:
+        return auth.split("Credential=", 1)[1].split("/", 1)[0]
+    query = urllib.parse.parse_qs(urllib.parse.urlparse(path).query)
+    cred = (query.get("X-Amz-Credential") or query.get("AWSAccessKeyId") or [""])[0]
+    return cred.split("/", 1)[0] or None
+
+
+def serve(upstream: str, port: int, admit: str | None = None) -> None:
+    """Forward every request to `upstream`, counting them (blocks); with `admit`, only those signed
+    with that access key id (others: 403 AccessDenied)."""
     target = urllib.parse.urlparse(upstream)
     lock, count = threading.Lock(), [0]
 
@@ -55,6 +73,8 @@ def serve(upstream: str, port: int) -> None:
                 count[0] += 1
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else None
+            if admit is not None and signed_by(self.headers, self.path) != admit:
+                return self._reply(403, _DENIED, [("Content-Type", "application/xml")])
             conn = http.client.HTTPConnection(target.hostname, target.port, timeout=120)
             headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
             conn.request(self.command, self.path, body=body, headers=headers)
@@ -100,12 +120,13 @@ def start_moto() -> tuple[str, subprocess.Popen]:
 
 
 class CountingProxy:
-    """The proxy as a subprocess: ``with CountingProxy(upstream) as p: ... p.requests()``."""
+    """The proxy as a subprocess: ``with CountingProxy(upstream) as p: ... p.requests()`` (`admit`: see
+    `serve`)."""
 
-    def __init__(self, upstream: str):
+    def __init__(self, upstream: str, admit: str | None = None):
         self.port = _free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
-        code = f"from pipeline.bench.s3proxy import serve; serve({upstream!r}, {self.port})"
+        code = f"from pipeline.bench.s3proxy import serve; serve({upstream!r}, {self.port}, {admit!r})"
         self.proc = subprocess.Popen([sys.executable, "-c", code])
         _wait(f"{self.endpoint}/__requests__", self.proc, "the counting proxy")
 

@@ -1,9 +1,8 @@
 """Multi-node scenarios on `ray.cluster_utils.Cluster` (head without CPUs + one-CPU worker nodes).
 
 Run as a subprocess by test_multinode.py (a Cluster must own its process' Ray connection):
-    python -m tests.integration.multinode cache <source> <output>
-    python -m tests.integration.multinode train <cache> <output>
-    python -m tests.integration.multinode gpu_join <source> <output>
+    python -m tests.integration.multinode cache_then_train <source> <cache> <runs>
+    python -m tests.integration.multinode gpu_join <source> <cache>
 Prints one JSON line with what happened.
 """
 from __future__ import annotations
@@ -41,8 +40,20 @@ def teacher_actor_nodes() -> list[str]:
     return [a.node_id for a in list_actors(filters=[("state", "=", "ALIVE")]) if "TeacherActor" in a.class_name]
 
 
-def cache(source: str, output: str) -> dict:
+def cache_then_train(source: str, output: str, runs: str) -> dict:
+    """The cache job on 3 one-CPU nodes, one of them (running a teacher actor) removed mid-job; then
+    training on the two nodes left."""
     cluster, nodes = start(3)
+    try:
+        result = cache(cluster, nodes, source, output)
+        result["train"] = train(output, runs)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()  # also forgets the cluster's address (/tmp/ray/ray_current_cluster)
+    return result
+
+
+def cache(cluster: Cluster, nodes: list, source: str, output: str) -> dict:
     result: dict = {}
     job = threading.Thread(target=lambda: result.update(summary=cache_teacher.main(
         [*TINY, f"source={source}", f"output={output}", "shard_size=2", "teacher.batch_images=1"])))
@@ -80,6 +91,14 @@ def gpu_join(source: str, output: str) -> dict:
     the job is submitted (here: added by hand; their GPU is a declared resource, the actor's torch
     runs on CPU inside it). The cache job runs with its defaults."""
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0})
+    try:
+        return _gpu_join(cluster, source, output)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _gpu_join(cluster: Cluster, source: str, output: str) -> dict:
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
     head = ray.get_runtime_context().get_node_id()
@@ -106,7 +125,6 @@ def _teacher_actors() -> list:
 
 
 def train(cache_url: str, output: str) -> dict:
-    start(2)
     # val_fraction=0: every sample trains, whichever images the source paths (under tmp) hash into a held-out set
     metrics = train_student.main([f"cache={cache_url}", f"output={output}", "name=multinode", "epochs=1",
                                   "scaling.num_workers=2", "scaling.cpus_per_worker=1", "data.loader_workers=1",
@@ -118,7 +136,6 @@ def train(cache_url: str, output: str) -> dict:
 
 if __name__ == "__main__":
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    mode, a, b = sys.argv[1:4]
-    out = {"cache": cache, "train": train, "gpu_join": gpu_join}[mode](a, b)
+    mode, *paths = sys.argv[1:]
+    out = {"cache_then_train": cache_then_train, "gpu_join": gpu_join}[mode](*paths)
     print("RESULT " + json.dumps(out, default=str), flush=True)
-    ray.shutdown()

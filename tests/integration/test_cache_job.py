@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-import torch.nn.functional as F
 
 import spar
 from jobs import cache_teacher
@@ -19,10 +19,8 @@ from pipeline.cache.sources import make_key
 from pipeline.codecs import decode_image
 from pipeline.storage import Storage
 from tests.images import bad_inputs, converted_images, good_images
-from tests.integration.conftest import put_files
+from tests.integration.conftest import TINY, SharedCache, put_files, snapshot
 
-TINY = ["backbone=maskclip-test", "augment.scale=[224,160]", "augment.min_side=64", "shard_size=3",
-        "teacher.batch_images=2"]
 TOLERANCE = {"float32": 1e-6, "float16": 2e-3, "int8": 2e-2}  # relative L2 error of the stored target
 
 
@@ -36,14 +34,12 @@ def recompute(bb, sample, stride=24):
         return spar.sliding_window_features(bb, x, stride=stride)[0].numpy()
 
 
-@pytest.mark.parametrize("encoding", ["float16", "int8", "float32"])
-def test_round_trip(ray_cluster, storage_root, encoding):
-    src, out = storage.join(storage_root, "images"), storage.join(storage_root, "cache")
-    files = good_images(5)
-    put_files(src, files)
-    summary = run_job(f"source={src}", f"output={out}", "views=2", f"encoding={encoding}")
-    cache = open_cache(out)
-    assert summary["computed"] == len(cache) == 5 * 2 and summary["failed"] == 0
+def check_round_trip(cache_url: str, files: dict[str, bytes], encoding: str, views: int) -> None:
+    """Every sample of the cache: its target within the encoding's bound of the teacher recomputed
+    here, its manifest row and metadata in agreement, its pixels exactly the augmented view of the
+    source file, and its key the source's key and view."""
+    cache = open_cache(cache_url)
+    assert len(cache) == len(files) * views and cache.verify() == []
     assert cache.fingerprint["encoding"] == encoding and cache.fingerprint["backbone"] == "maskclip-test"
     bb = spar.load_backbone("maskclip-test", pretrained=None)
     manifest = {r["key"]: r for r in cache.manifest.to_pylist()}
@@ -64,78 +60,76 @@ def test_round_trip(ray_cluster, storage_root, encoding):
         view, plan = augment(decoded, 0, meta["source_key"], meta["view"], aug)
         assert plan == meta["augment"] and np.array_equal(view, sample["image"])
         assert meta["source_key"] == make_key(meta["source"]) and key == f"{meta['source_key']}_v{meta['view']}"
-    assert seen == set(manifest) and len(seen) == 10
-    assert sum(cache.shards.column("samples").to_pylist()) == 10 and cache.verify() == []
+    assert seen == set(manifest) and len(seen) == len(files) * views
+    assert sum(cache.shards.column("samples").to_pylist()) == len(seen)
 
 
-def test_bad_inputs_are_recorded_or_converted(ray_cluster, storage_root):
+@pytest.mark.parametrize("encoding", ["int8", "float32"])
+def test_round_trip_of_every_target_encoding(ray_cluster, tmp_path, encoding):
+    src, out = str(tmp_path / "images"), str(tmp_path / "cache")
+    files = good_images(5)
+    put_files(src, files)
+    summary = run_job(f"source={src}", f"output={out}", "views=2", f"encoding={encoding}")
+    assert summary["computed"] == 5 * 2 and summary["failed"] == 0
+    check_round_trip(out, files, encoding, views=2)
+
+
+def test_round_trip_on_local_disk_and_s3(shared_cache: SharedCache):
+    """The default encoding (float16) on both storages: the session's shared caches."""
+    check_round_trip(shared_cache.url, shared_cache.files, "float16", views=2 if "views=2" in shared_cache.args else 1)
+
+
+def _last_summary(out: str) -> dict:
+    """The summary.json of the latest job into `out` (run ids start with their start time)."""
+    runs = sorted(u for u in Storage().list_files(storage.join(out, "runs")) if u.endswith("/summary.json"))
+    return json.loads(Storage().read_text(runs[-1]))
+
+
+def test_bad_inputs_are_recorded_or_converted_and_too_many_fail_the_job_keeping_the_good(ray_cluster, storage_root):
+    """Every kind of bad input is recorded with its reason, every unusual but valid one converted;
+    with more failures than max_failed_fraction (default 5%) the job exits non-zero, after
+    committing everything that succeeded."""
     src, out = storage.join(storage_root, "images"), storage.join(storage_root, "cache")
     good, converted, bad = good_images(3), converted_images(), bad_inputs()
     put_files(src, {**good, **converted, **{k: v for k, (v, _) in bad.items()}})
-    summary = run_job(f"source={src}", f"output={out}", "max_pixels=2000000", "max_failed_fraction=0.5",
-                      "min_source_side=16", "max_aspect=8")
-    cache = open_cache(out)
-    assert summary["failed"] == len(bad) and len(cache) == len(good) + len(converted)
+    with pytest.raises(SystemExit) as exit_info:
+        run_job(f"source={src}", f"output={out}", "max_pixels=2000000", "min_source_side=16", "max_aspect=8")
+    assert exit_info.value.code not in (0, None)
+    summary, cache = _last_summary(out), open_cache(out)
+    assert summary["failed"] == len(bad) and summary["computed"] == len(cache) == len(good) + len(converted)
     errors = {r["source"].rsplit("/", 1)[1]: r["reason"] for r in cache.errors.to_pylist()}
     assert set(errors) == set(bad)
     for name, (_, reason) in bad.items():
         assert reason in errors[name], (name, errors[name])
     for sample in cache:
         assert sample["image"].dtype == np.uint8 and sample["image"].shape[2] == 3
+    assert cache.verify() == []
 
 
-def test_too_many_failures_exit_non_zero_but_keep_the_good(ray_cluster, tmp_path):
-    src, out = tmp_path / "images", str(tmp_path / "cache")
-    put_files(str(src), {**good_images(2), "zero.jpg": b"", "text.png": b"hello"})
-    with pytest.raises(SystemExit) as exit_info:
-        run_job(f"source={src}", f"output={out}", "max_failed_fraction=0.25")
-    assert exit_info.value.code not in (0, None)
-    assert len(open_cache(out)) == 2 and open_cache(out).errors.num_rows == 2
-
-
-def test_fingerprint_mismatch_is_refused_and_nothing_is_lost(ray_cluster, storage_root):
-    src, out = storage.join(storage_root, "images"), storage.join(storage_root, "cache")
-    put_files(src, good_images(2))
-    run_job(f"source={src}", f"output={out}")
-    before = {u: Storage().read_bytes(u) for u in Storage().list_files(out)}
-    with pytest.raises(SystemExit):
-        run_job(f"source={src}", f"output={out}", "stride=32")
-    with pytest.raises(SystemExit):
-        run_job(f"source={src}", f"output={out}", "encoding=int8")
-    after = {u: Storage().read_bytes(u) for u in Storage().list_files(out)}
-    assert before == after
-
-
-def test_extend_and_resume_compute_only_new_samples(ray_cluster, storage_root):
-    src, out = storage.join(storage_root, "images"), storage.join(storage_root, "cache")
-    put_files(src, good_images(6))
-    first = run_job(f"source={src}", f"output={out}", "limit=4")
-    shards_before = {u: Storage().read_bytes(u) for u in Storage().list_files(storage.join(out, "shards"))}
-    again = run_job(f"source={src}", f"output={out}", "limit=4")
-    extended = run_job(f"source={src}", f"output={out}")
-    assert (first["computed"], again["computed"], extended["computed"]) == (4, 0, 2)
-    assert extended["already_committed"] == 4 and len(open_cache(out)) == 6
-    for url, data in shards_before.items():
-        assert Storage().read_bytes(url) == data  # committed shards were not rewritten
-    more_views = run_job(f"source={src}", f"output={out}", "views=2")
-    assert more_views["computed"] == 6 and len(open_cache(out)) == 12
-
-
-def test_list_sources(ray_cluster, storage_root):
+def test_resume_and_extend_compute_only_new_samples_however_the_sources_are_listed(ray_cluster, storage_root):
+    """A folder with limit=4; the same four again through a .txt list of relative paths (with a
+    comment); all six through a .parquet list of absolute URIs; then two views. A URI is the same key
+    however it is listed, so each run computes exactly what is not committed yet, and committed
+    shards are never rewritten."""
     import pyarrow as pa
 
     src, out = storage.join(storage_root, "images"), storage.join(storage_root, "cache")
-    files = good_images(4)
+    files = good_images(6)
     put_files(src, files)
     names = sorted(files)
-    Storage().write_text(storage.join(storage_root, "list.txt"), "# two images\n" + "\n".join(f"images/{n}" for n in names[:2]))
-    run_job(f"source={storage.join(storage_root, 'list.txt')}", f"output={out}")
-    assert len(open_cache(out)) == 2
-    table = pa.table({"uri": [storage.join(src, n) for n in names]})
+    first = run_job(f"source={src}", f"output={out}", "limit=4")
+    shards_before = snapshot(storage.join(out, "shards"))
+    listed = storage.join(storage_root, "list.txt")
+    Storage().write_text(listed, "# the first four\n" + "\n".join(f"images/{n}" for n in names[:4]))
+    again = run_job(f"source={listed}", f"output={out}")
     with Storage().open(storage.join(storage_root, "list.parquet"), "wb") as f:
-        pq.write_table(table, f)
-    summary = run_job(f"source={storage.join(storage_root, 'list.parquet')}", f"output={out}")
-    assert summary["computed"] == 2 and len(open_cache(out)) == 4  # same URIs -> same keys
+        pq.write_table(pa.table({"uri": [storage.join(src, n) for n in names]}), f)
+    extended = run_job(f"source={storage.join(storage_root, 'list.parquet')}", f"output={out}")
+    assert (first["computed"], again["computed"], extended["computed"]) == (4, 0, 2)
+    assert (again["already_committed"], extended["already_committed"]) == (4, 4) and len(open_cache(out)) == 6
+    assert snapshot(storage.join(out, "shards")).items() >= shards_before.items()  # committed shards untouched
+    more_views = run_job(f"source={src}", f"output={out}", "views=2")
+    assert more_views["computed"] == 6 and len(open_cache(out)) == 12
 
 
 def test_webdataset_tar_source(ray_cluster, storage_root):
@@ -197,16 +191,6 @@ def test_sa1b_tars_with_limit_take_the_first_images_in_tar_order(ray_cluster, st
     assert sorted(k.rsplit("_v", 1)[0] for k in open_cache(out).keys()) == sorted(order[:8])
 
 
-def test_builtin_sample_source_default_settings(ray_cluster, tmp_path):
-    """The README's first command: builtin samples, default augmentation, tiny model."""
-    summary = cache_teacher.main(["backbone=maskclip-test", f"output={tmp_path / 'cache'}"])
-    cache = open_cache(str(tmp_path / "cache"))
-    assert summary["failed"] == 0 and len(cache) == summary["computed"] >= 6
-    for row in cache.manifest.to_pylist():
-        assert min(row["height"], row["width"]) >= 512 and max(row["height"], row["width"]) <= 2048
-    assert Storage().exists(str(tmp_path / "cache" / "config.yaml"))
-
-
 def test_open_cache_errors(tmp_path):
     with pytest.raises(CacheError, match="not a teacher cache"):
         open_cache(str(tmp_path / "nothing"))
@@ -228,18 +212,16 @@ def test_a_local_output_that_other_nodes_cannot_see_is_refused_before_any_work(r
     assert not (tmp_path / "cache" / "shards").exists()
 
 
-def test_raw_and_png_caches_hold_bit_identical_images_and_targets(ray_cluster, storage_root, caplog):
-    """Both image encodings store exactly the pixels the teacher saw, and the same targets; the
-    fingerprint records the encoding and the precision, and an output refuses the other ones."""
-    src = storage.join(storage_root, "images")
-    put_files(src, good_images(3))
-    caches = {}
-    for enc in ("raw", "png"):
-        out = storage.join(storage_root, f"cache-{enc}")
-        run_job(f"source={src}", f"output={out}", f"image_encoding={enc}")
-        caches[enc] = open_cache(out)
+def test_raw_and_png_caches_hold_bit_identical_images_and_targets(shared_cache: SharedCache, caplog):
+    """Both image encodings store exactly the pixels the teacher saw, and the same targets. The
+    fingerprint records the encoding and the precision, and a cache refuses a job that would change
+    any of them (or the stride, or the target encoding), naming the field, with nothing written."""
+    raw_url = shared_cache.url
+    png_url = f"{raw_url}-png"
+    cache_teacher.main(shared_cache.argv("image_encoding=png", output=png_url))
+    caches = {"raw": open_cache(raw_url), "png": open_cache(png_url)}
     raw, png = ({s["key"]: s for s in caches[e]} for e in ("raw", "png"))
-    assert sorted(raw) == sorted(png) and len(raw) == 3
+    assert sorted(raw) == sorted(png) and len(raw) == len(caches["raw"])
     for key in raw:
         assert raw[key]["image"].dtype == np.uint8 and np.array_equal(raw[key]["image"], png[key]["image"])
         assert np.array_equal(raw[key]["target"], png[key]["target"])
@@ -247,16 +229,17 @@ def test_raw_and_png_caches_hold_bit_identical_images_and_targets(ray_cluster, s
     assert (fps["raw"]["image_format"], fps["png"]["image_format"]) == ("raw", "png")
     assert fps["raw"]["compute_dtype"] == "float32"  # a CPU cluster: the reference precision
     members = {ext for name in caches["raw"].shards.column("shard").to_pylist()
-               for ext in _member_exts(shard_url(caches["raw"].url, name))}
+               for ext in _member_exts(shard_url(raw_url, name))}
     assert "image.npy" in members and "png" not in members
 
-    out = storage.join(storage_root, "cache-raw")
-    for override, field in (("image_encoding=png", "image_format"), ("teacher.amp_dtype=bfloat16", "compute_dtype")):
+    before = snapshot(raw_url)
+    for override, field in (("image_encoding=png", "image_format"), ("teacher.amp_dtype=bfloat16", "compute_dtype"),
+                            ("stride=32", "stride"), ("encoding=int8", "encoding")):
         caplog.clear()
         with pytest.raises(SystemExit):
-            run_job(f"source={src}", f"output={out}", override)
-        assert "refusing to mix them" in caplog.text and field in caplog.text
-    assert len(open_cache(out)) == 3  # nothing committed is lost
+            cache_teacher.main(shared_cache.argv(override))
+        assert "refusing to mix them" in caplog.text and field in caplog.text, override
+    assert snapshot(raw_url) == before  # the refused jobs wrote nothing, lost nothing
 
 
 def _member_exts(tar_url: str) -> set[str]:
@@ -266,15 +249,20 @@ def _member_exts(tar_url: str) -> set[str]:
 
 def test_a_compiled_teacher_writes_the_eager_teachers_targets(ray_cluster, tmp_path, monkeypatch):
     """teacher.compile=true, from a relative output in a fresh directory: the actors' compiled window
-    forward stores the targets the eager teacher stores, and the fingerprint is the same cache's."""
+    forward stores the eager teacher's targets, under the eager cache's fingerprint."""
+    from pipeline.cache.job import CacheConfig, build_fingerprint
+    from pipeline.config import parse_config
+
     monkeypatch.chdir(tmp_path)
     put_files("images", good_images(2))
-    run_job("source=images", "output=eager", "encoding=float32")
-    run_job("source=images", "output=compiled", "encoding=float32", "teacher.compile=true", "teacher.window_batch=4")
-    eager, compiled = open_cache("eager"), open_cache("compiled")
-    assert eager.fingerprint["fingerprint"] == compiled.fingerprint["fingerprint"]  # compile does not change targets
-    want = {s["key"]: s["target"] for s in eager}
-    got = {s["key"]: s["target"] for s in compiled}
-    assert sorted(got) == sorted(want) and len(got) == 2
-    for key, target in got.items():
-        assert np.linalg.norm(target - want[key]) / np.linalg.norm(want[key]) <= 1e-5
+    eager_args = [*TINY, "source=images", "output=compiled", "encoding=float32"]
+    cache_teacher.main([*eager_args, "teacher.compile=true", "teacher.window_batch=4"])
+    compiled = open_cache("compiled")
+    eager = build_fingerprint(parse_config(CacheConfig, eager_args), Storage())
+    assert compiled.fingerprint["fingerprint"] == eager["fingerprint"]  # compile does not change targets
+    bb = spar.load_backbone("maskclip-test", pretrained=None)
+    samples = list(compiled)
+    assert len(samples) == 2
+    for sample in samples:
+        want = recompute(bb, sample)  # the eager teacher, here
+        assert np.linalg.norm(sample["target"] - want) / np.linalg.norm(want) <= 1e-5

@@ -16,8 +16,7 @@ from pipeline import open_cache, storage
 from pipeline.cache import shards
 from pipeline.storage import Storage
 from tests.images import good_images
-from tests.integration.conftest import put_files
-from tests.integration.test_cache_job import TINY
+from tests.integration.conftest import TINY, put_files
 
 REPO = Path(__file__).resolve().parents[2]
 N = 12

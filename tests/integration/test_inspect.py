@@ -3,6 +3,7 @@ manifest, the contact sheet's layout and pictures, and the audit that recomputes
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -16,27 +17,27 @@ from pipeline.cache.encode import META_EXT, TARGET_EXT, encode_members, image_me
 from pipeline.cache.inspect import LABEL, PANEL, pick_samples
 from pipeline.codecs import load_npy
 from pipeline.storage import Storage
-from tests.images import good_images, png, scene
-from tests.integration.conftest import put_files
-from tests.integration.test_cache_job import TINY
+from tests.images import png, scene
+from tests.integration.conftest import SharedCache, put_files
 
 
-def test_the_inspector_summarises_and_draws_a_cache(ray_cluster, storage_root, tmp_path, monkeypatch):
-    put_files(storage.join(storage_root, "src"), good_images(5))
-    cache_url = storage.join(storage_root, "cache")
-    cache_teacher.main([*TINY, f"source={storage.join(storage_root, 'src')}", f"output={cache_url}"])
+def test_the_inspector_summarises_and_draws_a_cache(shared_cache: SharedCache, tmp_path, monkeypatch):
+    cache_url = shared_cache.url
     spar.export_open_clip(spar.load_backbone("maskclip-test", pretrained=None, init_seed=3),
-                                    tmp_path / "student.safetensors")
+                          tmp_path / "student.safetensors")
     monkeypatch.chdir(tmp_path)  # a relative output, as users give it
     summary = inspect_cache.main([f"cache={cache_url}", "samples=3", "student=student.safetensors", "output=insp"])
 
     cache = open_cache(cache_url)
-    assert summary["samples"] == len(cache) == 5 and summary["shards"] == cache.shards.num_rows
+    n = len(cache)
+    assert summary["samples"] == n and summary["shards"] == cache.shards.num_rows
     assert summary["bytes"] == sum(cache.shards.column("bytes").to_pylist())
-    assert sum(summary["image_sizes"].values()) == 5 and sum(summary["windows_per_image"].values()) == 5
+    sizes = Counter(f"{r['height']}x{r['width']}" for r in cache.manifest.to_pylist())
+    assert summary["image_sizes"] == dict(sizes.most_common(10)) and summary["distinct_image_sizes"] == len(sizes)
+    assert sum(summary["windows_per_image"].values()) == n
     assert summary["member_bytes_measured_on"] == 3 and summary["fingerprint"]["backbone"] == "maskclip-test"
-    assert json.loads((tmp_path / "insp" / "summary.json").read_text())["samples"] == 5
-    assert "5 samples in" in (tmp_path / "insp" / "summary.txt").read_text()
+    assert json.loads((tmp_path / "insp" / "summary.json").read_text())["samples"] == n
+    assert f"{n} samples in" in (tmp_path / "insp" / "summary.txt").read_text()
 
     sheet = np.asarray(Image.open(tmp_path / "insp" / "contact_sheet.png").convert("RGB")).astype(float)
     assert sheet.shape == (LABEL + 3 * (PANEL + LABEL), 4 * PANEL, 3)  # 3 rows: image, teacher, single, student

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -18,8 +18,7 @@ from pipeline.cache import shards
 from pipeline.cache.reader import FORMAT
 from pipeline.storage import Storage
 from tests.images import good_images
-from tests.integration.conftest import make_bucket, put_files
-from tests.integration.test_cache_job import TINY
+from tests.integration.conftest import TINY, make_bucket, put_files
 from tests.unit.test_encode_shards import _rows, _sample
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,18 +38,22 @@ def _consistent(out: str, n: int):
     return cache
 
 
-def test_two_cache_jobs_at_once_on_one_output(storage_root, tmp_path):
+def test_two_cache_jobs_at_once_on_one_output(ray_cluster, storage_root, tmp_path):
+    """Two drivers (as two users' commands) on one cluster write one output at once: both commit,
+    nothing is lost, every key is read once, and a key both computed is reported."""
+    import ray
+
     src, out = storage.join(storage_root, "src"), storage.join(storage_root, "cache")
-    n = 10
+    n = 8
     put_files(src, good_images(n))
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     args = [sys.executable, "jobs/cache_teacher.py", *TINY, f"source={src}", f"output={out}", "shard_size=2",
-            "num_cpus=2"]
+            f"ray_address={ray.get_runtime_context().gcs_address}"]  # the session's cluster
     logs = [open(tmp_path / f"job{i}.log", "wb") for i in range(2)]
-    procs = [subprocess.Popen(args, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT) for f in logs]
+    procs = [subprocess.Popen(args, cwd=REPO, stdout=f, stderr=subprocess.STDOUT) for f in logs]
     codes = [p.wait(timeout=900) for p in procs]
     texts = [(tmp_path / f"job{i}.log").read_text() for i in range(2)]
     assert codes == [0, 0], texts[0][-2000:] + texts[1][-2000:]
+    assert all("attached to Ray cluster" in t for t in texts)
     summaries = [json.loads(t[t.rindex("\n{\n") + 1:]) for t in texts]
     cache = _consistent(out, n)
     twice = set(cache.duplicates.column("key").to_pylist())
@@ -95,24 +98,28 @@ def test_opening_a_finished_cache_costs_a_constant_number_of_requests(s3_endpoin
             proxy.reset()
             assert len(open_cache(out, store)) == n
             cost[n] = proxy.requests()
-    assert abs(cost[30] - cost[6]) <= 3, cost
+    assert abs(cost[30] - cost[6]) <= 3, cost  # 5x the commits, the same requests
 
 
-def _epochs(run_dir: Path) -> list[dict]:
+def _metrics(run_dir: Path, kind: str) -> list[dict]:
     with open(run_dir / "metrics.csv") as f:
-        return [r for r in csv.DictReader(f) if r["kind"] == "epoch"]
+        return [r for r in csv.DictReader(f) if r["kind"] == kind]
 
 
-def test_training_reads_its_pinned_version_while_the_cache_grows(ray_cluster, tmp_path, monkeypatch):
+def test_training_reads_its_pinned_versions_while_the_caches_grow(local_cache, tmp_path, monkeypatch):
     """The cache is extended after the driver pinned its version and before the workers read it,
     and again between two runs of the same command: the run reads exactly its pinned samples, each
-    once per epoch, from start to resume."""
+    once per epoch, from start to resume. With ``val_cache=`` (another cache by the same teacher)
+    nothing of the training cache is held out, and the student is scored on every sample of the
+    other cache, at the version pinned at the start, even once that cache has grown."""
     import pipeline.train.job as train_job
 
     src, out, runs = str(tmp_path / "src"), str(tmp_path / "cache"), str(tmp_path / "runs")
     put_files(src, good_images(9))
     cache_teacher.main([*TINY, f"source={src}", f"output={out}", "limit=4"])
     pinned = open_cache(out)
+    held = f"{tmp_path}/held-out"  # a copy of the session's local cache: this test makes it grow
+    shutil.copytree(local_cache.url, held)
     fit = train_job._fit
 
     def extend_then_fit(*args, **kwargs):
@@ -121,16 +128,19 @@ def test_training_reads_its_pinned_version_while_the_cache_grows(ray_cluster, tm
         return fit(*args, **kwargs)
 
     monkeypatch.setattr(train_job, "_fit", extend_then_fit)
-    argv = [f"cache={out}", f"output={runs}", "name=pinned", "data.loader_workers=1", "log_every=1"]
+    argv = [f"cache={out}", f"output={runs}", "name=pinned", "data.loader_workers=1", "log_every=1",
+            f"val_cache={held}"]
     train_student.main([*argv, "epochs=1"])
     monkeypatch.setattr(train_job, "_fit", fit)
     cache_teacher.main([*TINY, f"source={src}", f"output={out}", "limit=9"])  # grows again before the resume
+    cache_teacher.main([*TINY, f"source={src}", f"output={held}", "limit=2"])  # the validation cache grows too
+    assert len(open_cache(held)) == len(local_cache.files) + 2
     train_student.main([*argv, "epochs=2"])
     run_dir = tmp_path / "runs" / "pinned"
     info = json.loads((run_dir / "student.json").read_text())
     assert info["cache_version"] == pinned.version and len(open_cache(out)) == 9
-    from pipeline.train.validation import held_out
-
-    training = 4 - len(held_out(pinned.keys(), 0.02))  # the pinned 4, less the held-out image
-    assert [int(r["samples"]) for r in _epochs(run_dir)] == [training, training]  # every epoch
-    assert [int(r["epoch"]) for r in _epochs(run_dir)] == [0, 1]
+    assert [int(r["samples"]) for r in _metrics(run_dir, "epoch")] == [4, 4]  # the pinned 4, every epoch: none held out
+    assert [int(r["epoch"]) for r in _metrics(run_dir, "epoch")] == [0, 1]
+    assert info["validation"]["cache"] == held and info["validation"]["ratio"] < 1.5
+    vals = _metrics(run_dir, "val")
+    assert [int(r["samples"]) for r in vals] == [len(local_cache.files)] * 3  # at the start and each epoch's end

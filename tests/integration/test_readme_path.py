@@ -1,10 +1,11 @@
 """The README's commands as a new user runs them: from a fresh working directory, with its relative
 paths, in order (cache -> train -> inspect -> segment -> evaluate), and every file the README says a command
 writes exists where it says. Then the same path on the S3 server with credentials only in
-``storage_options``: no ``AWS_*`` variable reaches the job processes, and the secret reaches no
-object and no log."""
+``storage_options``, other credentials in the environment, and no credential or signed URL in anything
+the jobs write (configs, manifests, fingerprints, metadata, errors, checkpoints, metrics, logs)."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -84,40 +85,64 @@ def test_the_readme_commands_run_verbatim_from_a_fresh_directory(tmp_path):
     # the recorded configs hold the resolved, absolute paths
     assert f"cache: {work}/out/cache" in (run_dir / "config.yaml").read_text()
     assert f"output: {work}/out/cache" in (work / "out" / "cache" / "config.yaml").read_text()
+    # the first command's cache: every built-in sample, the default augmentation's sizes (method §3)
+    cache = open_cache(str(work / "out" / "cache"))
+    summaries = list((work / "out" / "cache" / "runs").glob("*/summary.json"))
+    summary = json.loads(summaries[0].read_text())
+    assert len(summaries) == 1 and summary["failed"] == 0 and len(cache) == summary["computed"] >= 6
+    for row in cache.manifest.to_pylist():
+        assert min(row["height"], row["width"]) >= 512 and max(row["height"], row["width"]) <= 2048
+
+
+FAKE_ENV = {"AWS_ACCESS_KEY_ID": "AKIAFAKEENVKEY000001", "AWS_SECRET_ACCESS_KEY": "fakeEnvSecret/XYZ0000000000000000001",
+            "AWS_SESSION_TOKEN": "FakeEnvSessionToken000000000000000001"}
 
 
 def test_the_readme_path_on_s3_with_credentials_only_in_storage_options(s3_endpoint, tmp_path):
-    """The cache reads an s3:// source and s3:// weights, training writes to s3://, the inspector reads
-    the cache, its teacher's weights and the student from s3://, segmentation reads its image and the
-    student from s3://: all with the endpoint and keys given only as
-    ``storage_options``."""
+    """The cache reads s3:// sources, pre-signed URLs and s3:// weights; training writes to s3://; the
+    inspector reads the cache, its teacher's weights and the student from s3://; segmentation reads its
+    image and the student from s3://. The endpoint and keys are given only as ``storage_options``: the
+    S3 endpoint admits only those keys, and the environment holds other credentials (and no
+    endpoint), so a process that fell back to them would fail. No credential, session token or URL
+    signature reaches any object or log the jobs write."""
     import spar
+    from pipeline.bench.s3proxy import CountingProxy
 
     bucket = make_bucket(s3_endpoint)
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
-    for name, data in good_images(4).items():
+    images = good_images(4)
+    names = sorted(images)
+    for name, data in images.items():
         s3.put_object(Bucket=bucket, Key=f"src/{name}", Body=data)
     weights = spar.export_open_clip(spar.load_backbone("maskclip-test", pretrained=None, init_seed=3),
                                     tmp_path / "w.safetensors")
     s3.upload_file(str(weights), bucket, "weights/maskclip-test.safetensors")
-    secret = f"optionSecret/{uuid.uuid4().hex}"
-    opts = [f"storage_options.endpoint_url={s3_endpoint}", "storage_options.key=AKIAOPTIONKEY0000003",
-            f"storage_options.secret={secret}"]
     base, log = f"s3://{bucket}", tmp_path / "jobs.log"
+    # two sources as s3:// URIs, two as pre-signed URLs: their query strings carry a key id and a signature
+    signed = [s3.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": f"src/{n}"}, ExpiresIn=3600)
+              for n in names[2:]]
+    assert all("Signature=" in u for u in signed)
+    (tmp_path / "sources.txt").write_text("\n".join([f"{base}/src/{n}" for n in names[:2]] + signed))
+    key, secret = "AKIAOPTIONKEY0000003", f"optionSecret/{uuid.uuid4().hex}"
     work = tmp_path / "fresh"
     work.mkdir()
-    env = _job_env(SPAR_CACHE_DIR=str(tmp_path / "weights-cache"))
+    env = _job_env(SPAR_CACHE_DIR=str(tmp_path / "weights-cache"), **FAKE_ENV)
     py = [sys.executable]
-    _run([*py, str(REPO / "jobs/cache_teacher.py"), "backbone=maskclip-test", f"source={base}/src/",
-          f"output={base}/cache", f"pretrained={base}/weights/maskclip-test.safetensors", "augment.scale=[224,160]",
-          "augment.min_side=64", "num_cpus=2", *opts], work, env, log)
-    _run([*py, str(REPO / "jobs/train_student.py"), f"cache={base}/cache", f"output={base}/runs", "epochs=1",
-          "data.loader_workers=1", "num_cpus=2", *opts], work, env, log)
-    _run([*py, str(REPO / "jobs/inspect_cache.py"), f"cache={base}/cache", "samples=2", "recompute=1",
-          f"student={base}/runs/spar-student/student.safetensors", f"output={base}/inspect", *opts], work, env, log)
-    _run([*py, str(REPO / "jobs/segment.py"), f"image={base}/src/{sorted(good_images(4))[0]}", "classes=sky, ground",
-          "backbone=maskclip-test", f"checkpoint={base}/runs/spar-student/student.safetensors",
-          f"output={base}/segment", *opts], work, env, log)
+    with CountingProxy(s3_endpoint, admit=key) as endpoint:
+        opts = [f"storage_options.endpoint_url={endpoint.endpoint}", f"storage_options.key={key}",
+                f"storage_options.secret={secret}"]
+        _run([*py, str(REPO / "jobs/cache_teacher.py"), "backbone=maskclip-test", f"source={tmp_path / 'sources.txt'}",
+              f"output={base}/cache", f"pretrained={base}/weights/maskclip-test.safetensors",
+              "augment.scale=[224,160]", "augment.min_side=64", "num_cpus=2", *opts], work, env, log)
+        _run([*py, str(REPO / "jobs/train_student.py"), f"cache={base}/cache", f"output={base}/runs", "epochs=1",
+              "data.loader_workers=1", "num_cpus=2", *opts], work, env, log)
+        _run([*py, str(REPO / "jobs/inspect_cache.py"), f"cache={base}/cache", "samples=2", "recompute=1",
+              f"student={base}/runs/spar-student/student.safetensors", f"output={base}/inspect", *opts],
+             work, env, log)
+        _run([*py, str(REPO / "jobs/segment.py"), f"image={base}/src/{names[0]}", "classes=sky, ground",
+              "backbone=maskclip-test", f"checkpoint={base}/runs/spar-student/student.safetensors",
+              f"output={base}/segment", *opts], work, env, log)
+        assert endpoint.requests() > 0
 
     keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
             for o in page.get("Contents", [])]
@@ -127,11 +152,15 @@ def test_the_readme_path_on_s3_with_credentials_only_in_storage_options(s3_endpo
     assert any(re.fullmatch(r"segment/.*\.png", k) for k in keys)
     assert {"inspect/contact_sheet.png", "inspect/summary.json", "inspect/audit.json"} <= set(keys)
     assert list(work.iterdir()) == []  # nothing was written locally
-    cache = open_cache(f"{base}/cache", {"endpoint_url": s3_endpoint, "key": "AKIAOPTIONKEY0000003",
-                                         "secret": secret})
+    cache = open_cache(f"{base}/cache", {"endpoint_url": s3_endpoint, "key": key, "secret": secret})
     assert cache.fingerprint["weights"]["uri"] == f"{base}/weights/maskclip-test.safetensors"
     assert len(cache) == 4
+    # the signed sources were read, and are recorded by their public URL
+    recorded = sorted(cache.manifest.column("source").to_pylist())
+    assert recorded == sorted([f"{base}/src/{n}" for n in names[:2]] + [u.split("?")[0] for u in signed])
+    secrets = [*FAKE_ENV.values(), key, secret, "Signature=", "X-Amz-", "Expires="]
     texts = {"jobs.log": log.read_bytes(), **{k: s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys
                                                if not k.startswith(("src/", "weights/"))}}
     for name, data in texts.items():
-        assert secret.encode() not in data, f"the secret is in {name}"
+        for leak in secrets:
+            assert leak.encode() not in data, f"{leak!r} found in {name}"

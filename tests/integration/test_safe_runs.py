@@ -1,7 +1,7 @@
 """Safe training runs on a real local Ray cluster with DeepSpeed: checkpoints that load without
-unpickling, exact resume (same layout: bit-identical weights), elastic resume on another number of
-ranks (every sample of the epoch once), gradients averaged over real samples only, and DeepSpeed
-JSON files that contradict the job refused."""
+unpickling, exact resume (same layout: bit-identical weights), elastic resume on other numbers of
+ranks and loader processes (every sample of the epoch once), gradients averaged over real samples
+only, and DeepSpeed JSON files that contradict the job refused."""
 from __future__ import annotations
 
 import csv
@@ -19,29 +19,17 @@ from pipeline import open_cache, storage
 from pipeline.storage import Storage
 from pipeline.train import loader
 from pipeline.train.validation import split_manifest
-from tests.images import good_images
-from tests.integration.conftest import put_files
-from tests.integration.test_cache_job import TINY
+from tests.integration.conftest import SharedCache
 
 BASE = ["batch_size=1", "lr=1e-3", "log_every=1", "record_keys=true", "scaling.cpus_per_worker=0.5",
         "checkpoint_every=1", "val_fraction=0"]  # every sample trains: the tests count them
 
 
-def _cache(root: Path, n: int) -> str:
-    put_files(str(root / "src"), good_images(n, seed=11))
-    cache_teacher.main([*TINY, f"source={root / 'src'}", f"output={root / 'cache'}"])
-    return str(root / "cache")
-
-
 @pytest.fixture(scope="module")
-def five(ray_cluster, tmp_path_factory):
-    """5 samples: on 2 ranks, rank 0 trains 3 per epoch and rank 1 trains 2, then pads."""
-    return _cache(tmp_path_factory.mktemp("five"), 5)
-
-
-@pytest.fixture(scope="module")
-def six(ray_cluster, tmp_path_factory):
-    return _cache(tmp_path_factory.mktemp("six"), 6)
+def five(local_cache: SharedCache) -> str:
+    """The session's local cache: 5 samples, so on 2 ranks rank 0 trains 3 per epoch and rank 1 trains
+    2, then pads."""
+    return local_cache.url
 
 
 def _keys(run_dir: str) -> list[dict]:
@@ -81,16 +69,23 @@ def _reference_weights(cache_url: str, rows: list[dict], lr: float) -> dict[str,
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_padding_steps_average_over_real_samples_and_resume_is_bit_exact(five, tmp_path):
-    """2 ranks, ZeRO-2, 2 loader processes each, 2 epochs of 3 steps; rank 1 pads the 3rd step.
-    An uninterrupted run matches a plain PyTorch replay; a run stopped after one step and re-run
-    ends with the very same weights."""
-    out = tmp_path / "runs"
+@pytest.fixture(scope="module")
+def padding_runs(five, tmp_path_factory) -> Path:
+    """2 ranks, ZeRO-2, 2 loader processes each, 2 epochs of 3 steps: one run uninterrupted ("whole"),
+    one stopped after a step and re-run ("cut"). Their output directory."""
+    out = tmp_path_factory.mktemp("padding") / "runs"
     args = [f"cache={five}", f"output={out}", "epochs=2", "scaling.num_workers=2", "zero_stage=2",
             "data.loader_workers=2", *BASE]
     train_student.main([*args, "name=whole"])
     train_student.main([*args, "name=cut", "max_steps=1"])
     train_student.main([*args, "name=cut"])
+    return out
+
+
+def test_padding_steps_average_over_real_samples_and_resume_is_bit_exact(five, padding_runs):
+    """Rank 1 pads the 3rd step of each epoch. The uninterrupted run matches a plain PyTorch replay;
+    the run stopped after one step and re-run ends with the very same weights."""
+    out = padding_runs
     whole, cut = _student(str(out / "whole")), _student(str(out / "cut"))
     assert whole["steps"] == cut["steps"] == 6
     assert cut["rank_weight_digests"] == whole["rank_weight_digests"]  # bit-exact resume
@@ -109,54 +104,45 @@ def test_padding_steps_average_over_real_samples_and_resume_is_bit_exact(five, t
     assert whole["deepspeed"]["zero_optimization"]["stage"] == 2  # student.json: the DeepSpeed config that ran
 
 
-@pytest.mark.parametrize("before,after,zero", [(2, 3, 2), (3, 2, 3)])
-def test_elastic_resume_sees_every_sample_of_the_epoch_once(six, tmp_path, before, after, zero):
-    """Checkpointed mid-epoch on `before` ranks (1 loader process each), resumed on `after` ranks with
-    2 loader processes: epoch 0 trains each of its samples once, its row reports the loss of all of
-    them, and epoch 1 follows the plan of an uninterrupted `after`-rank run."""
+@pytest.mark.parametrize("layouts,zero,val_fraction", [
+    ([(2, 1), (2, 2), (3, 2)], 2, 0.0),  # more loader processes on the same ranks, then more ranks
+    ([(3, 1), (2, 2)], 3, 0.02),  # fewer ranks (ZeRO-3's shards); one image held out: validation on uneven shares
+], ids=["loaders-then-ranks-zero2", "fewer-ranks-zero3"])
+def test_elastic_resume_sees_every_sample_of_the_epoch_once(five, tmp_path, layouts, zero, val_fraction):
+    """Checkpointed mid-epoch and resumed on other layouts, (ranks, loader processes) in turn, each
+    segment one step: epoch 0 trains each of its samples once (none of its tail skipped, none
+    repeated), its row reports the loss of all of them, and epoch 1 follows the plan of an
+    uninterrupted run on the last layout."""
     run = tmp_path / "runs" / "elastic"
-    args = [f"cache={six}", f"output={tmp_path / 'runs'}", "name=elastic", "epochs=2", f"zero_stage={zero}", *BASE,
-            "val_fraction=0.02"]  # one image held out: validation runs on uneven rank shares too
-    train_student.main([*args, f"scaling.num_workers={before}", "data.loader_workers=1", "max_steps=1"])
-    train_student.main([*args, f"scaling.num_workers={after}", "data.loader_workers=2"])
+    args = [f"cache={five}", f"output={tmp_path / 'runs'}", "name=elastic", "epochs=2", f"zero_stage={zero}", *BASE,
+            f"val_fraction={val_fraction}"]
+    for i, (ranks, loaders) in enumerate(layouts):
+        stop = [f"max_steps={i + 1}"] if i < len(layouts) - 1 else []
+        train_student.main([*args, f"scaling.num_workers={ranks}", f"data.loader_workers={loaders}", *stop])
 
     rows = _keys(str(run))
-    train_rows, _ = split_manifest(open_cache(six).manifest, 0.02)
+    manifest = open_cache(five).manifest
+    train_rows = split_manifest(manifest, val_fraction)[0] if val_fraction else manifest
     keys = train_rows.column("key").to_pylist()
     epoch0 = [r for r in rows if r["epoch"] == 0]
     assert sorted(r["key"] for r in epoch0) == sorted(keys)  # each once: none skipped, none repeated
     epochs = [r for r in _metrics(str(run)) if r["kind"] == "epoch"]
     assert [int(r["epoch"]) for r in epochs] == [0, 1]
-    assert [int(r["step"]) for r in _metrics(str(run)) if r["kind"] == "val"][0] == 0  # the baseline, once
+    vals = [int(r["step"]) for r in _metrics(str(run)) if r["kind"] == "val"]
+    if val_fraction:
+        assert vals[0] == 0 and vals.count(0) == 1  # the baseline, once, whatever the resumes
     assert int(epochs[0]["samples"]) == len(keys)
     true_loss = sum(r["loss"] for r in epoch0) / len(epoch0)  # batch_size=1: one row per batch
     assert float(epochs[0]["loss"]) == pytest.approx(true_loss, rel=1e-5)
 
     refs = loader.manifest_refs(train_rows)
-    for rank in range(after):
-        plan = loader.plan_epoch(refs, seed=0, epoch=1, rank=rank, world_size=after, workers=2, batch_size=1,
+    ranks, loaders = layouts[-1]
+    for rank in range(ranks):
+        plan = loader.plan_epoch(refs, seed=0, epoch=1, rank=rank, world_size=ranks, workers=loaders, batch_size=1,
                                  shuffle_buffer=8)
         planned = [ref.key for batch in plan.ordered_batches() for ref in batch]
         trained = [r["key"] for r in sorted(rows, key=lambda r: r["step"]) if r["epoch"] == 1 and r["rank"] == rank]
         assert trained == planned, rank
-
-
-def test_a_resume_with_more_loader_processes_trains_the_rest_of_the_epoch_and_reports_its_true_loss(six, tmp_path):
-    """One rank stopped half way through an epoch with one loader process, resumed with two: the
-    epoch trains each sample once (none of its tail skipped) and its row is the mean over all of
-    its batches, before and after the resume."""
-    run = tmp_path / "runs" / "loaders"
-    args = [f"cache={six}", f"output={tmp_path / 'runs'}", "name=loaders", "epochs=1", "scaling.num_workers=1", *BASE]
-    train_student.main([*args, "data.loader_workers=1", "max_steps=3"])
-    train_student.main([*args, "data.loader_workers=2"])
-    rows, problems = _keys(str(run)), []
-    if sorted(r["key"] for r in rows) != sorted(open_cache(six).keys()):
-        problems.append(f"epoch 0 trained {sorted(r['key'] for r in rows)}")
-    epochs = [r for r in _metrics(str(run)) if r["kind"] == "epoch"]
-    true_loss = sum(r["loss"] for r in rows) / len(rows)
-    if len(epochs) != 1 or float(epochs[0]["loss"]) != pytest.approx(true_loss, rel=1e-5):
-        problems.append(f"epoch rows {[(r['loss'], r['samples']) for r in epochs]}, true loss {true_loss:.6g}")
-    assert not problems, problems
 
 
 class _Plant:
@@ -169,11 +155,13 @@ class _Plant:
         return (open, (self.path, "w"))
 
 
-def test_a_checkpoint_file_replaced_by_a_pickle_is_refused_and_never_run(five, tmp_path, caplog):
+def test_a_checkpoint_file_replaced_by_a_pickle_is_refused_and_never_run(five, padding_runs, tmp_path, caplog):
+    import shutil
+
     out = tmp_path / "runs"
-    args = [f"cache={five}", f"output={out}", "name=target", "epochs=2", "scaling.num_workers=1",
-            "data.loader_workers=1", *BASE]
-    train_student.main([*args, "max_steps=2"])
+    shutil.copytree(padding_runs / "cut", out / "target")  # a run with checkpoints, to tamper with
+    args = [f"cache={five}", f"output={out}", "name=target", "epochs=2", "scaling.num_workers=2",
+            "data.loader_workers=2", *BASE]
     checkpoints = sorted(p for p in (out / "target").glob("checkpoint_*") if p.is_dir())
     assert checkpoints
     marker = tmp_path / "pwned"

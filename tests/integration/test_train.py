@@ -11,24 +11,21 @@ import pytest
 import torch
 
 import spar
-from jobs import cache_teacher, train_student
+from jobs import train_student
 from pipeline import open_cache, storage
 from pipeline.cache import shards
 from pipeline.cache.reader import FORMAT
 from pipeline.codecs import load_npy
 from pipeline.storage import Storage
-from tests.images import good_images
-from tests.integration.conftest import make_bucket, put_files
-from tests.integration.test_cache_job import TINY
 
 TRAIN = ["scaling.num_workers=2", "zero_stage=2", "lr=1e-3", "data.loader_workers=1", "log_every=2",
          "scaling.cpus_per_worker=0.5"]
 
 
-def _committed_checkpoints(snapshot) -> list:
+def _committed_checkpoints(snapshot: str) -> list:
     """Checkpoints Ray Train has committed (its snapshot file may be mid-write: then none yet)."""
     try:
-        return json.loads(snapshot.read_text()).get("checkpoint_results", [])
+        return json.loads(Storage().read_text(snapshot)).get("checkpoint_results", [])
     except (OSError, ValueError):
         return []
 
@@ -38,15 +35,10 @@ def _csv_rows(run_dir: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def caches(ray_cluster, s3_endpoint):
-    """A training cache and a held-out cache of other images, both on the S3 server."""
-    root = f"s3://{make_bucket(s3_endpoint)}"
-    train_imgs, held_out = good_images(6, seed=0), good_images(4, seed=100)
-    put_files(f"{root}/train-src", train_imgs)
-    put_files(f"{root}/test-src", held_out)
-    cache_teacher.main([*TINY, f"source={root}/train-src", f"output={root}/cache", "views=2"])
-    cache_teacher.main([*TINY, f"source={root}/test-src", f"output={root}/held-out"])
-    return root
+def caches(s3_cache, s3_held_out):
+    """The root of the session's training cache on the S3 server (``<root>/cache``: 6 images x 2 views)
+    and, beside it, a held-out cache of 4 other images by the same teacher (``<root>/held-out``)."""
+    return s3_cache.url.rsplit("/", 1)[0]
 
 
 @pytest.fixture(scope="module")
@@ -83,19 +75,6 @@ def test_validation_holds_out_whole_source_images_and_the_student_gets_closer_on
     info = json.loads(Storage().read_text(storage.join(trained["run_dir"], "student.json")))["validation"]
     assert info["fraction"] == 0.02 and info["mse"] == pytest.approx(float(rows[-1]["val_mse"]), rel=1e-5)
     assert info["ratio"] < 1.0  # closer to the teacher than the untrained single pass, on unseen images
-
-
-def test_validation_on_a_second_cache_trains_on_every_sample_and_scores_the_other(caches, tmp_path):
-    """val_cache=: nothing of the training cache is held out; the held-out cache (same teacher, other
-    images) is what the student is scored on."""
-    run_dir = tmp_path / "runs" / "vc"
-    train_student.main([f"cache={caches}/cache", f"output={tmp_path / 'runs'}", "name=vc", "epochs=1",
-                        f"val_cache={caches}/held-out", *TRAIN])
-    info = json.loads((run_dir / "student.json").read_text())
-    assert info["steps"] == 6  # all 12 samples of the training cache, 2 ranks
-    assert info["validation"]["cache"] == f"{caches}/held-out" and info["validation"]["ratio"] < 1.5
-    rows = [r for r in _csv_rows(str(run_dir)) if r["kind"] == "val"]
-    assert [int(r["samples"]) for r in rows] == [4, 4]  # the other cache's 4 images, at the start and the end
 
 
 def test_checkpoints_and_artifacts_land_on_s3(trained):
@@ -141,23 +120,6 @@ def test_distillation_beats_the_untrained_single_pass_on_held_out_images(trained
     assert ratio < 1.0
 
 
-def test_rerun_continues_from_the_checkpoint(trained):
-    before = json.loads(Storage().read_text(storage.join(trained["run_dir"], "student.json")))["steps"]
-    metrics = train_student.main([f"cache={trained['root']}/cache", f"output={trained['out']}", "name=tiny",
-                                  "epochs=5", *TRAIN])
-    rows = [r for r in _csv_rows(trained["run_dir"]) if r["kind"] == "step"]
-    assert metrics["step"] == before + 5  # one more epoch, not five
-    steps = [int(r["step"]) for r in rows]
-    assert steps == sorted(steps) and len(steps) == len(set(steps))  # appended, nothing repeated
-    from pipeline.train.validation import held_out
-
-    cache = open_cache(f"{trained['root']}/cache")
-    trained_keys = set()
-    for url in Storage().list_files(storage.join(trained["run_dir"], "keys")):
-        trained_keys |= {line.split(",")[3] for line in Storage().read_text(url).splitlines()[1:]}
-    assert trained_keys == set(cache.keys()) - held_out(cache.keys(), 0.02)  # the same split after the restart
-
-
 @pytest.mark.parametrize("args,msg", [
     (["backbone=siglip2-test"], "the student must start from the teacher"),
 ])
@@ -188,41 +150,65 @@ def test_missing_and_empty_caches_are_clear_errors(tmp_path, caplog):
         train_student.main([])
 
 
-def test_killed_worker_is_recovered_from_its_last_checkpoint(caches, tmp_path):
-    """SIGKILL one Ray Train worker after the first checkpoint; the group restarts and finishes."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
+def _train_workers(since: float) -> list:
+    """The Ray Train worker processes started after `since` (the tests run one training job at a time;
+    a finished run's workers may linger a moment)."""
     import psutil
 
-    out, log_path = str(tmp_path / "runs"), tmp_path / "train.log"
-    args = [f"cache={caches}/cache", f"output={out}", "name=killed", "epochs=12", "checkpoint_every=12",
-            "max_failures=2", *TRAIN, "num_cpus=2"]
-    repo = Path(__file__).resolve().parents[2]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "jobs/train_student.py", *args], cwd=repo, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.name() == "ray::RayTrainWorker" and p.create_time() >= since:  # not their forked data loaders
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+def test_a_rerun_continues_from_the_checkpoint_and_a_killed_worker_from_the_last_one(trained):
+    """The same command with more epochs continues the finished run from its last checkpoint on S3.
+    One of its Ray Train workers is SIGKILLed after a checkpoint the rerun committed: the group
+    restarts from that checkpoint and finishes. Every step is trained once per rank (a restart from
+    an older checkpoint would train some twice), metrics.csv gains the new steps once each, and the
+    held-out split stays the one the run started with."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from pipeline.train.validation import held_out
+
+    run_dir = trained["run_dir"]
+    before = json.loads(Storage().read_text(storage.join(run_dir, "student.json")))["steps"]
+    snapshot = storage.join(run_dir, "checkpoint_manager_snapshot.json")
+    args = [f"cache={trained['root']}/cache", f"output={trained['out']}", "name=tiny", "epochs=10", "checkpoint_every=5",
+            "max_failures=2", "record_keys=true", *TRAIN]
+    result: dict = {}
+    job = threading.Thread(target=lambda: result.update(metrics=train_student.main(args)))
+    started = time.time()
+    job.start()
     try:
-        snapshot = tmp_path / "runs" / "killed" / "checkpoint_manager_snapshot.json"
         deadline = time.monotonic() + 300
-        while not _committed_checkpoints(snapshot):
-            assert proc.poll() is None, log_path.read_text()[-3000:]  # wait for a *committed* checkpoint
-            assert time.monotonic() < deadline, "no committed checkpoint within 300 s"
+        while max((c.get("metrics", {}).get("step", 0) for c in _committed_checkpoints(snapshot)), default=0) <= before:
+            assert job.is_alive(), "the rerun ended before it committed a checkpoint"
+            assert time.monotonic() < deadline, "no committed checkpoint of the rerun within 300 s"
             time.sleep(0.2)
-        workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                   if p.name() == "ray::RayTrainWorker"]  # not their forked data loaders
-        assert len(workers) == 2, [p.name() for p in workers]
+        workers = _train_workers(since=started)
+        assert len(workers) == 2, workers
         os.kill(workers[-1].pid, signal.SIGKILL)
-        assert proc.wait(timeout=600) == 0, log_path.read_text()[-3000:]
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    text = log_path.read_text()
-    resumed = [int(line.split("resumed at step ")[1].split()[0]) for line in text.splitlines() if "resumed at step" in line]
-    assert resumed and min(resumed) >= 12, text[-3000:]
-    info = json.loads(Storage().read_text(str(tmp_path / "runs" / "killed" / "student.json")))
-    assert info["steps"] == 12 * 5 and len(set(info["rank_weight_digests"])) == 1
+        job.join(timeout=600)
+    assert not job.is_alive() and result["metrics"]["step"] == before + 6 * 5  # six more epochs, not ten
+    info = json.loads(Storage().read_text(storage.join(run_dir, "student.json")))
+    assert info["steps"] == 10 * 5 and len(set(info["rank_weight_digests"])) == 1
+
+    steps = [int(r["step"]) for r in _csv_rows(run_dir) if r["kind"] == "step"]
+    assert steps == sorted(steps) and len(steps) == len(set(steps)) and steps[-1] == 10 * 5  # appended once each
+    cache = open_cache(f"{trained['root']}/cache")
+    rows = []
+    for url in Storage().list_files(storage.join(run_dir, "keys")):
+        rows += [line.split(",") for line in Storage().read_text(url).splitlines()[1:]]
+    trained_steps = [(int(step), int(rank)) for _, step, rank, _, _ in rows]
+    assert len(trained_steps) == len(set(trained_steps))  # each step once per rank: resumed from the last checkpoint
+    assert {int(step) for _, step, _, _, _ in rows} == set(range(10 * 5))
+    assert {key for _, _, _, key, _ in rows} == set(cache.keys()) - held_out(cache.keys(), 0.02)  # the same split
