@@ -7,7 +7,10 @@
     pinned = pipeline.open_cache(url, version=cache.version)   # the same samples, whatever was added since
 
 Only committed samples are read (the manifest's rows at one Delta table version), and every member
-is checked against its checksum.
+is checked against its checksum. Every name a cache gives (sample keys, shard names, tar paths and
+member names) is checked against the grammar the cache job writes when the manifest is opened and
+when a tar is read: readers turn keys and member names into paths, and a cache is data that anyone
+with write access to its prefix controls.
 """
 from __future__ import annotations
 
@@ -15,11 +18,14 @@ import functools
 import hashlib
 import json
 import logging
+import re
+import string
 import tarfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline import storage
 from pipeline.storage import Storage
@@ -41,6 +47,61 @@ class FingerprintMismatch(CacheError):
     """A run or reader whose teacher settings differ from those the cache was made with."""
 
 
+class UnsafeName(CacheError, ValueError):
+    """A key, shard or tar member name in a cache that breaks the grammar the cache job writes."""
+
+
+# The names a cache's contents give, which readers turn into paths (a held-out sample's folder and
+# its member files, a shard's URL): sample keys are `sources.make_key`'s ``<stem>_<12 hex>`` plus
+# ``_v<view>``, shards the first 32 hex digits of their tar's sha256. Letters, digits, '_' and '-'
+# only: no separator and no dot (WebDataset splits member names at the first one), so no name can be
+# absolute, '..', hidden or empty, and none can break the CSV of `record_keys`.
+NAME_CHARS = string.ascii_letters + string.digits + "_-"
+MAX_NAME = 128
+_NAME = f"[A-Za-z0-9_-]{{1,{MAX_NAME}}}"
+_MEMBER = re.compile(rf"{_NAME}(?:\.[A-Za-z0-9_-]+)+")  # <key>.<ext>, ext as "json" or "target.npy"
+_GRAMMAR = f"1 to {MAX_NAME} letters, digits, '_' or '-'"
+
+
+def is_safe_name(name: object) -> bool:
+    """Whether `name` is a key or shard name the cache job can have written."""
+    return isinstance(name, str) and re.fullmatch(_NAME, name) is not None
+
+
+def check_names(names: pa.Array | pa.ChunkedArray, what: str, url: str) -> None:
+    """Refuse (`UnsafeName`, naming the first offender and `url`) any of `names` that is not a safe
+    name. Vectorised, with no per-name Python work: a manifest holds millions of keys."""
+    if len(names) == 0:
+        return
+    lengths = pc.min_max(pc.binary_length(names)).as_py()
+    rest = pc.max(pc.binary_length(pc.ascii_ltrim(names, characters=NAME_CHARS))).as_py()  # what is not NAME_CHARS
+    if names.null_count == 0 and rest == 0 and 1 <= lengths["min"] and lengths["max"] <= MAX_NAME:
+        return
+    bad = next(n for n in names.to_pylist() if not is_safe_name(n))  # slow path: the cache is refused anyway
+    raise UnsafeName(f"{url}: {what} {bad!r} is not a name the cache job writes ({_GRAMMAR}); refusing the "
+                     "cache, whose contents could otherwise name paths outside their directories")
+
+
+def check_manifest(url: str, manifest: pa.Table) -> None:
+    """Refuse a manifest whose keys, shard names or tar paths break the cache job's grammar."""
+    check_names(manifest.column("key"), "sample key", url)
+    check_names(pc.unique(manifest.column("shard")), "shard name", url)
+    tars = pc.unique(manifest.column("tar"))
+    below = pc.and_(pc.starts_with(tars, "shards/"), pc.ends_with(tars, ".tar"))
+    if not pc.all(below).as_py():
+        bad = tars.filter(pc.invert(below))[0].as_py()
+        raise UnsafeName(f"{url}: shard path {bad!r} is not shards/<name>.tar; refusing the cache")
+    check_names(pc.utf8_slice_codeunits(tars, len("shards/"), -len(".tar")), "shard path's name", url)
+
+
+def check_member(name: str, url: str) -> None:
+    """Refuse a tar member whose name is not ``<key>.<ext>`` in the cache job's grammar."""
+    if _MEMBER.fullmatch(name) is None:
+        raise UnsafeName(f"{url}: tar member {name!r} is not <key>.<extension> with a key of {_GRAMMAR} and "
+                         "dot-separated extensions of the same characters; refusing the shard, whose contents "
+                         "could otherwise name paths outside their directories")
+
+
 def fingerprint_digest(fp: dict) -> str:
     """sha256 over the identity fields (everything but version and timestamps)."""
     ident = {k: v for k, v in fp.items() if k not in _VOLATILE}
@@ -56,19 +117,24 @@ def fingerprint_diff(a: dict, b: dict) -> list[str]:
 TAR_STREAM_BUFSIZE = 1 << 20  # tarfile's stream mode reads in 10 kB pieces by default: ~1 GB/s at most
 
 
-def _tar_members(stream, alloc: Callable[[int], Any] = bytearray,
+def _tar_members(stream, url: str, alloc: Callable[[int], Any] = bytearray,
                  keep: Callable[[str], bool] | None = None) -> Iterator[dict]:
     """``{fname, data}`` of every regular member, in tar order. A seekable stream (local files, s3fs
     and other fsspec files) is read member by member into a fresh writable buffer ``alloc(size)``
     (a ``bytearray`` by default) -- one copy from the file, and arrays decode in place; other
     streams go through tarfile's stream reader. Members of samples whose key `keep` refuses are
-    left out: unread on a seekable stream, and never copied into a buffer."""
+    left out: unread on a seekable stream, and never copied into a buffer. Every regular member's
+    name is checked (`check_member`) before it is kept or skipped, so a tar that breaks the grammar
+    is refused whichever of its samples a reader wants."""
     from webdataset.tariterators import base_plus_ext
 
     seekable = getattr(stream, "seekable", lambda: False)()
     with tarfile.open(fileobj=stream, mode="r:" if seekable else "r|", bufsize=TAR_STREAM_BUFSIZE) as tar:
         for m in tar:
-            if not m.isfile() or (keep is not None and not keep(base_plus_ext(m.name)[0])):
+            if not m.isfile():
+                continue
+            check_member(m.name, url)
+            if keep is not None and not keep(base_plus_ext(m.name)[0]):
                 continue
             data = alloc(m.size)
             if seekable:
@@ -86,11 +152,12 @@ def iter_raw_shard(url: str, store: Storage, alloc: Callable[[int], Any] = bytea
     """Undecoded samples (member bytes by extension, in writable buffers made by `alloc`) of one
     shard, in tar order; only those whose key `keep` accepts, if it is given (the others are not
     read where the stream can seek). The tar is opened through `store`, so every fsspec URL is
-    read with the job's options; members are grouped into samples by webdataset's key rules."""
+    read with the job's options; members are grouped into samples by webdataset's key rules. A
+    member whose name breaks the cache job's grammar raises `UnsafeName`."""
     from webdataset.tariterators import group_by_keys
 
     with store.open(url, "rb") as stream:
-        yield from group_by_keys(dict(m, __url__=url) for m in _tar_members(stream, alloc, keep))
+        yield from group_by_keys(dict(m, __url__=url) for m in _tar_members(stream, url, alloc, keep))
 
 
 def iter_shard(url: str, store: Storage, verify: bool = True) -> Iterator[dict]:
@@ -197,13 +264,15 @@ def open_cache(url: str, storage_options: dict | Storage | None = None, *, versi
     manifest version, or at `version` (a pinned snapshot: exactly the samples committed up to it).
 
     `storage_options`: fsspec options of the cache's filesystem (endpoint, credentials), or a job's
-    `Storage`; default: the filesystem's standard credentials.
+    `Storage`; default: the filesystem's standard credentials. A manifest that names a key, shard or
+    tar outside the cache job's grammar is refused (`UnsafeName`).
     """
     store = storage_options if isinstance(storage_options, Storage) else Storage(dict(storage_options or {}))
     url = storage.resolve(url)
     fp = read_fingerprint(url, store)
     check_format(url, fp)
     samples, found, duplicates = shards.read_manifest(store, url, version)
+    check_manifest(url, samples)  # duplicates repeat these keys; their other shards are never read
     if require_samples and samples.num_rows == 0:
         raise CacheError(f"{url} holds no committed samples (has the cache job finished a shard yet?)")
     return Cache(url=url, fingerprint=fp, store=store, version=found, manifest=samples, duplicates=duplicates)

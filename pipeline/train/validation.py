@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import torch
 
 import spar
-from pipeline.cache.reader import iter_raw_shard, shard_url
+from pipeline.cache.reader import UnsafeName, iter_raw_shard, shard_url
 from pipeline.storage import Storage
 
 _VIEW = re.compile(r"_v\d+$")
@@ -63,6 +63,16 @@ def split_manifest(manifest: pa.Table, fraction: float) -> tuple[pa.Table, pa.Ta
     return manifest.filter(pc.invert(mask)), manifest.filter(mask)
 
 
+def inside(root: str, *parts: str) -> str:
+    """``root/parts``, refused (`UnsafeName`) unless it resolves to a path below `root` (itself
+    resolved). Keys and member names are checked when a manifest or tar is read; this is the last
+    check before cache contents name a local file."""
+    path = os.path.realpath(os.path.join(root, *parts))
+    if path == root or os.path.commonpath([root, path]) != root:
+        raise UnsafeName(f"{'/'.join(parts)!r} would be written at {path}, outside {root}")
+    return path
+
+
 class HeldOut:
     """One rank's share of the held-out samples of a cache (`cache_url`, rows of its manifest)."""
 
@@ -77,17 +87,17 @@ class HeldOut:
 
     def _fetch(self) -> None:
         """Stream the shards that hold this rank's samples once; keep their members on local disk."""
-        self.dir = tempfile.mkdtemp(prefix="spar-val-")
+        self.dir = os.path.realpath(tempfile.mkdtemp(prefix="spar-val-"))
         wanted = set(self.keys)
         for name in self.shards:
             for raw in iter_raw_shard(shard_url(self.cache_url, name), self.store, keep=wanted.__contains__):
                 key = raw["__key__"]
                 if key in wanted:  # once, should a shard hold a key twice
                     wanted.discard(key)
-                    os.makedirs(os.path.join(self.dir, key))
+                    os.makedirs(inside(self.dir, key))
                     for ext, data in raw.items():
                         if not ext.startswith("__"):
-                            with open(os.path.join(self.dir, key, ext), "wb") as f:
+                            with open(inside(self.dir, key, ext), "wb") as f:
                                 f.write(data)
         if wanted:
             raise FileNotFoundError(f"held-out samples missing from their shards: {sorted(wanted)[:3]}")
@@ -99,7 +109,7 @@ class HeldOut:
         if self.dir is None:
             self._fetch()
         for key in self.keys:
-            folder = os.path.join(self.dir, key)
+            folder = inside(self.dir, key)
             raw = {"__key__": key}
             for ext in os.listdir(folder):
                 with open(os.path.join(folder, ext), "rb") as f:
