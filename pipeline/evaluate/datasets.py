@@ -25,6 +25,7 @@ import io
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -66,6 +67,9 @@ class DatasetSpec:
     logit_bias: float = 0.0
     prob_thd: float = 0.0
     area_thd: float | None = None
+    # (index, name) of classes that results and overlays call by the dataset's name rather than by
+    # their class list's first synonym: a background prompted as what the dataset leaves unlabelled
+    named: tuple[tuple[int, str], ...] = ()
 
     def class_file(self, class_list: str = "paper") -> Path:
         """A packaged class-name file (one class per line, comma-separated synonyms): `class_list`
@@ -76,9 +80,11 @@ class DatasetSpec:
 
 
 DATASETS: dict[str, DatasetSpec] = {s.name: s for s in [
-    DatasetSpec("voc21", "VOC21", "voc", 21, False, logit_scale=65.0, prob_thd=0.1, area_thd=0.1),
+    DatasetSpec("voc21", "VOC21", "voc", 21, False, logit_scale=65.0, prob_thd=0.1, area_thd=0.1,
+                named=((0, "background"),)),
     DatasetSpec("voc20", "VOC20", "voc", 20, True),
-    DatasetSpec("context60", "Context60", "context", 60, False, logit_scale=50.0, prob_thd=0.1),
+    DatasetSpec("context60", "Context60", "context", 60, False, logit_scale=50.0, prob_thd=0.1,
+                named=((0, "background"),)),
     DatasetSpec("context59", "Context59", "context", 59, True),
     DatasetSpec("cityscapes", "Cityscapes", "cityscapes", 19, False, scale=(2048, 1024)),
     DatasetSpec("ade20k", "ADE20K", "ade", 150, True),
@@ -129,6 +135,18 @@ def class_source(dataset: str, classes: str | None = None) -> str:
     if not classes or classes in CLASS_LISTS:
         return f"{classes or 'paper'}:{name}"
     return classes
+
+
+def display_names(spec: DatasetSpec | None, first_synonyms: Sequence[str]) -> tuple[str, ...]:
+    """The names results, tables and overlays give the classes of `spec` (None: no dataset): each
+    class's first synonym, except the classes the dataset names itself (`DatasetSpec.named`). VOC21's
+    background is prompted as "sky, wall, tree, ..." (what VOC leaves unlabelled) but is reported
+    as ``background``, whichever class list the run embeds."""
+    names = list(first_synonyms)
+    for index, name in spec.named if spec is not None else ():
+        if index < len(names):
+            names[index] = name
+    return tuple(names)
 
 
 def _packaged(source: str) -> Path | None:

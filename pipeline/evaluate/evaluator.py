@@ -13,7 +13,8 @@ import torch
 import spar
 from pipeline.config import ConfigError, check, resolve_paths, resolve_weights
 from pipeline.devices import AMP_DTYPES, device_name, pick_device, synchronize
-from pipeline.evaluate.datasets import CLASS_LISTS, DatasetSpec, class_source, get_dataset, load_class_lines
+from pipeline.evaluate.datasets import (CLASS_LISTS, DatasetSpec, class_source, display_names, get_dataset,
+                                       load_class_lines)
 from pipeline.storage import Storage
 from spar.metrics import confusion_matrix
 from spar.segment import FeatureSettings, PostProcess, segment_image
@@ -154,7 +155,7 @@ class Evaluator:
         n = next(iter(self.classifiers.values())).num_classes
         if n != self.spec.num_classes:
             raise ConfigError(f"the class list has {n} classes, {self.spec.name} has {self.spec.num_classes}")
-        self.class_names = next(iter(self.classifiers.values())).class_names
+        self.class_names = display_names(self.spec, next(iter(self.classifiers.values())).class_names)
         amp = AMP_DTYPES[cfg.amp_dtype]
         sliding = FeatureSettings(mode="sliding", sliding_mode=cfg.sliding_mode, stride=cfg.stride, crop=cfg.crop,
                                   window_batch=cfg.window_batch, amp_dtype=amp)

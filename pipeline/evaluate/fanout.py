@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from pipeline.storage import Storage
-from pipeline.evaluate.datasets import (DatasetError, DatasetSpec, Sample, class_source, load_class_lines,
-                                        load_sample)
+from pipeline.evaluate.datasets import (DatasetError, DatasetSpec, Sample, class_source, display_names,
+                                        load_class_lines, load_sample)
 from pipeline.devices import pick_device
 from pipeline.evaluate.evaluator import EvalConfig, Evaluator, Totals
 from spar.text import parse_class_lines
@@ -69,7 +69,8 @@ def run_ray(cfg: EvalConfig, store: Storage, spec: DatasetSpec, samples: list[Sa
 
     from pipeline.ray_utils import actor_pool, init_ray, require_on_every_node
 
-    names = tuple(c[0] for c in parse_class_lines(load_class_lines(class_source(spec.name, cfg.classes), store)))
+    lines = load_class_lines(class_source(spec.name, cfg.classes), store)
+    names = display_names(spec, [c[0] for c in parse_class_lines(lines)])
     c = spec.num_classes
     totals = {m: Totals(np.zeros((c, c), dtype=np.int64)) for m in cfg.modes}
     skipped = []

@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw, ImageFont
 import spar
 from pipeline import storage
 from pipeline.config import ConfigError, check, resolve_paths, resolve_weights, to_dict
-from pipeline.evaluate.datasets import DATASETS, load_class_lines
+from pipeline.evaluate.datasets import DATASETS, display_names, load_class_lines
 from pipeline.evaluate.evaluator import check_text_backbone
 from pipeline.codecs import decode_image, npy_bytes, png_bytes
 from pipeline.devices import AMP_DTYPES, pick_device
@@ -215,8 +215,9 @@ def run(cfg: SegmentConfig) -> dict:
                              tuple(cfg.scale) if cfg.scale else None, keep_features=cfg.save_features)
     pred = seg.pred.cpu().numpy()
     seconds = time.perf_counter() - t
+    names = display_names(DATASETS.get(cfg.classes.strip().lower()), clf.class_names)  # classes=voc21: background
     colors = class_colors(clf.num_classes)
-    overlay, legend = render_overlay(image, pred, clf.class_names, cfg.alpha, colors)
+    overlay, legend = render_overlay(image, pred, names, cfg.alpha, colors)
     paths = output_paths(cfg)
     store.write_bytes(paths["overlay"], png_bytes(np.asarray(overlay), compress_level=6))
     store.write_bytes(paths["mask"], _mask_png(pred, colors))
@@ -231,7 +232,7 @@ def run(cfg: SegmentConfig) -> dict:
         "features": paths["features"] if cfg.save_features else None,
         "feature_shape": list(seg.features.shape) if cfg.save_features else None,
         "classes": [{"name": n, "synonyms": synonyms[i], "color": colors[i].tolist(),
-                     "fraction": float(counts[i] / pred.size)} for i, n in enumerate(clf.class_names)],
+                     "fraction": float(counts[i] / pred.size)} for i, n in enumerate(names)],
         "legend_hidden": legend.hidden, "seconds": seconds, "config": to_dict(cfg),
     }
     store.write_text(paths["json"], json.dumps(summary, indent=2))

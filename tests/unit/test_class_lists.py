@@ -6,7 +6,7 @@ import pytest
 
 from jobs import evaluate
 from pipeline.config import parse_config
-from pipeline.evaluate.datasets import DATASETS, class_source, load_class_lines
+from pipeline.evaluate.datasets import DATASETS, class_source, display_names, get_dataset, load_class_lines
 from pipeline.evaluate.evaluator import EvalConfig
 from pipeline.evaluate.tables import build_tables
 from spar.text import parse_class_lines
@@ -73,6 +73,18 @@ def test_paper_lists_keep_the_reference_synonyms():
 
 
 @pytest.mark.parametrize("name", list(SIZES))
+def test_results_call_a_background_background_and_every_other_class_by_its_first_synonym(name):
+    for source in (name, f"curated:{name}"):
+        first = [c[0] for c in parse_class_lines(load_class_lines(source))]
+        shown = display_names(get_dataset(name), first)
+        if name in ("voc21", "context60"):  # label 0 is the dataset's background, whatever its prompts say
+            assert shown == ("background", *first[1:]), source
+        else:
+            assert shown == tuple(first), source
+    assert display_names(None, ["sky", "cat"]) == ("sky", "cat")  # a user's classes, no dataset: as given
+
+
+@pytest.mark.parametrize("name", list(SIZES))
 def test_curated_lists_stay_selectable_and_differ(name):
     curated = parse_class_lines(load_class_lines(f"curated:{name}"))
     assert len(curated) == DATASETS[name].num_classes
@@ -118,6 +130,7 @@ def test_results_and_table_record_the_list_a_run_used(tmp_path):
     evaluate.main(["dataset=voc20", "classes=curated", *common])
     r = json.loads((out / "maskclip-test/voc21/single.json").read_text())
     assert r["classes"] == "paper:voc21" and "ship" in r["iou"]  # per-class IoU under the paper list's names
+    assert list(r["iou"])[0] == "background" and "sky" not in r["iou"]  # not the background's first prompt
     r = json.loads((out / "maskclip-test/voc20/single.json").read_text())
     assert r["classes"] == "curated:voc20" and "boat" in r["iou"] and "ship" not in r["iou"]
     row = json.loads((out / "table.json").read_text())["rows"][0]

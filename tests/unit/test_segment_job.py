@@ -73,8 +73,9 @@ def test_segment_reads_urls_and_writes_to_a_png_path(tmp_path):
     finally:
         server.shutdown()
     assert summary["overlay"] == str(tmp_path / "seg.png") and summary["features"] is None
-    # the paper's VOC21 list: its background line starts with sky
-    assert len(summary["classes"]) == 21 and summary["classes"][0]["name"] == "sky"
+    # the paper's VOC21 list: its background is prompted as "sky, wall, ..." and shown as background
+    assert len(summary["classes"]) == 21 and summary["classes"][0]["name"] == "background"
+    assert summary["classes"][0]["synonyms"][:2] == ["sky", "wall"] and summary["classes"][1]["name"] == "aeroplane"
     decoded = np.asarray(Image.open(tmp_path / "www" / "street.jpg").convert("RGB"))
     check_overlay(tmp_path / "seg.png", tmp_path / "seg.mask.png", decoded, summary)
 
