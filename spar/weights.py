@@ -39,13 +39,23 @@ def _is_url(value: str) -> bool:
 
 
 def public_url(url: str | None) -> str | None:
-    """A URL without query string or user info (signed URLs carry credentials there): what may be
-    logged or recorded. The fragment stays: it names a member inside an archive (``s3://b/p.tar#img.jpg``)."""
+    """A URL without query string or user info (signed URLs and ``https://user:password@`` carry
+    credentials there): what may be logged or recorded. The fragment stays: it names a member inside
+    an archive (``s3://b/p.tar#img.jpg``). Azure's ``abfs://container@account...`` keeps its container
+    (no password there). A comma-separated list of URLs (``pretrained=a,b``) is cleaned URL by URL."""
     if not url or "://" not in str(url):
         return url
-    p = urllib.parse.urlparse(str(url))
-    host = p.netloc.rsplit("@", 1)[-1]  # drop user:password@
+    url = str(url)
+    if url.count("://") > 1 and "," in url:
+        return ",".join(public_url(part) for part in url.split(","))
+    p = urllib.parse.urlparse(url)
+    user, at, host = p.netloc.rpartition("@")
+    if at and p.scheme in _USER_IS_CONTAINER and ":" not in user:
+        host = p.netloc
     return urllib.parse.urlunparse((p.scheme, host, p.path, "", "", p.fragment))
+
+
+_USER_IS_CONTAINER = ("abfs", "abfss", "az", "wasb", "wasbs")  # scheme://<container>@<account host>/path
 
 
 def _unknown_weights(model_name: str, pretrained: str) -> FileNotFoundError:

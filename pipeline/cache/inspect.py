@@ -29,7 +29,7 @@ import spar
 from pipeline import storage
 from pipeline.cache.encode import decode_members
 from pipeline.cache.reader import Cache, iter_raw_shard, open_cache, shard_url, teacher_weights
-from pipeline.config import check, resolve_paths, resolve_weights
+from pipeline.config import check, redacted_repr, resolve_paths, resolve_weights
 from pipeline.devices import AMP_DTYPES, pick_device
 from pipeline.storage import Storage
 
@@ -60,6 +60,8 @@ class InspectConfig:
     device: str = "auto"
     window_batch: int = 64  # audit: teacher windows per forward
     storage_options: dict[str, Any] = field(default_factory=dict)
+
+    __repr__ = redacted_repr  # without storage_options' secrets, wherever a config is printed
 
     def __post_init__(self):
         check(bool(self.cache), "cache=<url of a teacher cache> is required")

@@ -26,7 +26,7 @@ from pipeline.cache.encode import (DEFAULT_IMAGE_ENCODING, ENCODINGS, IMAGE_ENCO
                                    SCALE_EXT, TARGET_EXT)
 from pipeline.cache.reader import FORMAT, FingerprintMismatch, check_format, fingerprint_diff, fingerprint_digest
 from pipeline.cache.teacher import IMAGE_MEMBER, TeacherActor
-from pipeline.config import check, resolve_paths, resolve_weights, to_dict, to_yaml
+from pipeline.config import check, redacted_repr, resolve_paths, resolve_weights, to_dict, to_yaml
 from pipeline.devices import REQUESTABLE, resolve_compute_dtype
 from pipeline.logs import Progress
 from pipeline.storage import Storage, public_url
@@ -89,6 +89,8 @@ class CacheConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options (endpoint, keys) for every read/write
     ray_address: Optional[str] = None  # "auto": this node's cluster; default RAY_ADDRESS, else a new local one
     num_cpus: Optional[int] = None  # CPUs of a local cluster this job starts
+
+    __repr__ = redacted_repr  # without storage_options' secrets, wherever a config is printed
 
     def __post_init__(self):
         spar.get_spec(self.backbone)
