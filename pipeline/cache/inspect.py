@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 import spar
+from spar.weights import verified_weights
 from pipeline import storage
 from pipeline.cache.encode import decode_members
 from pipeline.cache.reader import Cache, iter_raw_shard, open_cache, shard_url, teacher_weights
@@ -152,8 +153,9 @@ def pick_samples(cache: Cache, n: int, seed: int) -> list[dict]:
 def teacher_backbone(fp: dict, store: Storage, device: torch.device) -> spar.Backbone:
     """The cache's teacher with its weights (an open_clip tag, a file, or the recorded random init)."""
     location, init_seed = teacher_weights(fp)
-    return spar.load_backbone(fp["backbone"], pretrained=location, init_seed=init_seed,
-                              storage_options=store.options_for(location or ""), device=device)
+    options = store.options_for(location or "")
+    return spar.load_backbone(fp["backbone"], pretrained=verified_weights(location, fp["weights"], options),
+                              init_seed=init_seed, storage_options=options, device=device)
 
 
 def _pca_rgb(maps: list[torch.Tensor], basis_of: torch.Tensor) -> list[np.ndarray]:
