@@ -12,10 +12,11 @@ from __future__ import annotations
 from pipeline.cache.inspect import AuditMismatch, InspectConfig, run
 from pipeline.cache.reader import CacheError
 from pipeline.cli import run_job
+from spar.weights import WeightsMismatch
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return run_job(InspectConfig, run, argv, expected=(CacheError, AuditMismatch, FileNotFoundError),
+    return run_job(InspectConfig, run, argv, expected=(CacheError, AuditMismatch, FileNotFoundError, WeightsMismatch),
                    show=lambda summary: None)
 
 

@@ -19,7 +19,17 @@ from spar.weights import public_url
 
 T = TypeVar("T")
 PRESET_DIR = Path(__file__).parent / "presets"
-_SECRET_KEY = re.compile(r"(secret|token|password|passwd|credential|session|private|signature|^key$|access_key)", re.I)
+# Option names whose values are credentials, in any backend: s3fs (key, secret, token,
+# client_kwargs.aws_secret_access_key / aws_session_token), gcsfs (token: a dict of credentials or a
+# path to one), adlfs (account_key, connection_string, sas_token, client_secret, credential), HTTP
+# (Authorization, Cookie, X-Api-Key), delta-rs / object_store (aws_secret_access_key,
+# azure_storage_account_key, azure_storage_sas_key, google_service_account_key), and the usual
+# password / api_key / private_key. Matched anywhere in a config, at any depth.
+_SECRET_KEY = re.compile(
+    r"secret|token|passw(or)?d|credential|session|private|signature|cookie|authoriz|connection_?string"
+    r"|(^|[_-])(api[_-]?)?key$|^apikey$|access_?key|account_?key|^auth$|^sig$|^sas", re.I)
+_HEADERS = re.compile(r"^(headers|http_headers|default_headers)$", re.I)  # every HTTP header value may be a credential
+REDACTED = "<redacted>"
 
 
 class ConfigError(ValueError):
@@ -60,16 +70,29 @@ def parse_config(schema: type[T], argv: Sequence[str] | None = None) -> T:
 
 
 def redact(value: Any) -> Any:
-    """A copy with every value under a secret-looking key replaced by ``"<redacted>"``, and URLs
-    without their query string or user info (where signed URLs keep their credentials)."""
+    """A copy with every value under a secret-looking key (`_SECRET_KEY`) or in a mapping of HTTP
+    headers replaced by ``"<redacted>"``, and URLs without their query string or user info (where
+    signed URLs and ``https://user:password@`` keep their credentials)."""
     if isinstance(value, dict):
-        return {k: ("<redacted>" if _SECRET_KEY.search(str(k)) and v not in (None, "") else redact(v))
+        return {k: (REDACTED if _is_secret(k, v) else
+                    {h: REDACTED for h in v} if _HEADERS.match(str(k)) and isinstance(v, dict) else redact(v))
                 for k, v in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return [redact(v) for v in value]
     if isinstance(value, str):
         return public_url(value)
     return value
+
+
+def _is_secret(key: Any, value: Any) -> bool:
+    return bool(_SECRET_KEY.search(str(key))) and value not in (None, "") and not isinstance(value, bool)
+
+
+def redacted_repr(cfg: Any) -> str:
+    """``Schema(key=value, ...)`` of a config dataclass without its secrets: the ``__repr__`` of
+    every job schema, so that a config printed in a log, a traceback or Ray's state (which shows the
+    training loop's config) does not show its `storage_options`."""
+    return f"{type(cfg).__name__}({', '.join(f'{k}={v!r}' for k, v in to_dict(cfg).items())})"
 
 
 def to_dict(cfg: Any) -> dict:

@@ -12,6 +12,8 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from spar.weights import public_url
+
 
 @dataclass(frozen=True)
 class BackboneSpec:
@@ -148,7 +150,8 @@ class Backbone(nn.Module):
         return self.clip.state_dict()
 
     def extra_repr(self) -> str:
-        return f"name={self.name}, pretrained={self.pretrained}, patch={self.patch_size}, window={self.window}, dim={self.dim}"
+        return (f"name={self.name}, pretrained={public_url(self.pretrained)}, patch={self.patch_size}, "
+                f"window={self.window}, dim={self.dim}")
 
 
 class _VisionOnly(nn.Module):

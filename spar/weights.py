@@ -19,6 +19,7 @@ import os
 import socket
 import urllib.parse
 from pathlib import Path
+from typing import Collection
 
 import open_clip
 
@@ -39,13 +40,23 @@ def _is_url(value: str) -> bool:
 
 
 def public_url(url: str | None) -> str | None:
-    """A URL without query string or user info (signed URLs carry credentials there): what may be
-    logged or recorded. The fragment stays: it names a member inside an archive (``s3://b/p.tar#img.jpg``)."""
+    """A URL without query string or user info (signed URLs and ``https://user:password@`` carry
+    credentials there): what may be logged or recorded. The fragment stays: it names a member inside
+    an archive (``s3://b/p.tar#img.jpg``). Azure's ``abfs://container@account...`` keeps its container
+    (no password there). A comma-separated list of URLs (``pretrained=a,b``) is cleaned URL by URL."""
     if not url or "://" not in str(url):
         return url
-    p = urllib.parse.urlparse(str(url))
-    host = p.netloc.rsplit("@", 1)[-1]  # drop user:password@
+    url = str(url)
+    if url.count("://") > 1 and "," in url:
+        return ",".join(public_url(part) for part in url.split(","))
+    p = urllib.parse.urlparse(url)
+    user, at, host = p.netloc.rpartition("@")
+    if at and p.scheme in _USER_IS_CONTAINER and ":" not in user:
+        host = p.netloc
     return urllib.parse.urlunparse((p.scheme, host, p.path, "", "", p.fragment))
+
+
+_USER_IS_CONTAINER = ("abfs", "abfss", "az", "wasb", "wasbs")  # scheme://<container>@<account host>/path
 
 
 def _unknown_weights(model_name: str, pretrained: str) -> FileNotFoundError:
@@ -61,26 +72,89 @@ def _weights_cache_dir() -> Path:
     return Path(root) / "weights"
 
 
-def _fetch_url(url: str, storage_options: dict | None = None) -> str:
-    """Copy a remote weights file to the local cache (keyed by URL) and return its local path.
-    `storage_options` are the fsspec options of the URL's filesystem (endpoint, credentials)."""
+class WeightsMismatch(ValueError):
+    """A weights file whose sha256 is not the one recorded for it: the file was replaced since."""
+
+
+def _fetch_url(url: str, storage_options: dict | None = None, accept: Collection[str] = ()) -> str:
+    """Copy a remote weights file to the local cache and return its local path. The copy is keyed
+    by the whole URL, and fetched with it: a pre-signed URL's query string is its credential
+    (only logs show `public_url`). `storage_options` are the fsspec options of the URL's filesystem.
+
+    With `accept` (``sha256:<hex>`` digests), a local copy that is none of them (stale or corrupt) is
+    fetched again, once; a fresh copy that is none of them either is refused (`WeightsMismatch`) and
+    not kept: the file at the URL is not the one recorded."""
+    return _fetch_checked(url, storage_options, accept)[0]
+
+
+def _fetch_checked(url: str, storage_options: dict | None, accept: Collection[str]) -> tuple[str, str | None]:
+    """`_fetch_url`, and the digest of the file when it was computed (with `accept`), else None."""
     import fsspec  # only needed for remote weights; keeps the library import light
 
     if url.startswith("file://"):
-        return urllib.parse.urlparse(url).path
+        return _check_local(urllib.parse.urlparse(url).path, url, accept)
     name = Path(urllib.parse.urlparse(url).path).name or "weights.bin"
     key = hashlib.sha256(url.encode()).hexdigest()[:16]
     local = _weights_cache_dir() / key / name
     if local.is_file():
-        return str(local)
+        if not accept:
+            return str(local), None
+        found = _file_digest(str(local))
+        if found in accept:
+            return str(local), found
+        log.warning("the local copy %s of %s is %s, not the expected %s: fetching it again", local,
+                    public_url(url), found, " or ".join(sorted(accept)))
     local.parent.mkdir(parents=True, exist_ok=True)
     tmp = local.with_name(local.name + f".part{os.getpid()}")
     log.info("fetching weights %s -> %s", public_url(url), local)
-    with fsspec.open(url, "rb", **(storage_options or {})) as src, open(tmp, "wb") as dst:
-        while chunk := src.read(16 << 20):
-            dst.write(chunk)
+    digest = hashlib.sha256()
+    try:
+        with fsspec.open(url, "rb", **(storage_options or {})) as src, open(tmp, "wb") as dst:
+            while chunk := src.read(16 << 20):
+                dst.write(chunk)
+                digest.update(chunk)
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        if public_url(url) == url:
+            raise
+        raise _without_credentials(e, url) from None
+    found = f"sha256:{digest.hexdigest()}"
+    if accept and found not in accept:
+        tmp.unlink()
+        raise _mismatch(url, accept, found, fresh=True)
     os.replace(tmp, local)  # atomic: concurrent fetchers never see a partial file
-    return str(local)
+    return str(local), found
+
+
+def _without_credentials(error: Exception, url: str) -> OSError:
+    """`error` of fetching `url`, retold without the URL's query string and user info (HTTP errors
+    quote the whole URL: an expired pre-signed URL would put its signature in the job's log)."""
+    text = str(error)
+    parsed = urllib.parse.urlparse(url)
+    for secret in (parsed.query, parsed.netloc.rpartition("@")[0]):
+        if secret:
+            text = text.replace(secret, "<redacted>")
+    kind = FileNotFoundError if isinstance(error, FileNotFoundError) else OSError
+    return kind(f"cannot fetch weights {public_url(url)}: {type(error).__name__}: {text}")
+
+
+def _check_local(path: str, shown: str, accept: Collection[str]) -> tuple[str, str | None]:
+    """A local weights file, refused if `accept` is given and its digest is not in it."""
+    if not accept:
+        return path, None
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights {public_url(shown)!r}: no such file on this node "
+                                f"(expected {' or '.join(sorted(accept))})")
+    found = _file_digest(path)
+    if found not in accept:
+        raise _mismatch(shown, accept, found, fresh=False)
+    return path, found
+
+
+def _mismatch(url: str, accept: Collection[str], found: str, *, fresh: bool) -> WeightsMismatch:
+    why = ("downloaded just now, so not a stale local copy: the file at that URL was replaced after its digest "
+           "was recorded" if fresh else "the file at that path is not the one recorded")
+    return WeightsMismatch(f"weights {public_url(url)}: expected {' or '.join(sorted(accept))}, found {found} ({why})")
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -192,9 +266,41 @@ def _file_digest(local: str) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
-def weights_identity(model_name: str, pretrained: str | None, storage_options: dict | None = None) -> dict:
+def _checked_files(pretrained: str, storage_options: dict | None, expected: str) -> list[tuple[str, str]]:
+    """(local path, digest) of every file of `pretrained`, each one among the digests of `expected`
+    (`weights_identity`'s value: ``sha256:<hex>``, comma-separated and sorted for several files), and
+    together exactly those; remote files are fetched into the local cache (again if its copy is stale)."""
+    accept = set(expected.split(","))
+    files = []
+    for part in split_files(pretrained):
+        path, found = (_fetch_checked(part, storage_options, accept) if _is_url(part)
+                       else _check_local(part, part, accept))
+        files.append((path, found))
+    found = ",".join(sorted(d for _, d in files))
+    if found != expected:  # each file is one of the recorded ones, but not the same set (a file missing or twice)
+        raise WeightsMismatch(f"weights {public_url(pretrained)}: expected {expected}, found {found}")
+    return files
+
+
+def verified_weights(pretrained: str | None, identity: dict, storage_options: dict | None = None) -> str | None:
+    """What to load for a ``pretrained=`` value whose `identity` (`weights_identity`) was recorded
+    earlier (in a cache's fingerprint): for files, their local paths (remote ones fetched once into
+    the local cache), each checked against the recorded sha256 on this node, so that every node
+    loads the bytes that were recorded. Tags and random inits are returned as they are.
+
+    Raises `WeightsMismatch` naming the URL, the expected and the found digest when a file differs
+    (a stale local copy is fetched again first: only a file replaced at its URL is refused)."""
+    if identity.get("kind") != "file" or not pretrained:
+        return pretrained
+    return ",".join(path for path, _ in _checked_files(str(pretrained), storage_options, identity["value"]))
+
+
+def weights_identity(model_name: str, pretrained: str | None, storage_options: dict | None = None,
+                     expected: str | None = None) -> dict:
     """What identifies the weights, for fingerprints: the tag, or the sha256 of the file (of each
-    file, sorted, for a comma-separated list)."""
+    file, sorted, for a comma-separated list). With `expected` (a file identity's value recorded
+    before), a stale local copy of a remote file is fetched again and a file that is not the
+    recorded one raises `WeightsMismatch`."""
     if pretrained is None or pretrained == "":
         return {"kind": "random", "value": None}
     if str(pretrained) == TIMM_DEFAULT or open_clip.get_pretrained_cfg(model_name, str(pretrained)):
@@ -205,10 +311,10 @@ def weights_identity(model_name: str, pretrained: str | None, storage_options: d
             "pass the files you have, e.g. dinov3txt: pretrained=<dinov3_vitl16_pretrain_lvd1689m-*.pth>,"
             "<dinov3_vitl16_dinotxt_vision_head_and_text_encoder-*.pth> (local, file:// or s3://)")
     parts = split_files(pretrained)
-    if len(parts) > 1:
-        return {"kind": "file", "value": ",".join(sorted(_file_digest(p) for p in resolve_files(pretrained,
-                                                                                              storage_options)))}
-    local = _fetch_url(pretrained, storage_options) if _is_url(pretrained) else pretrained
-    if not os.path.isfile(local):
+    if len(parts) == 1 and not _is_url(parts[0]) and not os.path.isfile(parts[0]):
         raise _unknown_weights(model_name, pretrained)
-    return {"kind": "file", "value": _file_digest(local)}
+    if expected:
+        return {"kind": "file", "value": ",".join(sorted(d for _, d in _checked_files(pretrained, storage_options,
+                                                                                       expected)))}
+    return {"kind": "file", "value": ",".join(sorted(_file_digest(p) for p in resolve_files(pretrained,
+                                                                                          storage_options)))}

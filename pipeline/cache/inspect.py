@@ -26,10 +26,11 @@ import numpy as np
 import torch
 
 import spar
+from spar.weights import verified_weights
 from pipeline import storage
 from pipeline.cache.encode import decode_members
 from pipeline.cache.reader import Cache, iter_raw_shard, open_cache, shard_url, teacher_weights
-from pipeline.config import check, resolve_paths, resolve_weights
+from pipeline.config import check, redacted_repr, resolve_paths, resolve_weights
 from pipeline.devices import AMP_DTYPES, pick_device
 from pipeline.storage import Storage
 
@@ -60,6 +61,8 @@ class InspectConfig:
     device: str = "auto"
     window_batch: int = 64  # audit: teacher windows per forward
     storage_options: dict[str, Any] = field(default_factory=dict)
+
+    __repr__ = redacted_repr  # without storage_options' secrets, wherever a config is printed
 
     def __post_init__(self):
         check(bool(self.cache), "cache=<url of a teacher cache> is required")
@@ -150,8 +153,9 @@ def pick_samples(cache: Cache, n: int, seed: int) -> list[dict]:
 def teacher_backbone(fp: dict, store: Storage, device: torch.device) -> spar.Backbone:
     """The cache's teacher with its weights (an open_clip tag, a file, or the recorded random init)."""
     location, init_seed = teacher_weights(fp)
-    return spar.load_backbone(fp["backbone"], pretrained=location, init_seed=init_seed,
-                              storage_options=store.options_for(location or ""), device=device)
+    options = store.options_for(location or "")
+    return spar.load_backbone(fp["backbone"], pretrained=verified_weights(location, fp["weights"], options),
+                              init_seed=init_seed, storage_options=options, device=device)
 
 
 def _pca_rgb(maps: list[torch.Tensor], basis_of: torch.Tensor) -> list[np.ndarray]:

@@ -26,7 +26,7 @@ from pipeline.cache.encode import (DEFAULT_IMAGE_ENCODING, ENCODINGS, IMAGE_ENCO
                                    SCALE_EXT, TARGET_EXT)
 from pipeline.cache.reader import FORMAT, FingerprintMismatch, check_format, fingerprint_diff, fingerprint_digest
 from pipeline.cache.teacher import IMAGE_MEMBER, TeacherActor
-from pipeline.config import check, resolve_paths, resolve_weights, to_dict, to_yaml
+from pipeline.config import check, redacted_repr, resolve_paths, resolve_weights, to_dict, to_yaml
 from pipeline.devices import REQUESTABLE, resolve_compute_dtype
 from pipeline.logs import Progress
 from pipeline.storage import Storage, public_url
@@ -90,6 +90,8 @@ class CacheConfig:
     ray_address: Optional[str] = None  # "auto": this node's cluster; default RAY_ADDRESS, else a new local one
     num_cpus: Optional[int] = None  # CPUs of a local cluster this job starts
 
+    __repr__ = redacted_repr  # without storage_options' secrets, wherever a config is printed
+
     def __post_init__(self):
         spar.get_spec(self.backbone)
         check(self.encoding in ENCODINGS, f"encoding must be one of {ENCODINGS}")
@@ -121,13 +123,22 @@ class TooManyFailures(RuntimeError):
     """More inputs failed than `max_failed_fraction` allows (the cache keeps what succeeded)."""
 
 
-def build_fingerprint(cfg: CacheConfig, store: Storage, compute_dtype: str | None = None) -> dict:
+def build_fingerprint(cfg: CacheConfig, store: Storage, compute_dtype: str | None = None,
+                      recorded: dict | None = None) -> dict:
     """The teacher's identity: everything that changes what a target contains. `compute_dtype` is
-    the resolved precision (`teacher_precision`); default: what a CPU teacher would use."""
-    from spar.weights import weights_identity
+    the resolved precision (`teacher_precision`); default: what a CPU teacher would use. `recorded`:
+    the fingerprint of the cache this run extends, whose weights file (at the same location) must be
+    the one it recorded (`FingerprintMismatch` otherwise, naming both digests)."""
+    from spar.weights import WeightsMismatch, weights_identity
 
     spec = spar.get_spec(cfg.backbone)
-    weights = weights_identity(spec.model_name, cfg.pretrained, store.options_for(cfg.pretrained or ""))
+    expected = _recorded_weights(recorded, cfg.pretrained)
+    try:
+        weights = weights_identity(spec.model_name, cfg.pretrained, store.options_for(cfg.pretrained or ""), expected)
+    except WeightsMismatch as e:
+        raise FingerprintMismatch(f"{cfg.output} holds a cache made with other weights at the same location; "
+                                  f"refusing to mix two teachers: {e}. Restore the original file, or make a new "
+                                  "cache (another output) with this one.") from None
     if weights["kind"] == "file":
         weights["uri"] = public_url(cfg.pretrained)
     if weights["kind"] == "random":
@@ -147,6 +158,14 @@ def build_fingerprint(cfg: CacheConfig, store: Storage, compute_dtype: str | Non
     return fp
 
 
+def _recorded_weights(recorded: dict | None, pretrained: str | None) -> str | None:
+    """The sha256 a cache recorded for the weights file(s) at `pretrained`, if it recorded that location."""
+    weights = (recorded or {}).get("weights") or {}
+    if weights.get("kind") == "file" and weights.get("uri") == public_url(pretrained):
+        return weights["value"]
+    return None
+
+
 def teacher_precision(cfg: CacheConfig, *, gpu: bool, gpu_types: tuple[str, ...] = ()) -> str:
     """The compute dtype of this job's teacher actors (`pipeline.devices.resolve_compute_dtype`)."""
     return resolve_compute_dtype(cfg.teacher.amp_dtype, gpu=gpu, strict_fp32=cfg.teacher.strict_fp32,
@@ -159,16 +178,20 @@ def claim_output(cfg: CacheConfig, store: Storage, compute_dtype: str | None = N
     An output whose earlier run committed nothing (it failed before its first shard, e.g. weights that
     could not be fetched) is not a cache yet: its fingerprint is replaced, with a warning.
     """
-    fp = build_fingerprint(cfg, store, compute_dtype)
     path = storage.join(cfg.output, "teacher.json")
-    if store.exists(path):
-        old = shards.read_json(store, path)
+    old = shards.read_json(store, path) if store.exists(path) else None
+    committed = False
+    if old is not None:
         check_format(cfg.output, old)
+        manifest = shards.open_table(store, cfg.output)
+        committed = manifest is not None and bool(manifest.file_uris())
+    # a cache with shards pins its weights file: this run must load the same bytes, even from the same URL
+    fp = build_fingerprint(cfg, store, compute_dtype, recorded=old if committed else None)
+    if old is not None:
         if old.get("fingerprint") == fp["fingerprint"]:
             return old
         diff = "\n  ".join(fingerprint_diff(old, fp)) or "(fingerprint digest differs)"
-        manifest = shards.open_table(store, cfg.output)
-        if manifest is not None and manifest.file_uris():
+        if committed:
             raise FingerprintMismatch(
                 f"{cfg.output} holds a cache made with different teacher settings; refusing to mix them:\n  "
                 f"{diff}\nUse another output, or the original settings to resume or extend it.")
@@ -282,7 +305,8 @@ def build_dataset(cfg: CacheConfig, store: Storage, items: list[dict], is_tars: 
             "backbone": cfg.backbone, "pretrained": cfg.pretrained, "crop": cfg.crop, "stride": cfg.stride,
             "window_batch": t.window_batch, "compute_dtype": fp["compute_dtype"], "compile": t.compile,
             "encoding": cfg.encoding, "image_ext": IMAGE_MEMBERS[cfg.image_encoding], "device": t.device,
-            "threads": t.threads, "fingerprint": fp["fingerprint"], "init_seed": cfg.init_seed, "store": store})
+            "threads": t.threads, "fingerprint": fp["fingerprint"], "weights": fp["weights"],
+            "init_seed": cfg.init_seed, "store": store})
     return ds.map_batches(write_batch, batch_size=cfg.shard_size, batch_format="numpy", num_cpus=cfg.write_cpus,
                           fn_kwargs={"output": cfg.output, "image_ext": IMAGE_MEMBERS[cfg.image_encoding],
                                      "store": store, "run": run})

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 import spar
+from spar.weights import verified_weights
 from pipeline.devices import pick_device, use_compute_dtype
 from pipeline.storage import Storage
 from pipeline.cache.encode import META_EXT, SCALE_EXT, TARGET_EXT, encode_members, quantize
@@ -32,12 +33,14 @@ class TeacherActor:
     def __init__(self, *, backbone: str, pretrained: str | None, crop: int | None, stride: int,
                  window_batch: int, compute_dtype: str, encoding: str, image_ext: str, compile: bool = False,
                  device: str = "auto", threads: int | None = None, fingerprint: str = "", init_seed: int = 0,
-                 store: Storage | None = None):
+                 weights: dict | None = None, store: Storage | None = None):
         self.device = pick_device(device)
         if self.device.type == "cpu":
             # Ray pins OMP_NUM_THREADS to the actor's (fractional) CPU share; the teacher wants the cores.
             torch.set_num_threads(threads or os.cpu_count() or 1)
         options = (store or Storage()).options_for(pretrained or "")
+        if weights:  # the fingerprint's weights identity: this node loads the recorded file, or refuses
+            pretrained = verified_weights(pretrained, weights, options)
         self.bb = spar.load_backbone(backbone, pretrained=pretrained, init_seed=init_seed,
                                      storage_options=options).drop_text_tower()
         self.bb.to(self.device)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 import spar
-from pipeline.config import ConfigError, check, resolve_paths, resolve_weights
+from pipeline.config import ConfigError, check, redacted_repr, resolve_paths, resolve_weights
 from pipeline.devices import AMP_DTYPES, device_name, pick_device, synchronize
 from pipeline.evaluate.datasets import (CLASS_LISTS, DatasetSpec, class_source, display_names, get_dataset,
                                        load_class_lines)
@@ -80,6 +80,8 @@ class EvalConfig:
     ray_address: Optional[str] = None  # attach here; default RAY_ADDRESS or a new local cluster
     num_cpus: Optional[int] = None  # CPUs of a local cluster this job starts
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for root / output / checkpoint
+
+    __repr__ = redacted_repr  # without storage_options' secrets, wherever a config is printed
 
     def __post_init__(self):
         check(bool(self.dataset), "dataset=<name> is required (voc21, voc20, context60, context59, cityscapes, ade20k)")

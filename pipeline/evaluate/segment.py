@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import spar
 from pipeline import storage
-from pipeline.config import ConfigError, check, resolve_paths, resolve_weights, to_dict
+from pipeline.config import ConfigError, check, redacted_repr, resolve_paths, resolve_weights, to_dict
 from pipeline.evaluate.datasets import DATASETS, display_names, load_class_lines
 from pipeline.evaluate.evaluator import check_text_backbone
 from pipeline.codecs import decode_image, npy_bytes, png_bytes
@@ -67,6 +67,8 @@ class SegmentConfig:
     save_features: bool = False  # also write the dense feature map as .npy
     max_pixels: int = 100_000_000  # refuse larger images (decompression bombs)
     storage_options: dict[str, Any] = field(default_factory=dict)
+
+    __repr__ = redacted_repr  # without storage_options' secrets, wherever a config is printed
 
     def __post_init__(self):
         check(bool(self.image), "image=<path or URL> is required")

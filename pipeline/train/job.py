@@ -16,7 +16,7 @@ import spar
 from pipeline import storage
 from pipeline.cache.reader import CacheError, FingerprintMismatch, open_cache, teacher_weights
 from pipeline.storage import public_url
-from pipeline.config import ConfigError, check, resolve_paths, resolve_weights, to_yaml
+from pipeline.config import ConfigError, check, redacted_repr, resolve_paths, resolve_weights, to_yaml
 from pipeline.storage import Storage
 from pipeline.train.checkpoint import check_latest_checkpoint
 from pipeline.train.engine import PRECISIONS, deepspeed_config
@@ -87,6 +87,8 @@ class TrainConfig:
     ray_address: Optional[str] = None  # "auto": this node's cluster; default RAY_ADDRESS, else a new local one
     num_cpus: Optional[int] = None  # CPUs of a local cluster this job starts
 
+    __repr__ = redacted_repr  # without storage_options' secrets, wherever a config is printed
+
     def __post_init__(self):
         check(bool(self.cache), "cache=<url of a teacher cache> is required")
         check(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}")
@@ -115,22 +117,33 @@ class TrainConfig:
 
 
 def student_source(cfg: TrainConfig, fingerprint: dict, store: Storage) -> dict:
-    """Backbone and weights of the student (= the cache's teacher); refuses explicit mismatches."""
-    from spar.weights import weights_identity
+    """Backbone and weights of the student (= the cache's teacher); refuses explicit mismatches, and
+    a weights file that is not the one the cache recorded (replaced at its URL since): every worker
+    checks that again before it loads it."""
+    from spar.weights import WeightsMismatch, verified_weights, weights_identity
 
     backbone = fingerprint["backbone"]
     if cfg.backbone not in (FROM_CACHE, backbone):
         raise FingerprintMismatch(f"backbone={cfg.backbone!r}, but the cache {cfg.cache} was made by {backbone!r}; "
                                   "the student must start from the teacher")
     weights = fingerprint["weights"]
-    if cfg.pretrained != FROM_CACHE:
-        given = weights_identity(fingerprint["model_name"], cfg.pretrained, store.options_for(cfg.pretrained or ""))
-        if (given["kind"], given["value"]) != (weights["kind"], weights["value"]):
-            raise FingerprintMismatch(f"pretrained={cfg.pretrained!r} is {given['kind']} {given['value']}, but the "
-                                      f"cache's teacher used {weights['kind']} {weights['value']}")
     location, init_seed = teacher_weights(fingerprint)
     if cfg.pretrained != FROM_CACHE:
         location = cfg.pretrained
+    options = store.options_for(location or "")
+    try:
+        if cfg.pretrained == FROM_CACHE:
+            verified_weights(location, weights, options)
+        else:
+            recorded = weights["value"] if weights["kind"] == "file" else None
+            given = weights_identity(fingerprint["model_name"], location, options, expected=recorded)
+            if (given["kind"], given["value"]) != (weights["kind"], weights["value"]):
+                raise FingerprintMismatch(f"pretrained={public_url(cfg.pretrained)!r} is {given['kind']} "
+                                          f"{given['value']}, but the cache's teacher used {weights['kind']} "
+                                          f"{weights['value']}")
+    except WeightsMismatch as e:
+        raise FingerprintMismatch(f"the student must start from the teacher of the cache {cfg.cache}, but its "
+                                  f"weights file is not the one the cache recorded: {e}") from None
     return {"backbone": backbone, "pretrained": location, "init_seed": init_seed, "weights": weights}
 
 

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 import spar
+from spar.weights import verified_weights
 from pipeline.cache.reader import open_cache
 from pipeline.devices import keep_freed_memory
 from pipeline.logs import duration, rank_zero_info
@@ -75,8 +76,11 @@ class Trainer:
         if self.device.type == "cpu":
             keep_freed_memory()
         self.store = Storage(cfg.storage_options)
-        self.engine = build_engine(cfg, self.source, self.ds_config,
-                                   self.store.options_for(self.source["pretrained"] or ""))
+        options = self.store.options_for(self.source["pretrained"] or "")
+        # this node's copy of the weights, checked against the cache's fingerprint (the export loads it too)
+        self.source = {**self.source, "pretrained": verified_weights(self.source["pretrained"], self.source["weights"],
+                                                                     options)}
+        self.engine = build_engine(cfg, self.source, self.ds_config, options)
         self.layout = {"world_size": self.world, "loader_workers": cfg.data.loader_workers,
                        "batch_size": cfg.batch_size, "shuffle_buffer": cfg.data.shuffle_buffer,
                        "grad_accum": cfg.grad_accum}

@@ -41,6 +41,85 @@ def test_secrets_never_reach_the_saved_config():
     assert "AKIAFAKE" not in text and "s3cr3t" not in text and "http://127.0.0.1:9000" in text
 
 
+SECRET = "Sup3rS3cr3t"  # every credential below holds it; no saved or printed form of the config may
+SECRET_OPTIONS = {  # the credential options of each backend, as a user would pass them on the command line
+    "s3fs": ["storage_options.key=AKIA" + SECRET, "storage_options.secret=" + SECRET,
+             "storage_options.token=" + SECRET, "storage_options.client_kwargs.aws_access_key_id=AKIA" + SECRET,
+             "storage_options.client_kwargs.aws_secret_access_key=" + SECRET,
+             "storage_options.client_kwargs.aws_session_token=" + SECRET, "storage_options.s3.session_token=" + SECRET],
+    "gcsfs": ["storage_options.gs.token=/secrets/" + SECRET + ".json"],
+    "gcsfs-dict": ["storage_options.gs.token.type=service_account",
+                   "storage_options.gs.token.private_key=-----BEGIN PRIVATE KEY-----" + SECRET,
+                   "storage_options.gs.token.client_email=" + SECRET + "@p.iam.gserviceaccount.com"],
+    "adlfs": ["storage_options.abfs.account_name=acct", "storage_options.abfs.account_key=" + SECRET,
+              "storage_options.abfs.sas_token=sv=2024&sig=" + SECRET, "storage_options.abfs.client_secret=" + SECRET,
+              "storage_options.abfs.credential=" + SECRET,
+              "storage_options.az.connection_string=DefaultEndpointsProtocol=https;AccountKey=" + SECRET],
+    "http": ["storage_options.https.headers.Authorization=Bearer " + SECRET,
+             "storage_options.https.headers.Cookie=session=" + SECRET,
+             "storage_options.https.headers.X-Api-Key=" + SECRET,
+             "storage_options.https.headers.X-Custom=" + SECRET,  # any header may carry a credential
+             "storage_options.https.client_kwargs.auth=[user," + SECRET + "]"],
+    "delta-rs": ["storage_options.aws_secret_access_key=" + SECRET, "storage_options.azure_storage_account_key=" + SECRET,
+                 "storage_options.azure_storage_sas_key=" + SECRET,
+                 "storage_options.google_service_account_key=" + SECRET, "storage_options.password=" + SECRET,
+                 "storage_options.api_key=" + SECRET],
+    "urls": ["pretrained=s3://b/backbone.pth,https://user:" + SECRET + "@host/w.pth?sig=" + SECRET,
+             "source=https://bucket.s3.amazonaws.com/list.txt?X-Amz-Credential=AKIA" + SECRET
+             + "&X-Amz-Signature=" + SECRET, "output=az://c/cache?sv=2024&sig=" + SECRET,
+             "storage_options.endpoint_url=https://minio:" + SECRET + "@minio.internal:9000"],
+}
+
+
+@pytest.mark.parametrize("backend", sorted(SECRET_OPTIONS))
+def test_no_backends_credentials_reach_a_saved_or_printed_config(backend):
+    """The secret option names of s3fs, gcsfs, adlfs, HTTP headers and delta-rs, and credentials in
+    URLs (user info, pre-signed query strings), in every form a job writes or prints its config."""
+    import json
+
+    from pipeline.config import to_dict
+    from pipeline.train.job import TrainConfig
+
+    for schema, required in ((CacheConfig, ["backbone=maskclip-test"]), (TrainConfig, ["cache=s3://b/c"])):
+        argv = [*required, *(a for a in SECRET_OPTIONS[backend]
+                             if schema is CacheConfig or not a.startswith(("source=", "pretrained=")))]
+        cfg = parse_config(schema, argv)
+        assert SECRET in repr(cfg.storage_options) or SECRET in str(vars(cfg))  # the job itself has them
+        for shown in (to_yaml(cfg), json.dumps(to_dict(cfg)), repr(cfg), str(cfg), f"{cfg!r}"):
+            assert SECRET not in shown, (backend, shown)
+        assert "<redacted>" in to_yaml(cfg) or backend == "urls"
+
+
+def test_redaction_keeps_what_is_not_a_secret():
+    """Endpoints, regions, account and container names, and every default key stay readable (a
+    fingerprint records `to_dict` of the augmentation: nothing of it may change)."""
+    from pipeline.config import redact, to_dict
+    from pipeline.train.job import TrainConfig
+
+    options = {"endpoint_url": "http://127.0.0.1:9000", "client_kwargs": {"region_name": "eu-west-1"},
+               "account_name": "acct", "anon": False, "profile": "research", "requester_pays": True,
+               "headers": {"Authorization": "Bearer x"}}
+    shown = redact(options)
+    assert {k: v for k, v in shown.items() if k != "headers"} == {k: v for k, v in options.items() if k != "headers"}
+    assert shown["headers"] == {"Authorization": "<redacted>"}
+    assert redact("abfs://container@acct.dfs.core.windows.net/w.pth") == "abfs://container@acct.dfs.core.windows.net/w.pth"
+    for schema, argv in ((CacheConfig, []), (TrainConfig, ["cache=s3://b/c"])):
+        assert "<redacted>" not in str(to_dict(parse_config(schema, argv)))
+
+
+def test_storage_options_from_a_file_or_the_environment(tmp_path, monkeypatch):
+    """Two ways to keep credentials off the command line (and out of `ps` and the Ray job's
+    entrypoint): a YAML file given like a preset, and ``${oc.env:VAR}`` interpolation."""
+    creds = tmp_path / "storage.yaml"
+    creds.write_text(f"storage_options:\n  account_name: acct\n  account_key: {SECRET}\n")
+    monkeypatch.setenv("SPAR_TEST_SAS", "sig=" + SECRET)
+    cfg = parse_config(CacheConfig, [str(creds), "storage_options.sas_token=${oc.env:SPAR_TEST_SAS}"])
+    assert cfg.storage_options == {"account_name": "acct", "account_key": SECRET, "sas_token": "sig=" + SECRET}
+    assert SECRET not in to_yaml(cfg)
+    with pytest.raises(ConfigError, match="SPAR_NOT_SET.*storage_options.secret"):
+        parse_config(CacheConfig, ["storage_options.secret=${oc.env:SPAR_NOT_SET}"])
+
+
 def test_an_output_with_nothing_committed_takes_a_new_fingerprint(tmp_path):
     """A first run that failed before its first commit (say, weights it could not fetch) must not lock
     its output; once a shard is committed, other settings are refused."""
