@@ -102,6 +102,9 @@ def test_padding_steps_average_over_real_samples_and_resume_is_bit_exact(five, p
             ours, value = torch.cat([ours[:third], ours[2 * third:]]), torch.cat([value[:third], value[2 * third:]])
         assert torch.allclose(ours, value, rtol=0, atol=2e-6), name  # halving a padded step's gradient: ~3e-3
     assert whole["deepspeed"]["zero_optimization"]["stage"] == 2  # student.json: the DeepSpeed config that ran
+    # precision=auto, resolved by the (CPU) ranks into that config, and recorded beside it
+    assert whole["precision"] == "fp32" and whole["deepspeed"]["bf16"] == {"enabled": False}
+    assert whole["deepspeed"]["fp16"]["enabled"] is False
 
 
 @pytest.mark.parametrize("layouts,zero,val_fraction", [
