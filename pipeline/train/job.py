@@ -72,7 +72,7 @@ class TrainConfig:
     # (official DINOv3 pre-training: 2); null = off, as the SPAR reference trains (docs/method.md §4)
     rope_rescale: Optional[float] = None
     deepspeed_config: Optional[str] = None  # JSON (e.g. infra/deepspeed/zero3.json) merged over the generated one
-    seed: int = 0  # data order
+    seed: int = 0  # data order (pinned by the run: a resume with another seed is refused)
     checkpoint_every: int = 0  # steps between checkpoints (a multiple of grad_accum); 0 = at the end of every epoch
     keep_checkpoints: int = 3
     max_failures: int = 2  # worker-group restarts from the last checkpoint
@@ -157,7 +157,8 @@ def run(cfg: TrainConfig) -> dict:
     # Refuse a contradicting JSON before any worker starts. Each worker builds the config that runs,
     # with precision=auto resolved from its own device (this driver may have no GPU).
     deepspeed_config(cfg, cfg.scaling.num_workers, ds_json)
-    check_latest_checkpoint(store, cfg.run_dir)  # refuse a tampered checkpoint before any worker starts
+    # refuse a tampered checkpoint, or a resume with another seed, before any worker starts
+    check_latest_checkpoint(store, cfg.run_dir, seed=cfg.seed)
     store.write_text(storage.join(cfg.run_dir, "config.yaml"), to_yaml(cfg))
     started = init_ray(cfg.ray_address, cfg.num_cpus)
     try:

@@ -2,7 +2,7 @@
 
     train_loop(config)            Ray Train's entry point on every rank
       Trainer.__init__            resolve the precision on the ranks' devices, build the engine, restore the
-                                  latest checkpoint, open the pinned cache
+                                  latest checkpoint (same seed), open the pinned cache
         Trainer.open_validation   the held-out samples (by key hash, or a second cache) and the rows to train on
         Trainer.start_segment     a resume on another layout: re-plan the rest of the epoch
       Trainer.fit                 epochs -> final checkpoint -> export
@@ -23,9 +23,10 @@ import spar
 from pipeline.cache.reader import open_cache
 from pipeline.devices import keep_freed_memory
 from pipeline.logs import duration, rank_zero_info
-from pipeline.storage import Storage
+from pipeline.storage import Storage, public_url
 from pipeline.train import loader, validation
-from pipeline.train.checkpoint import CheckpointError, RunState, load_checkpoint, pack_positions, save_checkpoint, unpack_positions
+from pipeline.train.checkpoint import (CheckpointError, RunState, check_seed, load_checkpoint, pack_positions,
+                                       save_checkpoint, unpack_positions)
 from pipeline.train.collectives import all_gather_str, all_sum, barrier
 from pipeline.train.engine import build_engine, deepspeed_config, setup_env, worker_precision
 from pipeline.train.export import gather_trained, probe_features, run_record, write_student
@@ -87,7 +88,10 @@ class Trainer:
                        "grad_accum": cfg.grad_accum}
         self.info = {"source": {"backbone": self.source["backbone"], "weights": self.source["weights"]},
                      "deepspeed": self.ds_config}
-        self.state = load_checkpoint(self.engine, self.info) or RunState(layout=self.layout)
+        self.state = load_checkpoint(self.engine, self.info) or RunState(layout=self.layout, seed=cfg.seed)
+        # the driver checked the seed already; this checkpoint may be newer than the one it read
+        check_seed(self.state.seed, cfg.seed, f"the run {public_url(cfg.run_dir)}")
+        self.state.seed = cfg.seed  # a checkpoint that predates the seed's record takes this run's
         # The run reads one snapshot of the cache from start to end: the version its driver pinned, or
         # the one its checkpoint recorded when this is a resume (the cache may have grown since).
         if self.state.cache_version is None:

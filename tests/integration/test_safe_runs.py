@@ -107,6 +107,21 @@ def test_padding_steps_average_over_real_samples_and_resume_is_bit_exact(five, p
     assert whole["deepspeed"]["fp16"]["enabled"] is False
 
 
+def test_a_resume_with_another_seed_is_refused_before_any_worker_starts(five, padding_runs, tmp_path, caplog):
+    """The seed orders every epoch, so a checkpointed run re-run with another seed would re-order the
+    samples it already trained: the driver refuses it, naming both seeds, and writes nothing."""
+    import shutil
+
+    out = tmp_path / "runs"
+    shutil.copytree(padding_runs / "cut", out / "cut")  # a run checkpointed with seed=0
+    files = {p: p.stat().st_mtime_ns for p in (out / "cut").rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit):
+        train_student.main([f"cache={five}", f"output={out}", "name=cut", "epochs=2", "scaling.num_workers=2",
+                            "zero_stage=2", "data.loader_workers=2", *BASE, "seed=1"])
+    assert "was trained with seed=0, this run has seed=1" in caplog.text and "new name=" in caplog.text
+    assert {p: p.stat().st_mtime_ns for p in (out / "cut").rglob("*") if p.is_file()} == files
+
+
 @pytest.mark.parametrize("layouts,zero,val_fraction", [
     ([(2, 1), (2, 2), (3, 2)], 2, 0.0),  # more loader processes on the same ranks, then more ranks
     ([(3, 1), (2, 2)], 3, 0.02),  # fewer ranks (ZeRO-3's shards); one image held out: validation on uneven shares
