@@ -4,8 +4,9 @@ A checkpoint is one directory that Ray Train commits (rank 0 writes it; every ra
 
     trainable.safetensors   the full fp32 master value of every trainable parameter
     optimizer.safetensors   AdamW's ``exp_avg`` / ``exp_avg_sq`` of each of them, full (absent before the first step)
-    state.json              format, the run's position (`RunState`), the optimizer's step count and
-                            loss scale, the DeepSpeed config that ran, the trainable parameter names
+    state.json              format, the run's position and data-order seed (`RunState`), the optimizer's
+                            step count and loss scale, the DeepSpeed config that ran, the trainable
+                            parameter names
 
 The state is gathered whole, whatever the ZeRO stage and however many ranks held it, so a run
 resumes bit-exactly on the same ranks and also on another number of ranks or another ZeRO stage:
@@ -60,6 +61,7 @@ class RunState:
     validation: dict | None = None  # what the run validates on: {"fraction"} or {"cache", "version"} (pinned)
     val_baseline: float | None = None  # held-out MSE of the untrained single pass (measured at step 0)
     val_mse: float | None = None  # held-out MSE of the student at the last validation
+    seed: int | None = None  # the data order's seed (pinned: `check_seed`); None in checkpoints that predate it
 
     @classmethod
     def from_json(cls, value: dict) -> "RunState":
@@ -68,6 +70,20 @@ class RunState:
         if unknown:
             raise CheckpointError(f"{STATE} has unknown run-state fields {sorted(unknown)}")
         return cls(**value)
+
+
+def check_seed(recorded: int | None, seed: int, where: str) -> None:
+    """Refuse to resume a run whose checkpoint (`where`) was trained with another data-order seed.
+
+    The seed orders every epoch. A resume on another layout re-plans the rest of the epoch in the
+    *same* order, which keeps every sample once; another seed would re-order samples already
+    trained, so some would be trained twice and others never, and the run could not be replayed.
+    A checkpoint without a recorded seed (older versions) is resumed with the given one."""
+    if recorded is not None and recorded != seed:
+        raise CheckpointError(f"{where} was trained with seed={recorded}, this run has seed={seed}: the seed decides "
+                              f"the data order, so the interrupted epoch would train some samples twice and others "
+                              f"never. Pass seed={recorded} to resume this run, or a new name= to start a new run "
+                              f"with seed={seed}")
 
 
 def pack_positions(positions: set[int], n: int) -> str:
@@ -290,10 +306,11 @@ def _safetensors_header(store, url: str) -> dict:
     return header
 
 
-def check_latest_checkpoint(store, run_dir: str) -> None:
+def check_latest_checkpoint(store, run_dir: str, seed: int | None = None) -> None:
     """On the driver, before any worker starts: the checkpoint Ray Train would resume `run_dir` from
-    (its snapshot's latest) is one of ours, made of JSON and safetensors only. Workers check again when
-    they load it; this gives the clear error at once instead of after Ray Train's retries."""
+    (its snapshot's latest) is one of ours, made of JSON and safetensors only, and (given `seed`) was
+    trained with that seed (`check_seed`). Workers check again when they load it; this gives the
+    clear error at once instead of after Ray Train's retries."""
     from pipeline import storage
 
     snapshot = storage.join(run_dir, "checkpoint_manager_snapshot.json")
@@ -319,6 +336,8 @@ def check_latest_checkpoint(store, run_dir: str) -> None:
             raise ValueError(f"not a {FORMAT} record")
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"refusing checkpoint {storage.public_url(path)}: {STATE}: {e}") from None
+    if seed is not None and isinstance(state.get("run_state"), dict):
+        check_seed(state["run_state"].get("seed"), seed, f"the run {storage.public_url(run_dir)}")
     for name in (WEIGHTS, OPTIMIZER):
         url = storage.join(path, name)
         if name == OPTIMIZER and not store.exists(url):

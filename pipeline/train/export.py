@@ -25,7 +25,6 @@ from pipeline.config import to_dict
 from pipeline.storage import Storage
 from pipeline.train.collectives import all_gather_str
 from pipeline.train.checkpoint import full_weights
-from pipeline.train.engine import resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -72,17 +71,18 @@ def write_student(store: Storage, run_dir: str, source: dict, trainable: str, tr
 
 
 def run_record(cfg, fingerprint: dict, state, final_loss: float, digests: list[str], nodes: list[str],
-               ds_config: dict) -> dict:
-    """The run's fields of ``student.json``."""
+               ds_config: dict, precision: str) -> dict:
+    """The run's fields of ``student.json``: `ds_config` and `precision` are what the ranks resolved
+    and ran (`pipeline.train.engine.worker_precision`), not the driver's view."""
     return {
         "cache": storage.public_url(cfg.cache), "cache_fingerprint": fingerprint["fingerprint"],
         "cache_version": state.cache_version,
         "steps": state.step, "epochs_completed": state.epoch, "final_loss": final_loss,
-        "precision": resolve_precision(cfg.precision),
+        "precision": precision,  # bf16 | fp16 | fp32, as the ranks resolved it
         "rank_weight_digests": digests,  # sha256 of each rank's fp32 trainable weights: all equal
         "rank_nodes": nodes,  # Ray node id of each rank
         "config": to_dict(cfg),
-        "deepspeed": ds_config,
+        "deepspeed": ds_config,  # the DeepSpeed config that ran (generated, with the user's JSON merged over it)
         "validation": {**(state.validation or {}), "mse": state.val_mse, "baseline_mse": state.val_baseline,
-                       "ratio": (state.val_mse / state.val_baseline) if state.val_baseline else None},  # the DeepSpeed config that ran (generated, with the user's JSON merged over it)
+                       "ratio": (state.val_mse / state.val_baseline) if state.val_baseline else None},
     }

@@ -65,14 +65,14 @@ class TrainConfig:
     batch_size: int = 1  # images per step per rank (one image size per batch)
     grad_accum: int = 1
     grad_clip: float = 0.0  # 0 = no clipping
-    precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp32) | bf16 | fp16 | fp32
+    precision: str = "auto"  # bf16 | fp16 | fp32 | auto: per rank, bf16 on GPUs that have it, else fp16; fp32 on CPU
     zero_stage: int = 0  # DeepSpeed ZeRO 0-3; 0 suits the default 2 trainable blocks, 2-3 for trainable=all
     activation_checkpointing: bool = False
     # dinov3txt only: train-mode RoPE coordinate rescaling by a log-uniform factor in [1/R, R] per block
     # (official DINOv3 pre-training: 2); null = off, as the SPAR reference trains (docs/method.md §4)
     rope_rescale: Optional[float] = None
     deepspeed_config: Optional[str] = None  # JSON (e.g. infra/deepspeed/zero3.json) merged over the generated one
-    seed: int = 0  # data order
+    seed: int = 0  # data order (pinned by the run: a resume with another seed is refused)
     checkpoint_every: int = 0  # steps between checkpoints (a multiple of grad_accum); 0 = at the end of every epoch
     keep_checkpoints: int = 3
     max_failures: int = 2  # worker-group restarts from the last checkpoint
@@ -166,14 +166,18 @@ def run(cfg: TrainConfig) -> dict:
     if training < cfg.scaling.num_workers:
         raise CacheError(f"{cfg.cache} has {training} samples to train on, fewer than the "
                          f"{cfg.scaling.num_workers} workers")
-    ds_config = deepspeed_config(cfg, cfg.scaling.num_workers, _read_deepspeed_json(cfg.deepspeed_config, store))
-    check_latest_checkpoint(store, cfg.run_dir)  # refuse a tampered checkpoint before any worker starts
+    ds_json = _read_deepspeed_json(cfg.deepspeed_config, store)
+    # Refuse a contradicting JSON before any worker starts. Each worker builds the config that runs,
+    # with precision=auto resolved from its own device (this driver may have no GPU).
+    deepspeed_config(cfg, cfg.scaling.num_workers, ds_json)
+    # refuse a tampered checkpoint, or a resume with another seed, before any worker starts
+    check_latest_checkpoint(store, cfg.run_dir, seed=cfg.seed)
     store.write_text(storage.join(cfg.run_dir, "config.yaml"), to_yaml(cfg))
     started = init_ray(cfg.ray_address, cfg.num_cpus)
     try:
         require_on_every_node(storage.join(cfg.cache, "teacher.json"), "the cache")
         require_on_every_node(storage.join(cfg.run_dir, "config.yaml"), "the output")
-        result = _fit(cfg, store, source, cache.fingerprint, ds_config, cache.version, validation)
+        result = _fit(cfg, store, source, cache.fingerprint, ds_json, cache.version, validation)
     finally:
         if started:
             import ray
@@ -207,9 +211,10 @@ def validation_split(cfg: TrainConfig, store: Storage, cache) -> tuple[dict, int
     return {}, len(cache)
 
 
-def _fit(cfg: TrainConfig, store: Storage, source: dict, fingerprint: dict, ds_config: dict, cache_version: int,
+def _fit(cfg: TrainConfig, store: Storage, source: dict, fingerprint: dict, ds_json: dict, cache_version: int,
          validation: dict):
-    """Ray Train's TorchTrainer over every rank's `train_loop`, fitted; returns its result."""
+    """Ray Train's TorchTrainer over every rank's `train_loop` (`ds_json`: the user's DeepSpeed JSON,
+    which the ranks merge into the config they build), fitted; returns its result."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -220,7 +225,7 @@ def _fit(cfg: TrainConfig, store: Storage, source: dict, fingerprint: dict, ds_c
         resources["GPU"] = cfg.scaling.gpus_per_worker
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg, "student": source, "fingerprint": fingerprint, "deepspeed": ds_config,
+        train_loop_config={"cfg": cfg, "student": source, "fingerprint": fingerprint, "deepspeed_json": ds_json,
                            "cache_version": cache_version, "validation": validation},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=resources),

@@ -1,7 +1,8 @@
 """What every Ray Train worker runs: epochs of planned batches through the DeepSpeed student.
 
     train_loop(config)            Ray Train's entry point on every rank
-      Trainer.__init__            build the engine, restore the latest checkpoint, open the pinned cache
+      Trainer.__init__            resolve the precision on the ranks' devices, build the engine, restore the
+                                  latest checkpoint (same seed), open the pinned cache
         Trainer.open_validation   the held-out samples (by key hash, or a second cache) and the rows to train on
         Trainer.start_segment     a resume on another layout: re-plan the rest of the epoch
       Trainer.fit                 epochs -> final checkpoint -> export
@@ -23,11 +24,12 @@ from spar.weights import verified_weights
 from pipeline.cache.reader import open_cache
 from pipeline.devices import keep_freed_memory
 from pipeline.logs import duration, rank_zero_info
-from pipeline.storage import Storage
+from pipeline.storage import Storage, public_url
 from pipeline.train import loader, validation
-from pipeline.train.checkpoint import CheckpointError, RunState, load_checkpoint, pack_positions, save_checkpoint, unpack_positions
+from pipeline.train.checkpoint import (CheckpointError, RunState, check_seed, load_checkpoint, pack_positions,
+                                       save_checkpoint, unpack_positions)
 from pipeline.train.collectives import all_gather_str, all_sum, barrier
-from pipeline.train.engine import build_engine, setup_env
+from pipeline.train.engine import build_engine, deepspeed_config, setup_env, worker_precision
 from pipeline.train.export import gather_trained, probe_features, run_record, write_student
 from pipeline.train.metrics import KeyLog, Metrics
 
@@ -69,12 +71,16 @@ class Trainer:
         import ray.train
 
         cfg = self.cfg = config["cfg"]
-        self.source, self.fingerprint, self.ds_config = config["student"], config["fingerprint"], config["deepspeed"]
+        self.source, self.fingerprint = config["student"], config["fingerprint"]
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         if self.device.type == "cpu":
             keep_freed_memory()
+        # precision=auto follows the devices the ranks got, not the driver's (a CPU head node has none);
+        # the config built here is the one that runs, and the one checkpoints and student.json record
+        self.precision = worker_precision(cfg.precision, self.device)
+        self.ds_config = deepspeed_config(cfg, self.world, config["deepspeed_json"], self.precision)
         self.store = Storage(cfg.storage_options)
         options = self.store.options_for(self.source["pretrained"] or "")
         # this node's copy of the weights, checked against the cache's fingerprint (the export loads it too)
@@ -86,7 +92,10 @@ class Trainer:
                        "grad_accum": cfg.grad_accum}
         self.info = {"source": {"backbone": self.source["backbone"], "weights": self.source["weights"]},
                      "deepspeed": self.ds_config}
-        self.state = load_checkpoint(self.engine, self.info) or RunState(layout=self.layout)
+        self.state = load_checkpoint(self.engine, self.info) or RunState(layout=self.layout, seed=cfg.seed)
+        # the driver checked the seed already; this checkpoint may be newer than the one it read
+        check_seed(self.state.seed, cfg.seed, f"the run {public_url(cfg.run_dir)}")
+        self.state.seed = cfg.seed  # a checkpoint that predates the seed's record takes this run's
         # The run reads one snapshot of the cache from start to end: the version its driver pinned, or
         # the one its checkpoint recorded when this is a resume (the cache may have grown since).
         if self.state.cache_version is None:
@@ -279,7 +288,7 @@ class Trainer:
         in_job = probe_features(self.engine, probe, self.device)
         if self.rank == 0:
             record = run_record(self.cfg, self.fingerprint, self.state, self.last_loss, digests, nodes,
-                                self.ds_config)
+                                self.ds_config, self.precision)
             write_student(self.store, self.cfg.run_dir, self.source, self.cfg.trainable, trained, record, probe, in_job)
             self.metrics.plot(self.cfg.loss)
         if self.held is not None:

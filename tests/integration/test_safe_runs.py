@@ -102,6 +102,24 @@ def test_padding_steps_average_over_real_samples_and_resume_is_bit_exact(five, p
             ours, value = torch.cat([ours[:third], ours[2 * third:]]), torch.cat([value[:third], value[2 * third:]])
         assert torch.allclose(ours, value, rtol=0, atol=2e-6), name  # halving a padded step's gradient: ~3e-3
     assert whole["deepspeed"]["zero_optimization"]["stage"] == 2  # student.json: the DeepSpeed config that ran
+    # precision=auto, resolved by the (CPU) ranks into that config, and recorded beside it
+    assert whole["precision"] == "fp32" and whole["deepspeed"]["bf16"] == {"enabled": False}
+    assert whole["deepspeed"]["fp16"]["enabled"] is False
+
+
+def test_a_resume_with_another_seed_is_refused_before_any_worker_starts(five, padding_runs, tmp_path, caplog):
+    """The seed orders every epoch, so a checkpointed run re-run with another seed would re-order the
+    samples it already trained: the driver refuses it, naming both seeds, and writes nothing."""
+    import shutil
+
+    out = tmp_path / "runs"
+    shutil.copytree(padding_runs / "cut", out / "cut")  # a run checkpointed with seed=0
+    files = {p: p.stat().st_mtime_ns for p in (out / "cut").rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit):
+        train_student.main([f"cache={five}", f"output={out}", "name=cut", "epochs=2", "scaling.num_workers=2",
+                            "zero_stage=2", "data.loader_workers=2", *BASE, "seed=1"])
+    assert "was trained with seed=0, this run has seed=1" in caplog.text and "new name=" in caplog.text
+    assert {p: p.stat().st_mtime_ns for p in (out / "cut").rglob("*") if p.is_file()} == files
 
 
 @pytest.mark.parametrize("layouts,zero,val_fraction", [
