@@ -85,11 +85,11 @@ def _last_summary(out: str) -> dict:
     return json.loads(Storage().read_text(runs[-1]))
 
 
-def test_bad_inputs_are_recorded_or_converted_and_too_many_fail_the_job_keeping_the_good(ray_cluster, storage_root):
+def test_bad_inputs_are_recorded_or_converted_and_too_many_fail_the_job_keeping_the_good(ray_cluster, tmp_path):
     """Every kind of bad input is recorded with its reason, every unusual but valid one converted;
     with more failures than max_failed_fraction (default 5%) the job exits non-zero, after
     committing everything that succeeded."""
-    src, out = storage.join(storage_root, "images"), storage.join(storage_root, "cache")
+    src, out = str(tmp_path / "images"), str(tmp_path / "cache")
     good, converted, bad = good_images(3), converted_images(), bad_inputs()
     put_files(src, {**good, **converted, **{k: v for k, (v, _) in bad.items()}})
     with pytest.raises(SystemExit) as exit_info:
@@ -132,10 +132,10 @@ def test_resume_and_extend_compute_only_new_samples_however_the_sources_are_list
     assert more_views["computed"] == 6 and len(open_cache(out)) == 12
 
 
-def test_webdataset_tar_source(ray_cluster, storage_root):
+def test_webdataset_tar_source(ray_cluster, tmp_path):
     import webdataset as wds
 
-    src, out = storage.join(storage_root, "tars"), storage.join(storage_root, "cache")
+    src, out = str(tmp_path / "tars"), str(tmp_path / "cache")
     files = list(good_images(5).items())
     for t in range(2):
         with Storage().open(storage.join(src, f"part-{t:03d}.tar"), "wb") as f, wds.TarWriter(f) as tw:
@@ -173,7 +173,8 @@ def _sa1b_tar(members: list[str], images: list[bytes]) -> bytes:
 
 def test_sa1b_tars_with_limit_take_the_first_images_in_tar_order(ray_cluster, storage_root):
     """SA-1B as it ships: ``limit=N`` caches the first N images, tars in natural order and members in
-    tar order (not sorted), and a larger limit later adds exactly the next ones."""
+    tar order (not sorted), and a larger limit later adds exactly the next ones (so a rerun takes the
+    same N)."""
     src, out = storage.join(storage_root, "sa1b"), storage.join(storage_root, "cache")
     images = list(good_images(9).values())
     layout = {"sa_000000.tar": ["sa_1", "sa_2", "sa_3"], "sa_000001.tar": ["sa_10", "sa_4", "sa_5"],
@@ -184,10 +185,8 @@ def test_sa1b_tars_with_limit_take_the_first_images_in_tar_order(ray_cluster, st
     first = run_job(f"source={src}/", f"output={out}", "limit=5")
     assert (first["source_images"], first["computed"], first["failed"]) == (5, 5, 0)
     assert sorted(k.rsplit("_v", 1)[0] for k in open_cache(out).keys()) == sorted(order[:5])
-    again = run_job(f"source={src}/", f"output={out}", "limit=5")
-    assert again["computed"] == 0
-    more = run_job(f"source={src}/", f"output={out}", "limit=8")
-    assert (more["computed"], more["committed_total"]) == (3, 8)
+    more = run_job(f"source={src}/", f"output={out}", "limit=8")  # the same first five, and the next three
+    assert (more["already_committed"], more["computed"], more["committed_total"]) == (5, 3, 8)
     assert sorted(k.rsplit("_v", 1)[0] for k in open_cache(out).keys()) == sorted(order[:8])
 
 
@@ -212,13 +211,13 @@ def test_a_local_output_that_other_nodes_cannot_see_is_refused_before_any_work(r
     assert not (tmp_path / "cache" / "shards").exists()
 
 
-def test_raw_and_png_caches_hold_bit_identical_images_and_targets(shared_cache: SharedCache, caplog):
+def test_raw_and_png_caches_hold_bit_identical_images_and_targets(local_cache: SharedCache, caplog):
     """Both image encodings store exactly the pixels the teacher saw, and the same targets. The
     fingerprint records the encoding and the precision, and a cache refuses a job that would change
     any of them (or the stride, or the target encoding), naming the field, with nothing written."""
-    raw_url = shared_cache.url
+    raw_url = local_cache.url
     png_url = f"{raw_url}-png"
-    cache_teacher.main(shared_cache.argv("image_encoding=png", output=png_url))
+    cache_teacher.main(local_cache.argv("image_encoding=png", output=png_url))
     caches = {"raw": open_cache(raw_url), "png": open_cache(png_url)}
     raw, png = ({s["key"]: s for s in caches[e]} for e in ("raw", "png"))
     assert sorted(raw) == sorted(png) and len(raw) == len(caches["raw"])
@@ -237,7 +236,7 @@ def test_raw_and_png_caches_hold_bit_identical_images_and_targets(shared_cache: 
                             ("stride=32", "stride"), ("encoding=int8", "encoding")):
         caplog.clear()
         with pytest.raises(SystemExit):
-            cache_teacher.main(shared_cache.argv(override))
+            cache_teacher.main(local_cache.argv(override))
         assert "refusing to mix them" in caplog.text and field in caplog.text, override
     assert snapshot(raw_url) == before  # the refused jobs wrote nothing, lost nothing
 

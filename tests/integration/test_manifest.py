@@ -44,7 +44,7 @@ def test_two_cache_jobs_at_once_on_one_output(ray_cluster, storage_root, tmp_pat
     import ray
 
     src, out = storage.join(storage_root, "src"), storage.join(storage_root, "cache")
-    n = 8
+    n = 6
     put_files(src, good_images(n))
     args = [sys.executable, "jobs/cache_teacher.py", *TINY, f"source={src}", f"output={out}", "shard_size=2",
             f"ray_address={ray.get_runtime_context().gcs_address}"]  # the session's cluster
@@ -64,7 +64,7 @@ def test_two_cache_jobs_at_once_on_one_output(ray_cluster, storage_root, tmp_pat
 
 def test_a_cleanup_in_a_loop_beside_a_live_job_loses_nothing(ray_cluster, storage_root):
     src, out = storage.join(storage_root, "src"), storage.join(storage_root, "cache")
-    n, retention = 12, 10.0
+    n, retention = 6, 10.0
     put_files(src, good_images(n))
     orphan = shards.shard_url(out, "0" * 32)  # left by a writer that died before its commit
     shards._write_tar(Storage(), orphan, [_sample("dead", seed=99)[0]])

@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import pickle
+import shutil
 from pathlib import Path
 
 import pytest
@@ -69,15 +70,19 @@ def _reference_weights(cache_url: str, rows: list[dict], lr: float) -> dict[str,
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
+PADDING = ["epochs=2", "zero_stage=2", *BASE]  # with 2 ranks x 2 loader processes
+
+
 @pytest.fixture(scope="module")
 def padding_runs(five, tmp_path_factory) -> Path:
     """2 ranks, ZeRO-2, 2 loader processes each, 2 epochs of 3 steps: one run uninterrupted ("whole"),
-    one stopped after a step and re-run ("cut"). Their output directory."""
+    one stopped after a step and re-run ("cut"). Their output directory; beside it, in ``branch/``, a
+    copy of "cut" as it was after its first step, for the elastic test to resume on other layouts."""
     out = tmp_path_factory.mktemp("padding") / "runs"
-    args = [f"cache={five}", f"output={out}", "epochs=2", "scaling.num_workers=2", "zero_stage=2",
-            "data.loader_workers=2", *BASE]
+    args = [f"cache={five}", f"output={out}", "scaling.num_workers=2", "data.loader_workers=2", *PADDING]
     train_student.main([*args, "name=whole"])
     train_student.main([*args, "name=cut", "max_steps=1"])
+    shutil.copytree(out / "cut", out.parent / "branch" / "cut")
     train_student.main([*args, "name=cut"])
     return out
 
@@ -122,22 +127,10 @@ def test_a_resume_with_another_seed_is_refused_before_any_worker_starts(five, pa
     assert {p: p.stat().st_mtime_ns for p in (out / "cut").rglob("*") if p.is_file()} == files
 
 
-@pytest.mark.parametrize("layouts,zero,val_fraction", [
-    ([(2, 1), (2, 2), (3, 2)], 2, 0.0),  # more loader processes on the same ranks, then more ranks
-    ([(3, 1), (2, 2)], 3, 0.02),  # fewer ranks (ZeRO-3's shards); one image held out: validation on uneven shares
-], ids=["loaders-then-ranks-zero2", "fewer-ranks-zero3"])
-def test_elastic_resume_sees_every_sample_of_the_epoch_once(five, tmp_path, layouts, zero, val_fraction):
-    """Checkpointed mid-epoch and resumed on other layouts, (ranks, loader processes) in turn, each
-    segment one step: epoch 0 trains each of its samples once (none of its tail skipped, none
-    repeated), its row reports the loss of all of them, and epoch 1 follows the plan of an
-    uninterrupted run on the last layout."""
-    run = tmp_path / "runs" / "elastic"
-    args = [f"cache={five}", f"output={tmp_path / 'runs'}", "name=elastic", "epochs=2", f"zero_stage={zero}", *BASE,
-            f"val_fraction={val_fraction}"]
-    for i, (ranks, loaders) in enumerate(layouts):
-        stop = [f"max_steps={i + 1}"] if i < len(layouts) - 1 else []
-        train_student.main([*args, f"scaling.num_workers={ranks}", f"data.loader_workers={loaders}", *stop])
-
+def _check_every_sample_once(five: str, run: Path, val_fraction: float, last: tuple[int, int]) -> None:
+    """Epoch 0 trained each of its samples once (none of its tail skipped, none repeated), its row
+    reports the loss of all of them, and epoch 1 followed the plan of an uninterrupted run on the
+    `last` layout (ranks, loader processes)."""
     rows = _keys(str(run))
     manifest = open_cache(five).manifest
     train_rows = split_manifest(manifest, val_fraction)[0] if val_fraction else manifest
@@ -154,13 +147,34 @@ def test_elastic_resume_sees_every_sample_of_the_epoch_once(five, tmp_path, layo
     assert float(epochs[0]["loss"]) == pytest.approx(true_loss, rel=1e-5)
 
     refs = loader.manifest_refs(train_rows)
-    ranks, loaders = layouts[-1]
+    ranks, loaders = last
     for rank in range(ranks):
         plan = loader.plan_epoch(refs, seed=0, epoch=1, rank=rank, world_size=ranks, workers=loaders, batch_size=1,
                                  shuffle_buffer=8)
         planned = [ref.key for batch in plan.ordered_batches() for ref in batch]
         trained = [r["key"] for r in sorted(rows, key=lambda r: r["step"]) if r["epoch"] == 1 and r["rank"] == rank]
         assert trained == planned, rank
+
+
+def test_a_resume_on_more_loader_processes_then_on_more_ranks_sees_every_sample_once(five, padding_runs):
+    """ZeRO-2, from the padding test's run checkpointed after one step on 2 ranks x 2 loader processes:
+    one more step on 2 ranks x 3 loader processes, then the rest on 3 ranks x 2."""
+    run = padding_runs.parent / "branch" / "cut"
+    args = [f"cache={five}", f"output={run.parent}", "name=cut", *PADDING]
+    train_student.main([*args, "scaling.num_workers=2", "data.loader_workers=3", "max_steps=2"])
+    train_student.main([*args, "scaling.num_workers=3", "data.loader_workers=2"])
+    _check_every_sample_once(five, run, 0.0, last=(3, 2))
+
+
+def test_a_resume_on_fewer_ranks_with_zero3_sees_every_sample_once(five, tmp_path):
+    """ZeRO-3 (parameters sharded too), one image held out (validation on uneven rank shares):
+    checkpointed after one step on 3 ranks x 1 loader process, resumed on 2 ranks x 2."""
+    run = tmp_path / "runs" / "elastic"
+    args = [f"cache={five}", f"output={tmp_path / 'runs'}", "name=elastic", "epochs=2", "zero_stage=3", *BASE,
+            "val_fraction=0.02"]
+    train_student.main([*args, "scaling.num_workers=3", "data.loader_workers=1", "max_steps=1"])
+    train_student.main([*args, "scaling.num_workers=2", "data.loader_workers=2"])
+    _check_every_sample_once(five, run, 0.02, last=(2, 2))
 
 
 class _Plant:
@@ -174,8 +188,6 @@ class _Plant:
 
 
 def test_a_checkpoint_file_replaced_by_a_pickle_is_refused_and_never_run(five, padding_runs, tmp_path, caplog):
-    import shutil
-
     out = tmp_path / "runs"
     shutil.copytree(padding_runs / "cut", out / "target")  # a run with checkpoints, to tamper with
     args = [f"cache={five}", f"output={out}", "name=target", "epochs=2", "scaling.num_workers=2",
