@@ -84,7 +84,7 @@ def ray_cluster(s3_endpoint):
     ray.shutdown()
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.slow)])
 def storage_root(request, tmp_path, s3_endpoint):
     """A fresh root URL on the local disk and on the S3 server (every storage test runs on both)."""
     if request.param == "local":
@@ -126,7 +126,9 @@ def _shared_cache(source: str, output: str, files: dict, *args: str) -> SharedCa
 
     put_files(source, files)
     cache = SharedCache(output, source, files, args)
-    cache_teacher.main(cache.argv())
+    summary = cache_teacher.main(cache.argv())
+    views = int(next((a.split("=")[1] for a in args if a.startswith("views=")), 1))
+    assert (summary["computed"], summary["failed"]) == (len(files) * views, 0), summary
     return cache
 
 
@@ -157,7 +159,7 @@ def s3_held_out(ray_cluster, s3_cache) -> SharedCache:
     return _shared_cache(f"{root}/held-out-images", f"{root}/held-out", good_images(4, seed=100))
 
 
-@pytest.fixture(params=["local_cache", "s3_cache"])
+@pytest.fixture(params=["local_cache", pytest.param("s3_cache", marks=pytest.mark.slow)])
 def shared_cache(request) -> SharedCache:
     """Each shared cache in turn (a test of what every storage must do)."""
     return request.getfixturevalue(request.param)

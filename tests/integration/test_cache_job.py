@@ -64,6 +64,7 @@ def check_round_trip(cache_url: str, files: dict[str, bytes], encoding: str, vie
     assert sum(cache.shards.column("samples").to_pylist()) == len(seen)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("encoding", ["int8", "float32"])
 def test_round_trip_of_every_target_encoding(ray_cluster, tmp_path, encoding):
     src, out = str(tmp_path / "images"), str(tmp_path / "cache")
@@ -74,9 +75,15 @@ def test_round_trip_of_every_target_encoding(ray_cluster, tmp_path, encoding):
     check_round_trip(out, files, encoding, views=2)
 
 
-def test_round_trip_on_local_disk_and_s3(shared_cache: SharedCache):
-    """The default encoding (float16) on both storages: the session's shared caches."""
+def test_round_trip_on_local_disk_and_s3(shared_cache: SharedCache, caplog):
+    """The default encoding (float16) on both storages: the session's shared caches. On either, a rerun
+    that would change the teacher's settings is refused, naming the field, and changes nothing."""
     check_round_trip(shared_cache.url, shared_cache.files, "float16", views=2 if "views=2" in shared_cache.args else 1)
+    before = snapshot(shared_cache.url)
+    with pytest.raises(SystemExit):
+        cache_teacher.main(shared_cache.argv("stride=32"))
+    assert "refusing to mix them" in caplog.text and "stride" in caplog.text
+    assert snapshot(shared_cache.url) == before
 
 
 def _last_summary(out: str) -> dict:
@@ -85,11 +92,12 @@ def _last_summary(out: str) -> dict:
     return json.loads(Storage().read_text(runs[-1]))
 
 
-def test_bad_inputs_are_recorded_or_converted_and_too_many_fail_the_job_keeping_the_good(ray_cluster, tmp_path):
+@pytest.mark.slow
+def test_bad_inputs_are_recorded_or_converted_and_too_many_fail_the_job_keeping_the_good(ray_cluster, storage_root):
     """Every kind of bad input is recorded with its reason, every unusual but valid one converted;
     with more failures than max_failed_fraction (default 5%) the job exits non-zero, after
     committing everything that succeeded."""
-    src, out = str(tmp_path / "images"), str(tmp_path / "cache")
+    src, out = storage.join(storage_root, "images"), storage.join(storage_root, "cache")
     good, converted, bad = good_images(3), converted_images(), bad_inputs()
     put_files(src, {**good, **converted, **{k: v for k, (v, _) in bad.items()}})
     with pytest.raises(SystemExit) as exit_info:
@@ -106,6 +114,7 @@ def test_bad_inputs_are_recorded_or_converted_and_too_many_fail_the_job_keeping_
     assert cache.verify() == []
 
 
+@pytest.mark.slow
 def test_resume_and_extend_compute_only_new_samples_however_the_sources_are_listed(ray_cluster, storage_root):
     """A folder with limit=4; the same four again through a .txt list of relative paths (with a
     comment); all six through a .parquet list of absolute URIs; then two views. A URI is the same key
@@ -132,10 +141,11 @@ def test_resume_and_extend_compute_only_new_samples_however_the_sources_are_list
     assert more_views["computed"] == 6 and len(open_cache(out)) == 12
 
 
-def test_webdataset_tar_source(ray_cluster, tmp_path):
+@pytest.mark.slow
+def test_webdataset_tar_source(ray_cluster, storage_root):
     import webdataset as wds
 
-    src, out = str(tmp_path / "tars"), str(tmp_path / "cache")
+    src, out = storage.join(storage_root, "tars"), storage.join(storage_root, "cache")
     files = list(good_images(5).items())
     for t in range(2):
         with Storage().open(storage.join(src, f"part-{t:03d}.tar"), "wb") as f, wds.TarWriter(f) as tw:
@@ -171,6 +181,7 @@ def _sa1b_tar(members: list[str], images: list[bytes]) -> bytes:
     return buf.getvalue()
 
 
+@pytest.mark.slow
 def test_sa1b_tars_with_limit_take_the_first_images_in_tar_order(ray_cluster, storage_root):
     """SA-1B as it ships: ``limit=N`` caches the first N images, tars in natural order and members in
     tar order (not sorted), and a larger limit later adds exactly the next ones (so a rerun takes the
@@ -211,6 +222,7 @@ def test_a_local_output_that_other_nodes_cannot_see_is_refused_before_any_work(r
     assert not (tmp_path / "cache" / "shards").exists()
 
 
+@pytest.mark.slow
 def test_raw_and_png_caches_hold_bit_identical_images_and_targets(local_cache: SharedCache, caplog):
     """Both image encodings store exactly the pixels the teacher saw, and the same targets. The
     fingerprint records the encoding and the precision, and a cache refuses a job that would change
@@ -246,6 +258,7 @@ def _member_exts(tar_url: str) -> set[str]:
         return {m.name.split(".", 1)[1] for m in tar if m.isfile()}
 
 
+@pytest.mark.slow
 def test_a_compiled_teacher_writes_the_eager_teachers_targets(ray_cluster, tmp_path, monkeypatch):
     """teacher.compile=true, from a relative output in a fresh directory: the actors' compiled window
     forward stores the eager teacher's targets, under the eager cache's fingerprint."""

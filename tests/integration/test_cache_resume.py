@@ -1,6 +1,8 @@
 """Kill the cache job with SIGKILL at a random point, re-run it, and check the commit protocol."""
 from __future__ import annotations
 
+import pytest
+
 import os
 import random
 import signal
@@ -17,6 +19,8 @@ from pipeline.cache import shards
 from pipeline.storage import Storage
 from tests.images import good_images
 from tests.integration.conftest import TINY, put_files
+
+pytestmark = pytest.mark.slow  # end to end: left out of the quick loop, `pytest -m "not slow"`
 
 REPO = Path(__file__).resolve().parents[2]
 N = 12

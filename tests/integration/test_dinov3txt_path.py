@@ -35,6 +35,7 @@ def weights(tmp_path_factory):
             f"{root}/dinov3_vitl16_dinotxt_vision_head_and_text_encoder-tiny.pth")
 
 
+@pytest.mark.slow
 def test_cache_train_export_segment_evaluate(ray_cluster, tmp_path, weights):
     src, cache, runs = tmp_path / "src", tmp_path / "cache", tmp_path / "runs"
     put_files(str(src), good_images(4, seed=7))

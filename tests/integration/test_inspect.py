@@ -59,6 +59,7 @@ def _same_size_cache(root) -> str:
     return out
 
 
+@pytest.mark.slow
 def test_the_audit_passes_on_an_intact_cache_and_names_a_swapped_target(ray_cluster, tmp_path, caplog):
     intact = _same_size_cache(tmp_path)
     summary = inspect_cache.main([f"cache={intact}", "samples=3", "recompute=3", f"output={tmp_path / 'a'}"])

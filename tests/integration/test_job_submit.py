@@ -21,6 +21,8 @@ from pipeline import open_cache
 from tests.images import good_images
 from tests.integration.conftest import TINY, free_port, put_files
 
+pytestmark = pytest.mark.slow  # end to end: left out of the quick loop, `pytest -m "not slow"`
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = str(Path(sys.executable).parent)  # the jobs' `python` must be this environment's
 

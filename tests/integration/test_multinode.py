@@ -12,12 +12,15 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet  # noqa: F401  (pa.parquet)
+import pytest
 
 from pipeline import open_cache, storage
 from pipeline.cache import shards
 from pipeline.storage import Storage
 from tests.images import good_images
 from tests.integration.conftest import put_files
+
+pytestmark = pytest.mark.slow  # end to end: left out of the quick loop, `pytest -m "not slow"`
 
 REPO = Path(__file__).resolve().parents[2]
 N = 16

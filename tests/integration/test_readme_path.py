@@ -16,11 +16,14 @@ from pathlib import Path
 
 import boto3
 import braceexpand
+import pytest
 
 from pipeline import open_cache
 from tests.images import good_images
 from tests.integration.conftest import make_bucket
 from tests.segdata import make_ade
+
+pytestmark = pytest.mark.slow  # end to end: left out of the quick loop, `pytest -m "not slow"`
 
 REPO = Path(__file__).resolve().parents[2]
 README = (REPO / "README.md").read_text()

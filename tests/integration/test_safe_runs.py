@@ -22,6 +22,8 @@ from pipeline.train import loader
 from pipeline.train.validation import split_manifest
 from tests.integration.conftest import SharedCache
 
+pytestmark = pytest.mark.slow  # end to end: left out of the quick loop, `pytest -m "not slow"`
+
 BASE = ["batch_size=1", "lr=1e-3", "log_every=1", "record_keys=true", "scaling.cpus_per_worker=0.5",
         "checkpoint_every=1", "val_fraction=0"]  # every sample trains: the tests count them
 
@@ -168,13 +170,13 @@ def test_a_resume_on_more_loader_processes_then_on_more_ranks_sees_every_sample_
 
 def test_a_resume_on_fewer_ranks_with_zero3_sees_every_sample_once(five, tmp_path):
     """ZeRO-3 (parameters sharded too), one image held out (validation on uneven rank shares):
-    checkpointed after one step on 3 ranks x 1 loader process, resumed on 2 ranks x 2."""
+    checkpointed after one step on 3 ranks x 1 loader process, resumed on a single rank x 2."""
     run = tmp_path / "runs" / "elastic"
     args = [f"cache={five}", f"output={tmp_path / 'runs'}", "name=elastic", "epochs=2", "zero_stage=3", *BASE,
             "val_fraction=0.02"]
     train_student.main([*args, "scaling.num_workers=3", "data.loader_workers=1", "max_steps=1"])
-    train_student.main([*args, "scaling.num_workers=2", "data.loader_workers=2"])
-    _check_every_sample_once(five, run, 0.02, last=(2, 2))
+    train_student.main([*args, "scaling.num_workers=1", "data.loader_workers=2"])
+    _check_every_sample_once(five, run, 0.02, last=(1, 2))
 
 
 class _Plant:

@@ -11,7 +11,7 @@ def _run(**keys) -> dict:
     return bench_teacher(TeacherBench(**{**defaults, **keys}))
 
 
-@pytest.mark.parametrize("ceiling", ["interleaved", "beside"])
+@pytest.mark.parametrize("ceiling", ["interleaved", pytest.param("beside", marks=pytest.mark.slow)])
 def test_teacher_bench_reports_throughput_against_a_ceiling(ceiling):
     r = _run(ceiling=ceiling)
     assert r["ceiling_method"] == ceiling and r["dtype"] == "float32" and r["windows"] == 15
@@ -22,6 +22,7 @@ def test_teacher_bench_reports_throughput_against_a_ceiling(ceiling):
     assert r["attention_kernels"] == ["flash"]
 
 
+@pytest.mark.slow
 def test_cpu_samples_the_ceiling_between_chunks_by_default():
     assert _run()["ceiling_method"] == "interleaved"
 
@@ -50,6 +51,7 @@ def test_compiled_teacher_is_compared_with_eager_on_the_same_chunks():
     assert r["compile_speedup"] == pytest.approx(r["eager_teacher_s"] / r["teacher_s"], rel=0.5)
 
 
+@pytest.mark.slow
 def test_freed_memory_comparison_counts_the_page_faults_of_each_mode():
     """Kept freed memory serves a forward's large intermediates from the heap; glibc's default maps
     (and faults in) each of them afresh."""
@@ -69,6 +71,7 @@ def test_freed_memory_comparison_counts_the_page_faults_of_each_mode():
     assert keep_freed_memory()  # kept again afterwards
 
 
+@pytest.mark.slow
 def test_teacher_bench_compares_freed_memory_modes_on_request():
     from pipeline.devices import keep_freed_memory
 

@@ -28,6 +28,7 @@ def test_meta_flop_count_equals_a_real_forward():
     assert window_flops(spar.load_backbone("maskclip-test", pretrained=None, device="meta"), 64) == counter.get_total_flops()
 
 
+@pytest.mark.slow
 def test_sampled_sizes_follow_the_augmentation_and_rates_scale():
     base = dict(images=25000, backbone="maskclip-test", draws=64)
     r8, r16 = plan(PlanConfig(**base, gpus=8)), plan(PlanConfig(**base, gpus=16))
