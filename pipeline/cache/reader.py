@@ -87,8 +87,8 @@ def check_manifest(url: str, manifest: pa.Table) -> None:
     check_names(manifest.column("key"), "sample key", url)
     check_names(pc.unique(manifest.column("shard")), "shard name", url)
     tars = pc.unique(manifest.column("tar"))
-    below = pc.and_(pc.starts_with(tars, "shards/"), pc.ends_with(tars, ".tar"))
-    if not pc.all(below).as_py():
+    below = pc.fill_null(pc.and_(pc.starts_with(tars, "shards/"), pc.ends_with(tars, ".tar")), False)
+    if not pc.all(below, min_count=0).as_py():  # an empty manifest has no tar to refuse (all() of none: null)
         bad = tars.filter(pc.invert(below))[0].as_py()
         raise UnsafeName(f"{url}: shard path {bad!r} is not shards/<name>.tar; refusing the cache")
     check_names(pc.utf8_slice_codeunits(tars, len("shards/"), -len(".tar")), "shard path's name", url)

@@ -14,8 +14,8 @@ import torch
 from pipeline import storage
 from pipeline.cache import shards
 from pipeline.cache.encode import encode_image, encode_members, quantize
-from pipeline.cache.reader import (FORMAT, CacheError, UnsafeName, check_member, check_names, is_safe_name,
-                                   iter_raw_shard, open_cache)
+from pipeline.cache.reader import (FORMAT, CacheError, UnsafeName, check_manifest, check_member, check_names,
+                                   is_safe_name, iter_raw_shard, open_cache)
 from pipeline.cache.sources import make_key
 from pipeline.storage import Storage
 from pipeline.train.validation import HeldOut, inside
@@ -104,6 +104,16 @@ def test_a_manifest_row_whose_shard_is_not_below_shards_is_refused(tmp_path, fie
     with pytest.raises(UnsafeName) as refused:
         open_cache(out)
     assert named in str(refused.value)
+
+
+def test_an_empty_manifest_passes_and_a_row_without_a_tar_path_is_refused():
+    """No rows: nothing to refuse (the job then says the cache holds no samples). A null tar path is
+    not below shards/ either."""
+    empty = pa.Table.from_pylist([], schema=shards.SAMPLE_SCHEMA)
+    check_manifest("u", empty)
+    row = {"key": "a_v0", "shard": "s", "tar": None}
+    with pytest.raises(UnsafeName, match="shard path None"):
+        check_manifest("u", pa.Table.from_pylist([row], schema=shards.SAMPLE_SCHEMA))
 
 
 def test_a_tar_member_that_names_a_path_outside_is_refused_before_a_held_out_copy(tmp_path, monkeypatch):
