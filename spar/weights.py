@@ -21,7 +21,6 @@ import urllib.parse
 from pathlib import Path
 from typing import Collection
 
-import open_clip
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +59,8 @@ _USER_IS_CONTAINER = ("abfs", "abfss", "az", "wasb", "wasbs")  # scheme://<conta
 
 
 def _unknown_weights(model_name: str, pretrained: str) -> FileNotFoundError:
+    import open_clip
+
     tags = open_clip.list_pretrained_tags_by_model(model_name)
     return FileNotFoundError(
         f"pretrained={public_url(pretrained)!r} is neither an open_clip tag of {model_name} (known: {tags}) nor an "
@@ -189,6 +190,8 @@ def resolve_pretrained(model_name: str, pretrained: str | None, storage_options:
     Raises ``RuntimeError`` at once (no minute of HTTP retries) when a tag must be downloaded but the
     hub cannot be reached, naming both offline options.
     """
+    import open_clip
+
     if pretrained is None or pretrained == "":
         return None
     pretrained = str(pretrained)
@@ -301,6 +304,8 @@ def weights_identity(model_name: str, pretrained: str | None, storage_options: d
     file, sorted, for a comma-separated list). With `expected` (a file identity's value recorded
     before), a stale local copy of a remote file is fetched again and a file that is not the
     recorded one raises `WeightsMismatch`."""
+    import open_clip
+
     if pretrained is None or pretrained == "":
         return {"kind": "random", "value": None}
     if str(pretrained) == TIMM_DEFAULT or open_clip.get_pretrained_cfg(model_name, str(pretrained)):
