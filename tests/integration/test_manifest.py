@@ -9,7 +9,6 @@ import json
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -42,48 +41,40 @@ def _consistent(out: str, n: int):
     return cache
 
 
-def test_two_cache_jobs_at_once_on_one_output(ray_cluster, storage_root, tmp_path):
-    """Two drivers (as two users' commands) on one cluster write one output at once: both commit,
-    nothing is lost, every key is read once, and a key both computed is reported."""
+def test_two_cache_jobs_at_once_beside_a_cleanup_loop_lose_nothing(ray_cluster, storage_root, tmp_path):
+    """Two drivers (as two users' commands) on one cluster write one output at once, one shard per
+    sample, while a clean-up runs in a loop beside them: both commit, nothing is lost, every key is
+    read once, a key both computed is reported, and the clean-up removes only the orphan a dead
+    writer left (once older than its retention), never a live job's uncommitted tar."""
     import ray
 
-    src, out = storage.join(storage_root, "src"), storage.join(storage_root, "cache")
-    n = 6
-    put_files(src, good_images(n))
-    args = [sys.executable, "jobs/cache_teacher.py", *TINY, f"source={src}", f"output={out}", "shard_size=2",
-            f"ray_address={ray.get_runtime_context().gcs_address}"]  # the session's cluster
-    logs = [open(tmp_path / f"job{i}.log", "wb") for i in range(2)]
-    procs = [subprocess.Popen(args, cwd=REPO, stdout=f, stderr=subprocess.STDOUT) for f in logs]
-    codes = [p.wait(timeout=900) for p in procs]
-    texts = [(tmp_path / f"job{i}.log").read_text() for i in range(2)]
-    assert codes == [0, 0], texts[0][-2000:] + texts[1][-2000:]
-    assert all("attached to Ray cluster" in t for t in texts)
-    summaries = [json.loads(t[t.rindex("\n{\n") + 1:]) for t in texts]
-    cache = _consistent(out, n)
-    twice = set(cache.duplicates.column("key").to_pylist())
-    # both jobs computed what they saw uncommitted; a key both committed is reported, and read once
-    assert sum(s["computed"] for s in summaries) == n + len(twice)
-    assert max(s["keys_committed_twice"] for s in summaries) <= len(twice)
-
-
-def test_a_cleanup_in_a_loop_beside_a_live_job_loses_nothing(ray_cluster, storage_root):
     src, out = storage.join(storage_root, "src"), storage.join(storage_root, "cache")
     n, retention = 6, 10.0
     put_files(src, good_images(n))
     orphan = shards.shard_url(out, "0" * 32)  # left by a writer that died before its commit
     shards._write_tar(Storage(), orphan, [_sample("dead", seed=99)[0]])
-    job = threading.Thread(target=cache_teacher.main, args=([*TINY, f"source={src}", f"output={out}",
-                                                              "shard_size=1", "teacher.batch_images=1"],))
-    job.start()
-    removed, deadline = [], time.monotonic() + 300
-    while job.is_alive() or (Storage().exists(orphan) and time.monotonic() < deadline):
+    args = [sys.executable, "jobs/cache_teacher.py", *TINY, f"source={src}", f"output={out}", "shard_size=1",
+            "teacher.batch_images=1", f"ray_address={ray.get_runtime_context().gcs_address}"]  # the session's cluster
+    logs = [open(tmp_path / f"job{i}.log", "wb") for i in range(2)]
+    procs = [subprocess.Popen(args, cwd=REPO, stdout=f, stderr=subprocess.STDOUT) for f in logs]
+    removed, deadline = [], time.monotonic() + 600
+    while any(p.poll() is None for p in procs) or (Storage().exists(orphan) and time.monotonic() < deadline):
         if Storage().exists(storage.join(out, "manifest")):
             removed += shards.clean_orphans(Storage(), out, retention_s=retention)
+        assert time.monotonic() < deadline, "the jobs did not end within 600 s"
         time.sleep(0.2)
-    job.join()
+    codes = [p.wait() for p in procs]
+    texts = [(tmp_path / f"job{i}.log").read_text() for i in range(2)]
+    assert codes == [0, 0], texts[0][-2000:] + texts[1][-2000:]
+    assert all("attached to Ray cluster" in t for t in texts)
+    summaries = [json.loads(t[t.rindex("\n{\n") + 1:]) for t in texts]
     assert removed == [orphan]  # only the orphan, once older than the retention
     cache = _consistent(out, n)
     assert _tars(out) == {t.rsplit("/", 1)[1] for t in cache.shards.column("tar").to_pylist()}
+    twice = set(cache.duplicates.column("key").to_pylist())
+    # both jobs computed what they saw uncommitted; a key both committed is reported, and read once
+    assert sum(s["computed"] for s in summaries) == n + len(twice)
+    assert max(s["keys_committed_twice"] for s in summaries) <= len(twice)
 
 
 def test_opening_a_finished_cache_costs_a_constant_number_of_requests(s3_endpoint):
