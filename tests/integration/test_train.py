@@ -158,18 +158,19 @@ def test_missing_and_empty_caches_are_clear_errors(tmp_path, caplog):
 
 
 def _train_workers(since: float) -> list:
-    """The Ray Train worker processes started after `since` (the tests run one training job at a time;
-    a finished run's workers may linger a moment)."""
+    """The Ray Train worker processes started after `since`, not their forked data loaders (the tests
+    run one training job at a time; a finished run's workers may linger a moment)."""
     import psutil
 
-    found = []
+    found = {}
     for p in psutil.process_iter():
         try:
-            if p.name() == "ray::RayTrainWorker" and p.create_time() >= since:  # not their forked data loaders
-                found.append(p)
+            if p.name() == "ray::RayTrainWorker" and p.create_time() >= since:
+                found[p.pid] = p.ppid()
         except psutil.Error:
             pass
-    return found
+    # a data loader the worker has just forked still carries its name until it renames itself
+    return [psutil.Process(pid) for pid, parent in found.items() if parent not in found]
 
 
 def test_a_rerun_continues_from_the_checkpoint_and_a_killed_worker_from_the_last_one(trained):
