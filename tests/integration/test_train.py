@@ -162,15 +162,15 @@ def _train_workers(since: float) -> list:
     run one training job at a time; a finished run's workers may linger a moment)."""
     import psutil
 
-    found = {}
+    found = {}  # pid -> (process, parent pid)
     for p in psutil.process_iter():
         try:
             if p.name() == "ray::RayTrainWorker" and p.create_time() >= since:
-                found[p.pid] = p.ppid()
+                found[p.pid] = (p, p.ppid())
         except psutil.Error:
             pass
     # a data loader the worker has just forked still carries its name until it renames itself
-    return [psutil.Process(pid) for pid, parent in found.items() if parent not in found]
+    return [p for p, parent in found.values() if parent not in found]
 
 
 def test_a_rerun_continues_from_the_checkpoint_and_a_killed_worker_from_the_last_one(trained):
