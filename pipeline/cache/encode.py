@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import json
 import zlib
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from pipeline.codecs import decode_png, load_npy, npy_bytes, png_bytes
 
@@ -28,6 +28,9 @@ IMAGE_MEMBERS = {"raw": "image.npy", "png": "png"}
 IMAGE_ENCODINGS = tuple(IMAGE_MEMBERS)
 DEFAULT_IMAGE_ENCODING = "raw"
 TARGET_EXT, SCALE_EXT, META_EXT = "target.npy", "target_scale.npy", "json"
+
+if TYPE_CHECKING:  # the writer side quantizes torch tensors; readers decode with numpy alone
+    import torch
 
 
 class CorruptSample(ValueError):
@@ -44,6 +47,8 @@ def quantize(target: torch.Tensor, encoding: str) -> dict[str, torch.Tensor]:
 
     int8 uses symmetric per-token absmax scales: ``x ~= q * scale`` with ``scale = max|x| / 127``.
     """
+    import torch
+
     if encoding == "float32":
         return {"target": target.float()}
     if encoding == "float16":

@@ -31,7 +31,6 @@ import time
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import webdataset as wds
 
 from pipeline import storage
 from pipeline.storage import Storage
@@ -131,6 +130,8 @@ class _HashingWriter(io.RawIOBase):
 
 
 def _tar_into(raw, samples: list[dict]) -> tuple[int, str]:
+    import webdataset as wds  # here, not above: webdataset imports torch, which a cache's readers never need
+
     hw = _HashingWriter(raw)
     with wds.TarWriter(hw, mtime=0.0) as sink:  # fixed mtime: the bytes are a function of the samples
         for s in samples:  # webdataset re-encodes anything that is not bytes by its extension
