@@ -1,8 +1,7 @@
 """Multi-node scenarios on `ray.cluster_utils.Cluster` (head without CPUs + one-CPU worker nodes).
 
 Run as a subprocess by test_multinode.py (a Cluster must own its process' Ray connection):
-    python -m tests.integration.multinode cache_then_train <source> <cache> <runs>
-    python -m tests.integration.multinode gpu_join <source> <cache>
+    python -m tests.integration.multinode <source> <cache> <runs> <gpu source> <gpu cache>
 Prints one JSON line with what happened.
 """
 from __future__ import annotations
@@ -40,13 +39,15 @@ def teacher_actor_nodes() -> list[str]:
     return [a.node_id for a in list_actors(filters=[("state", "=", "ALIVE")]) if "TeacherActor" in a.class_name]
 
 
-def cache_then_train(source: str, output: str, runs: str) -> dict:
+def scenarios(source: str, output: str, runs: str, gpu_source: str, gpu_output: str) -> dict:
     """The cache job on 3 one-CPU nodes, one of them (running a teacher actor) removed mid-job; then
-    training on the two nodes left."""
+    training on the two nodes left; then a cache job with default settings while a GPU node joins
+    (the head has neither CPUs nor GPUs: only an autoscaler could bring the teacher a GPU)."""
     cluster, nodes = start(3)
     try:
         result = cache(cluster, nodes, source, output)
         result["train"] = train(output, runs)
+        result["gpu_join"] = gpu_join(cluster, gpu_source, gpu_output)
     finally:
         ray.shutdown()
         cluster.shutdown()  # also forgets the cluster's address (/tmp/ray/ray_current_cluster)
@@ -86,36 +87,25 @@ def announce_gpu_node_type(max_count: int) -> None:
                      namespace=ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE)
 
 
-def gpu_join(source: str, output: str) -> dict:
+def gpu_join(cluster: Cluster, source: str, output: str) -> dict:
     """An autoscaling GPU cluster as documented: a head without GPUs, GPU workers that come up after
     the job is submitted (here: added by hand; their GPU is a declared resource, the actor's torch
     runs on CPU inside it). The cache job runs with its defaults."""
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0})
-    try:
-        return _gpu_join(cluster, source, output)
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-
-
-def _gpu_join(cluster: Cluster, source: str, output: str) -> dict:
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address)
-    head = ray.get_runtime_context().get_node_id()
     announce_gpu_node_type(max_count=1)
+    earlier = {a.actor_id for a in _teacher_actors()}  # the first cache job's, dead by now
     result: dict = {}
     job = threading.Thread(target=lambda: result.update(summary=cache_teacher.main(
         [*TINY, f"source={source}", f"output={output}", "shard_size=2", "teacher.batch_images=1"])))
     job.start()
     deadline, seen = time.monotonic() + 60, set()
-    while job.is_alive() and time.monotonic() < deadline and not _teacher_actors():
+    while job.is_alive() and time.monotonic() < deadline and {a.actor_id for a in _teacher_actors()} <= earlier:
         time.sleep(0.2)  # the job has asked for its teacher pool (or is done)
     gpu = cluster.add_node(num_cpus=1, num_gpus=1)
     while job.is_alive():
         seen |= {a.node_id for a in _teacher_actors() if a.state == "ALIVE"}
         time.sleep(0.2)
     job.join()
-    return {"summary": result.get("summary"), "actor_nodes": sorted(seen), "head": head, "gpu_node": gpu.node_id}
+    return {"summary": result.get("summary"), "actor_nodes": sorted(seen), "gpu_node": gpu.node_id}
 
 
 def _teacher_actors() -> list:
@@ -136,6 +126,5 @@ def train(cache_url: str, output: str) -> dict:
 
 if __name__ == "__main__":
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    mode, *paths = sys.argv[1:]
-    out = {"cache_then_train": cache_then_train, "gpu_join": gpu_join}[mode](*paths)
+    out = scenarios(*sys.argv[1:])
     print("RESULT " + json.dumps(out, default=str), flush=True)

@@ -1,4 +1,5 @@
-"""The cache and training jobs across a real multi-node Ray cluster on this machine, losing a node."""
+"""The cache and training jobs across a real multi-node Ray cluster on this machine: losing a node, then
+a GPU node joining for teacher actors that wait for it."""
 from __future__ import annotations
 
 import json
@@ -44,10 +45,17 @@ def _scenario(args: list[str], log: Path) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
-def test_cache_job_survives_losing_a_worker_node_then_training_runs_across_nodes(tmp_path):
+def test_cache_job_survives_losing_a_node_training_runs_across_nodes_and_teachers_wait_for_gpu_nodes(tmp_path):
+    """One cluster (a head without CPUs or GPUs, three one-CPU worker nodes), three scenarios in turn:
+    the cache job loses a node running a teacher actor mid-job and still commits every key once;
+    training then runs its two ranks on the two nodes left; then, with an autoscaler that can add GPU
+    nodes, a cache job with default settings asks each teacher actor for a GPU, waits for the node
+    that joins after submission, and runs its actors only there."""
     src, out = str(tmp_path / "images"), str(tmp_path / "cache")
     put_files(src, good_images(N))
-    result = _scenario(["cache_then_train", src, out, str(tmp_path / "runs")], tmp_path / "cluster.log")
+    gpu_src, gpu_out = str(tmp_path / "gpu-images"), str(tmp_path / "gpu-cache")
+    put_files(gpu_src, good_images(4))
+    result = _scenario([src, out, str(tmp_path / "runs"), gpu_src, gpu_out], tmp_path / "cluster.log")
     assert result["finished"] and len(result["actor_nodes"]) >= 2  # teacher actors spread over nodes
     assert result["removed"] in result["actor_nodes"] and result["running_at_removal"]
     assert result["committed_at_removal"] < N // 2  # the node died mid-job
@@ -58,21 +66,15 @@ def test_cache_job_survives_losing_a_worker_node_then_training_runs_across_nodes
     assert sorted(set(physical)) == sorted(keys)
     assert cache.verify() == [] and sum(1 for _ in cache) == N
 
-    result = result["train"]  # on the nodes left: the head (no CPU) and two one-CPU workers
-    assert result["nodes"] == 3 and result["missing_cache"] == []  # every node sees the local cache path
-    assert len(result["missing_elsewhere"]) == 3  # the check really runs on each node
+    train = result["train"]  # on the nodes left: the head (no CPU) and two one-CPU workers
+    assert train["nodes"] == 3 and train["missing_cache"] == []  # every node sees the local cache path
+    assert len(train["missing_elsewhere"]) == 3  # the check really runs on each node
     info = json.loads((tmp_path / "runs" / "multinode" / "student.json").read_text())
     assert len(set(info["rank_nodes"])) == 2  # the two ranks ran on different nodes
-    assert len(set(info["rank_weight_digests"])) == 1 and result["metrics"]["step"] == N // 2
+    assert len(set(info["rank_weight_digests"])) == 1 and train["metrics"]["step"] == N // 2
 
-
-def test_teacher_actors_ask_for_gpus_that_the_autoscaler_brings_up_after_submission(tmp_path):
-    """A CPU-only head whose autoscaler can add GPU nodes: with default settings the teacher actors
-    request a GPU each, wait for the node that joins after submission, and run only there."""
-    src, out = str(tmp_path / "images"), str(tmp_path / "cache")
-    put_files(src, good_images(4))
-    result = _scenario(["gpu_join", src, out], tmp_path / "gpu.log")
-    assert result["summary"]["committed_total"] == 4
-    assert result["actor_nodes"] == [result["gpu_node"]]
-    keys = open_cache(out).keys()
+    gpu = result["gpu_join"]
+    assert gpu["summary"]["committed_total"] == 4
+    assert gpu["actor_nodes"] == [gpu["gpu_node"]]
+    keys = open_cache(gpu_out).keys()
     assert len(keys) == len(set(keys)) == 4
