@@ -45,6 +45,9 @@ def serve(upstream: str, port: int, admit: str | None = None) -> None:
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # A reply is two writes (headers, then body): with Nagle's algorithm the body waits for the
+        # client's delayed ACK of the headers, ~40 ms per request on Linux (51 ms a GET instead of 8).
+        disable_nagle_algorithm = True
 
         def log_message(self, *args) -> None:  # quiet
             pass
