@@ -3,8 +3,9 @@
 Windows come from `spar.count_windows` over the augmented sizes (drawn with the job's own
 augmentation code from a typical source size, or one fixed resolution); FLOPs are counted by
 torch's FlopCounterMode on a shape-only (meta) model: per teacher window, and per student step
-(forward + backward of the trainable blocks) at each sampled size. Throughput is a measured
-windows/s or images/s per GPU if you have one (`jobs/benchmark.py`), else peak x MFU, the peak
+(forward + backward of the trainable blocks) at three sampled sizes, the quadratic in the token
+count through them giving every other size exactly. Throughput is a measured windows/s or
+images/s per GPU if you have one (`jobs/benchmark.py`), else peak x MFU, the peak
 of the precision the cache job's GPU teacher will run in (`teacher_amp_dtype`, resolved as the
 job resolves it). Loader cores per GPU follow from the training rate and the loader's measured
 seconds per sample of one core, from a model fitted to `jobs/benchmark.py loader` (below).
@@ -14,6 +15,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Optional
 
 import torch
@@ -108,6 +110,27 @@ def student_step_flops(bb: spar.Backbone, height: int, width: int) -> int:
     return _flops(step)
 
 
+def mean_student_step_flops(bb: spar.Backbone, sizes: list[tuple[int, int]], patch: int) -> float:
+    """Mean FLOPs of a student step over `sizes`. A step's FLOPs are a quadratic in its token count
+    n (patch embedding, projections and MLPs grow with n, attention with n^2), so they are counted at
+    three sizes with distinct n (fewer if the sizes have fewer) and the quadratic through those
+    counts gives every other size exactly."""
+    by_tokens = {(h // patch) * (w // patch): (h, w) for h, w in sizes}
+    ns = sorted(by_tokens)
+    known = [ns[0], ns[len(ns) // 2], ns[-1]] if len(ns) > 3 else ns
+    counted = {n: student_step_flops(bb, *by_tokens[n]) for n in dict.fromkeys(known)}
+    if len(counted) < 3:
+        return statistics.fmean(counted[(h // patch) * (w // patch)] for h, w in sizes)
+    (n0, f0), (n1, f1), (n2, f2) = counted.items()
+
+    def at(n: int) -> Fraction:  # Lagrange form: exact in integers
+        return (f0 * Fraction((n - n1) * (n - n2), (n0 - n1) * (n0 - n2))
+                + f1 * Fraction((n - n0) * (n - n2), (n1 - n0) * (n1 - n2))
+                + f2 * Fraction((n - n0) * (n - n1), (n2 - n0) * (n2 - n1)))
+
+    return float(sum(at((h // patch) * (w // patch)) for h, w in sizes) / len(sizes))
+
+
 def plan(cfg: PlanConfig) -> dict:
     """The estimate (see the module docstring)."""
     spec = spar.get_spec(cfg.backbone)
@@ -125,8 +148,7 @@ def plan(cfg: PlanConfig) -> dict:
     peak = cfg.peak_tflops * PEAK_RATIO[precision]
     rate = cfg.teacher_windows_per_s or peak * 1e12 * cfg.mfu / per_window
     teacher_gpu_h = windows_per_image * samples / rate / 3600
-    probe = sizes[:: max(1, len(sizes) // 16)]  # FLOPs at a spread of sizes (attention is quadratic)
-    step = statistics.fmean(student_step_flops(bb, h, w) for h, w in probe)
+    step = mean_student_step_flops(bb, sizes, spec.patch_size)
     train_rate = cfg.train_images_per_s or cfg.peak_tflops * 1e12 * cfg.train_mfu / step
     train_gpu_h = samples * cfg.epochs / train_rate / 3600
     image_bytes = {"raw": pixels * 3 + RAW_HEADER_BYTES, "png": pixels * cfg.png_bytes_per_pixel}

@@ -6,7 +6,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import spar
 from jobs import plan as plan_job
-from pipeline.plan import PlanConfig, plan, window_flops
+from pipeline.plan import PlanConfig, mean_student_step_flops, plan, student_step_flops, window_flops
 
 
 def test_fixed_resolution_counts_agree_with_the_library():
@@ -26,6 +26,16 @@ def test_meta_flop_count_equals_a_real_forward():
     with counter, torch.no_grad(), torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
         bb.dense(torch.randn(1, 3, 64, 64))
     assert window_flops(spar.load_backbone("maskclip-test", pretrained=None, device="meta"), 64) == counter.get_total_flops()
+
+
+@pytest.mark.parametrize("backbone", ["maskclip-test", "dinov3txt-test"])
+def test_the_mean_student_step_equals_counting_every_size(backbone):
+    """Counted at three sizes, the quadratic in the token count gives the other sizes' counts exactly."""
+    bb = spar.load_backbone(backbone, pretrained=None, device="meta")
+    spar.set_trainable(bb, spar.DEFAULT_TRAINABLE)
+    sizes = [(64, 64), (96, 160), (128, 128), (160, 224), (64, 256), (96, 160)]
+    counted = sum(student_step_flops(bb, h, w) for h, w in sizes) / len(sizes)
+    assert mean_student_step_flops(bb, sizes, spar.get_spec(backbone).patch_size) == counted
 
 
 @pytest.mark.slow
