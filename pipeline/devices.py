@@ -90,6 +90,8 @@ def keep_freed_memory(keep: bool = True) -> bool:
         m_trim_threshold, m_mmap_threshold, most = -1, -3, 2 ** 31 - 1
         mmap, trim = (most, most) if keep else (MMAP_DEFAULT_MAX, TRIM_DEFAULT)
         done = bool(mallopt(m_mmap_threshold, ctypes.c_int(mmap))) and bool(mallopt(m_trim_threshold, ctypes.c_int(trim)))
+        if not keep:  # what the heap kept goes back too: else large blocks are served from it, without faults
+            libc.malloc_trim(ctypes.c_size_t(0))
         _KEPT = keep and done
     return _KEPT
 
