@@ -118,7 +118,7 @@ def mean_student_step_flops(bb: spar.Backbone, sizes: list[tuple[int, int]], pat
     by_tokens = {(h // patch) * (w // patch): (h, w) for h, w in sizes}
     ns = sorted(by_tokens)
     known = [ns[0], ns[len(ns) // 2], ns[-1]] if len(ns) > 3 else ns
-    counted = {n: student_step_flops(bb, *by_tokens[n]) for n in dict.fromkeys(known)}
+    counted = {n: student_step_flops(bb, *by_tokens[n]) for n in known}  # distinct: ns is sorted and unique
     if len(counted) < 3:
         return statistics.fmean(counted[(h // patch) * (w // patch)] for h, w in sizes)
     (n0, f0), (n1, f1), (n2, f2) = counted.items()
