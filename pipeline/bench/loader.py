@@ -48,12 +48,16 @@ def loader_rate(cache_url: str, *, workers: int = 1, passes: int = 1, verify: bo
     the cache `passes` times over, all in one DataLoader (as in an epoch of a large cache); the
     first sample (process start-up) is excluded."""
     from pipeline.cache.reader import open_cache
-    from pipeline.train import loader
+    import numpy as np
+    import pyarrow as pa
 
-    refs = loader.manifest_refs(open_cache(cache_url).manifest)
-    plan = loader.plan_epoch(refs, seed=0, epoch=0, rank=0, world_size=1, workers=workers, batch_size=1,
+    from pipeline.train import epochs, loader
+
+    table = epochs.SampleTable.from_table(open_cache(cache_url).samples)
+    plan = epochs.plan_epoch(table, seed=0, epoch=0, rank=0, world_size=1, workers=workers, batch_size=1,
                              shuffle_buffer=8)
-    repeated = loader.EpochPlan([b * passes for b in plan.worker_batches], [s * passes for s in plan.worker_shards],
+    repeated = epochs.EpochPlan([epochs.WorkerPlan(pa.concat_arrays([w.keys] * passes), np.arange(len(w) * passes + 1),
+                                                   w.shards * passes) for w in plan.workers],
                                 plan.steps * passes, plan.step_samples * passes)
     n, t = -1, 0.0
     for _ in loader.make_loader(cache_url, Storage(), repeated, verify=verify):

@@ -70,7 +70,7 @@ def _open(store: Storage, out: str, cfg: ManifestBench, proxy: CountingProxy | N
         seconds.append(time.perf_counter() - t)
         if proxy:
             requests.append(proxy.requests())
-    assert len(cache) == cache.manifest.num_rows
+    assert len(cache) == cache.samples.num_rows
     result = {"open_s": statistics.median(seconds), "samples": len(cache), "version": cache.version}
     if proxy:
         result["requests"] = statistics.median(requests)

@@ -43,7 +43,7 @@ class TrainBench:
 
 def _plain_loop(cfg: TrainBench, cache_url: str) -> dict:
     """A single-process PyTorch loop: same student, optimizer, loss and loader; no Ray, no DeepSpeed."""
-    from pipeline.train import loader
+    from pipeline.train import epochs, loader
     from pipeline.cache.reader import open_cache
 
     torch.set_num_threads(cfg.cpus)
@@ -54,10 +54,10 @@ def _plain_loop(cfg: TrainBench, cache_url: str) -> dict:
     spar.set_trainable(bb)
     bb.drop_text_tower().train().to(device)
     opt = torch.optim.AdamW([p for p in bb.parameters() if p.requires_grad], lr=2e-5, weight_decay=1e-4)
-    refs = loader.manifest_refs(cache.manifest)
+    table = epochs.SampleTable.from_table(cache.samples)
     times, waits, tokens, samples, step = [], [], 0, 0, 0
     for epoch in range(cfg.epochs):
-        plan = loader.plan_epoch(refs, seed=0, epoch=epoch, rank=0, world_size=1, workers=cfg.loader_workers,
+        plan = epochs.plan_epoch(table, seed=0, epoch=epoch, rank=0, world_size=1, workers=cfg.loader_workers,
                                  batch_size=1, shuffle_buffer=8)
         it = iter(loader.make_loader(cache_url, Storage(), plan))
         while True:

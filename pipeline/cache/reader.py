@@ -1,11 +1,13 @@
 """A teacher cache as an asset: its fingerprint, its manifest, and its decoded samples.
 
     cache = pipeline.open_cache("s3://bucket/caches/sa1b-maskclip-s24")
-    cache.fingerprint["backbone"], len(cache), cache.version, cache.manifest.num_rows
+    cache.fingerprint["backbone"], len(cache), cache.version, cache.samples  # key, shard, height, width
     for sample in cache:           # key, image (H, W, 3) uint8, target (h, w, D) float32, meta
         ...
     pinned = pipeline.open_cache(url, version=cache.version)   # the same samples, whatever was added since
 
+Opening reads what training needs of every sample (`Cache.samples`: key, shard and image size,
+~60 bytes a sample); the manifest's other columns are read when asked for (`Cache.manifest`).
 Only committed samples are read (the manifest's rows at one Delta table version), and every member
 is checked against its checksum. Every name a cache gives (sample keys, shard names, tar paths and
 member names) is checked against the grammar the cache job writes when the manifest is opened and
@@ -82,12 +84,23 @@ def check_names(names: pa.Array | pa.ChunkedArray, what: str, url: str) -> None:
                      "cache, whose contents could otherwise name paths outside their directories")
 
 
+def distinct(column: pa.ChunkedArray) -> pa.Array:
+    """The distinct values of a column, dictionary-encoded or not (nulls included, as one null)."""
+    if not pa.types.is_dictionary(column.type):
+        return pc.unique(column)
+    values = pc.unique(pa.concat_arrays([c.dictionary for c in column.chunks])) if column.num_chunks else \
+        pa.array([], column.type.value_type)
+    return pa.concat_arrays([values, pa.nulls(1, values.type)]) if column.null_count else values
+
+
 def check_manifest(url: str, manifest: pa.Table) -> None:
-    """Refuse a manifest whose keys, shard names or tar paths break the cache job's grammar."""
+    """Refuse a manifest whose keys, shard names or tar paths (if it has them) break the cache job's grammar."""
     check_names(manifest.column("key"), "sample key", url)
-    check_names(pc.unique(manifest.column("shard")), "shard name", url)
-    tars = pc.unique(manifest.column("tar"))
-    below = pc.fill_null(pc.and_(pc.starts_with(tars, "shards/"), pc.ends_with(tars, ".tar")), False)
+    check_names(distinct(manifest.column("shard")), "shard name", url)
+    if "tar" not in manifest.column_names:
+        return
+    tars = distinct(manifest.column("tar"))
+    below = pc.coalesce(pc.and_(pc.starts_with(tars, "shards/"), pc.ends_with(tars, ".tar")), False)  # not fill_null: it imports pandas
     if not pc.all(below, min_count=0).as_py():  # an empty manifest has no tar to refuse (all() of none: null)
         bad = tars.filter(pc.invert(below))[0].as_py()
         raise UnsafeName(f"{url}: shard path {bad!r} is not shards/<name>.tar; refusing the cache")
@@ -174,12 +187,20 @@ class Cache:
     fingerprint: dict
     store: Storage = field(repr=False)  # how the cache's objects are read (options of its filesystem)
     version: int  # the manifest's Delta table version this view reads: pin it to read the same samples again
-    manifest: pa.Table  # one row per sample: key, source, view, shard, tar, sizes, grid, checksums, windows, run
-    duplicates: pa.Table  # rows of keys committed more than once (racing writers): key, shard, run, committed
+    samples: pa.Table = field(repr=False)  # one row per sample: key, shard (dictionary-encoded), height, width
+    duplicates: pa.Table = field(repr=False)  # rows of keys committed more than once (racing writers): key, shard, run, committed
     _errors: pa.Table | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
-        return self.manifest.num_rows
+        return self.samples.num_rows
+
+    @functools.cached_property
+    def manifest(self) -> pa.Table:
+        """Every column of the manifest, one row per sample: key, source, view, shard, tar, sizes,
+        grid, checksums, windows, run (read on first use: ~400 bytes a sample)."""
+        rows, _, _ = shards.read_manifest(self.store, self.url, self.version)
+        check_manifest(self.url, rows)
+        return rows
 
     @functools.cached_property
     def shards(self) -> pa.Table:
@@ -194,7 +215,7 @@ class Cache:
         return self._errors
 
     def keys(self) -> list[str]:
-        return self.manifest.column("key").to_pylist()
+        return self.samples.column("key").to_pylist()
 
     def shard_urls(self) -> list[str]:
         """URLs of the committed shard tars."""
@@ -271,8 +292,8 @@ def open_cache(url: str, storage_options: dict | Storage | None = None, *, versi
     url = storage.resolve(url)
     fp = read_fingerprint(url, store)
     check_format(url, fp)
-    samples, found, duplicates = shards.read_manifest(store, url, version)
-    check_manifest(url, samples)  # duplicates repeat these keys; their other shards are never read
+    # every row group is checked as it is read; duplicates repeat these keys, their other shards are never read
+    samples, found, duplicates = shards.read_samples(store, url, version, check=lambda rows: check_manifest(url, rows))
     if require_samples and samples.num_rows == 0:
         raise CacheError(f"{url} holds no committed samples (has the cache job finished a shard yet?)")
-    return Cache(url=url, fingerprint=fp, store=store, version=found, manifest=samples, duplicates=duplicates)
+    return Cache(url=url, fingerprint=fp, store=store, version=found, samples=samples, duplicates=duplicates)

@@ -29,6 +29,9 @@ import os
 import tempfile
 import time
 
+from typing import Callable
+
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -49,6 +52,7 @@ SAMPLE_SCHEMA = pa.schema([
 ERROR_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string()), ("reason", pa.string()),
                           ("run", pa.string()), ("recorded", pa.float64())])
 SHARD_COLUMNS = {"shard_samples": "samples", "shard_bytes": "bytes", "shard_sha256": "sha256"}
+MAX_KEY_BYTES = 128  # the longest key the cache job writes
 _MAX_COMMIT_RETRIES = 1000  # concurrent appends never conflict; each retry only re-reads the log tail
 _ALLOW_HTTP = ("http://", "HTTP://")
 
@@ -187,22 +191,101 @@ def open_table(store: Storage, output: str, table: str = MANIFEST, version: int 
     return DeltaTable(url, version=version, storage_options=opts)
 
 
-def read_manifest(store: Storage, output: str, version: int | None = None) -> tuple[pa.Table, int, pa.Table]:
-    """(samples, table version, duplicates) of the manifest at `version` (default: the latest).
+SAMPLE_COLUMNS = ["key", "shard", "height", "width"]  # what training and validation read of every sample
+_DICTIONARY = pa.dictionary(pa.int32(), pa.string())
+_HASH_PRIME = np.uint64(0x100000001B3)
+
+
+def _powers(n: int) -> np.ndarray:
+    """_HASH_PRIME ** i (mod 2**64) for i < n."""
+    return np.cumprod(np.append(np.uint64(1), np.full(max(n, 1) - 1, _HASH_PRIME, np.uint64)), dtype=np.uint64)
+
+
+def key_hashes(keys: pa.Array, chunk: int = 1 << 16) -> np.ndarray:
+    """A 64-bit polynomial hash of every string of `keys` (no nulls), computed on the array's bytes
+    `chunk` strings at a time: no Python object per key. Equal strings hash equal; a collision of
+    different ones is possible, so equal hashes are only candidates."""
+    out = np.zeros(len(keys), np.uint64)
+    powers = _powers(MAX_KEY_BYTES)
+    for lo in range(0, len(keys), chunk):
+        part = keys.slice(lo, chunk)
+        offsets = np.frombuffer(part.buffers()[1], np.int32)[part.offset:part.offset + len(part) + 1].astype(np.int64)
+        data = np.frombuffer(part.buffers()[2], np.uint8)[offsets[0]:offsets[-1]]
+        lengths = np.diff(offsets)
+        if lengths.max(initial=0) > len(powers):
+            powers = _powers(int(lengths.max()))
+        starts = offsets[:-1] - offsets[0]
+        where = np.arange(len(data), dtype=np.int64) - np.repeat(starts, lengths)
+        sums = np.add.reduceat(data.astype(np.uint64) * powers[where], starts[lengths > 0]) if len(data) else []
+        out[lo:lo + len(part)][lengths > 0] = sums
+        out[lo:lo + len(part)] ^= lengths.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    return out
+
+
+def read_samples(store: Storage, output: str, version: int | None = None,
+                 check: Callable[[pa.Table], None] | None = None) -> tuple[pa.Table, int, pa.Table]:
+    """(samples, table version, duplicates) as `read_manifest` with ``columns=SAMPLE_COLUMNS``, at
+    ~50 bytes a sample: the manifest's parquet files are read through `store` one row group at a
+    time, shard names dictionary-encoded, and keys de-duplicated by a hash of their bytes (the exact
+    path of `read_manifest` runs only if two rows share a hash). `check` sees every row group with
+    its tar paths (dictionary-encoded) before they are dropped."""
+    import pyarrow.parquet as pq
+
+    dt = open_table(store, output, MANIFEST, version)
+    if dt is None:
+        return read_manifest(store, output, version, columns=SAMPLE_COLUMNS)
+    schema = pa.schema([("key", pa.string()), ("shard", _DICTIONARY), ("height", pa.int32()), ("width", pa.int32())])
+    parts, hashes = [], []
+    for uri in dt.file_uris():
+        with store.open(uri, "rb") as f:
+            pf = pq.ParquetFile(f, read_dictionary=["shard", "tar"], pre_buffer=False)
+            for group in range(pf.num_row_groups):
+                part = pf.read_row_group(group, columns=[*SAMPLE_COLUMNS, "tar"], use_threads=False)
+                part = part.cast(pa.schema([*schema, ("tar", _DICTIONARY)]))
+                if check is not None:
+                    check(part)
+                parts.append(part.select(SAMPLE_COLUMNS))
+                hashes.append(key_hashes(part.column("key").combine_chunks()))
+    samples = pa.concat_tables(parts) if parts else schema.empty_table()
+    del parts
+    found = dt.version()
+    hashed = np.sort(np.concatenate(hashes)) if hashes else np.zeros(0, np.uint64)
+    del hashes
+    if len(hashed) and (hashed[1:] == hashed[:-1]).any():  # a key twice, or a collision: the exact path decides
+        del samples
+        samples, found, duplicates = read_manifest(store, output, found, columns=SAMPLE_COLUMNS)
+        return samples.cast(schema), found, duplicates
+    return samples, found, SAMPLE_SCHEMA.empty_table().select(["key", "shard", "run", "committed"])
+
+
+def read_manifest(store: Storage, output: str, version: int | None = None,
+                  columns: list[str] | None = None) -> tuple[pa.Table, int, pa.Table]:
+    """(samples, table version, duplicates) of the manifest at `version` (default: the latest):
+    every column, or only `columns` (read from storage, the others never decoded).
 
     A key committed more than once is kept once, from its earliest commit; `duplicates` lists every
     row of such keys (key, shard, run, committed), so they are reported rather than hidden.
     """
+    schema = SAMPLE_SCHEMA if columns is None else pa.schema([SAMPLE_SCHEMA.field(c) for c in columns])
+    dup_columns = ["key", "shard", "run", "committed"]
     dt = open_table(store, output, MANIFEST, version)
     if dt is None:
-        return SAMPLE_SCHEMA.empty_table(), -1, SAMPLE_SCHEMA.empty_table().select(["key", "shard", "run", "committed"])
-    rows = dt.to_pyarrow_table().cast(SAMPLE_SCHEMA)
+        return schema.empty_table(), -1, SAMPLE_SCHEMA.empty_table().select(dup_columns)
+    read = None if columns is None else list(dict.fromkeys([*columns, "committed"]))
+    rows = dt.to_pyarrow_table(columns=read)
+    rows = rows.cast(SAMPLE_SCHEMA if columns is None else pa.schema([SAMPLE_SCHEMA.field(c) for c in read]))
     rows = rows.sort_by([("committed", "ascending"), ("shard", "ascending"), ("key", "ascending")])
     keys = rows.column("key")
     first = _first_occurrence(keys)
-    samples = rows.filter(first)
+    if pc.all(first).as_py() is not False:  # no key twice (the usual case): nothing to filter or report
+        return rows.select(schema.names), dt.version(), SAMPLE_SCHEMA.empty_table().select(dup_columns)
+    samples = rows.filter(first).select(schema.names)
     dup_keys = pc.unique(rows.filter(pc.invert(first)).column("key"))
-    duplicates = rows.filter(pc.is_in(keys, value_set=dup_keys)).select(["key", "shard", "run", "committed"])
+    duplicates = open_table(store, output, MANIFEST, dt.version()).to_pyarrow_table(columns=dup_columns) \
+        if columns is not None else rows
+    duplicates = duplicates.filter(pc.is_in(duplicates.column("key"), value_set=dup_keys)).select(dup_columns)
+    duplicates = duplicates.cast(SAMPLE_SCHEMA.empty_table().select(dup_columns).schema).sort_by(
+        [("committed", "ascending"), ("shard", "ascending"), ("key", "ascending")])
     if duplicates.num_rows:
         log.warning("manifest: %d keys were committed more than once (by racing writers); each is read once",
                     len(dup_keys))

@@ -86,18 +86,16 @@ def check_seed(recorded: int | None, seed: int, where: str) -> None:
                               f"with seed={seed}")
 
 
-def pack_positions(positions: set[int], n: int) -> str:
-    """A set of positions in [0, n) as text: a bitmap, deflated, base64 (1M samples: ~125 KB at most)."""
-    bits = np.zeros(n, dtype=bool)
-    bits[list(positions)] = True
-    return base64.b64encode(zlib.compress(np.packbits(bits).tobytes(), 9)).decode()
+def pack_positions(done: np.ndarray) -> str:
+    """A bool per position of an epoch's order as text: a bitmap, deflated, base64 (1M samples: ~125 KB at most)."""
+    return base64.b64encode(zlib.compress(np.packbits(done).tobytes(), 9)).decode()
 
 
-def unpack_positions(text: str) -> set[int]:
+def unpack_positions(text: str, n: int) -> np.ndarray | None:
+    """The `n` bools `pack_positions` packed into `text` (None for "")."""
     if not text:
-        return set()
-    bits = np.unpackbits(np.frombuffer(zlib.decompress(base64.b64decode(text)), dtype=np.uint8))
-    return set(np.flatnonzero(bits).tolist())
+        return None
+    return np.unpackbits(np.frombuffer(zlib.decompress(base64.b64decode(text)), dtype=np.uint8), count=n).astype(bool)
 
 
 # --- gathering and restoring the engine's state ------------------------------------------------------

@@ -204,7 +204,7 @@ def validation_split(cfg: TrainConfig, store: Storage, cache) -> tuple[dict, int
         return {"cache": cfg.val_cache, "version": held.version, "samples": len(held)}, len(cache)
     if cfg.val_fraction > 0:
         try:
-            train, held = split_manifest(cache.manifest, cfg.val_fraction)
+            train, held = split_manifest(cache.samples, cfg.val_fraction)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         return {"fraction": cfg.val_fraction, "samples": held.num_rows}, train.num_rows

@@ -25,7 +25,7 @@ from pipeline.cache.reader import open_cache
 from pipeline.devices import keep_freed_memory
 from pipeline.logs import duration, rank_zero_info
 from pipeline.storage import Storage, public_url
-from pipeline.train import loader, validation
+from pipeline.train import epochs, loader, validation
 from pipeline.train.checkpoint import (CheckpointError, RunState, check_seed, load_checkpoint, pack_positions,
                                        save_checkpoint, unpack_positions)
 from pipeline.train.collectives import all_gather_str, all_sum, barrier
@@ -89,7 +89,7 @@ class Trainer:
         self.engine = build_engine(cfg, self.source, self.ds_config, options)
         self.layout = {"world_size": self.world, "loader_workers": cfg.data.loader_workers,
                        "batch_size": cfg.batch_size, "shuffle_buffer": cfg.data.shuffle_buffer,
-                       "grad_accum": cfg.grad_accum}
+                       "grad_accum": cfg.grad_accum, "planner": epochs.PLANNER}
         self.info = {"source": {"backbone": self.source["backbone"], "weights": self.source["weights"]},
                      "deepspeed": self.ds_config}
         self.state = load_checkpoint(self.engine, self.info) or RunState(layout=self.layout, seed=cfg.seed)
@@ -105,7 +105,7 @@ class Trainer:
                            self.state.cache_version, config["cache_version"])
         self.cache = open_cache(cfg.cache, self.store, version=self.state.cache_version)
         self.held, training = self.open_validation(config["validation"])
-        self.refs = loader.manifest_refs(training)
+        self.samples = epochs.SampleTable.from_table(training)
         if self.state.layout != self.layout:
             self.start_segment()
         rank_zero_info(log, "rank %d/%d on %s, %d torch threads, %d trainable parameters", self.rank, self.world,
@@ -128,13 +128,13 @@ class Trainer:
             raise CheckpointError(f"this run started with validation {st.validation or 'none'}, now {chosen or 'none'}: "
                                   "the training set would change under its checkpoint; keep val_fraction / val_cache "
                                   "as they were, or use a new run name")
-        rows = self.cache.manifest
+        rows = self.cache.samples
         if "fraction" in st.validation:
             rows, held = validation.split_manifest(rows, st.validation["fraction"])
             return validation.HeldOut(self.cfg.cache, self.store, held, self.rank, self.world), rows
         if "cache" in st.validation:
             other = open_cache(st.validation["cache"], self.store, version=st.validation["version"])
-            return validation.HeldOut(other.url, self.store, other.manifest, self.rank, self.world), rows
+            return validation.HeldOut(other.url, self.store, other.samples, self.rank, self.world), rows
         return None, rows
 
     def validate(self) -> None:
@@ -159,15 +159,21 @@ class Trainer:
         """Resuming on another layout (ranks, loader processes, batch size, ...): the samples the old
         layout trained this epoch are marked done and the rest of the epoch is planned over the new one."""
         st, cfg = self.state, self.cfg
-        order = loader.epoch_order(self.refs, seed=cfg.seed, epoch=st.epoch)
-        done = loader.trained_positions(self.refs, seed=cfg.seed, epoch=st.epoch, layout=st.layout,
-                                        steps=st.epoch_step, done=frozenset(unpack_positions(st.done)),
-                                        segment=st.segment)
+        n = len(self.samples)
+        if st.layout.get("planner") != epochs.PLANNER and (st.epoch_step or st.done):
+            log.warning("the checkpoint is %d steps into epoch %d, planned by an earlier version of the epoch planner "
+                        "whose batches this version cannot reproduce: the epoch restarts from its first step (its "
+                        "samples trained so far are trained again)", st.epoch_step, st.epoch)
+            st.epoch_step, st.done = 0, ""
+        done = epochs.trained_positions(self.samples, seed=cfg.seed, epoch=st.epoch, layout=st.layout,
+                                        steps=st.epoch_step, done=unpack_positions(st.done, n), segment=st.segment)
+        trained = int(done.sum())
         rank_zero_info(log, "resuming epoch %d on %d rank(s) x %d loader process(es), checkpointed on %d x %d: "
                        "%d of its %d samples are trained, the other %d are planned over the new layout", st.epoch,
                        self.world, cfg.data.loader_workers, st.layout["world_size"], st.layout["loader_workers"],
-                       len(done), len(order), len(order) - len(done))
-        st.done, st.segment, st.epoch_step, st.layout = pack_positions(done, len(order)), st.segment + 1, 0, self.layout
+                       trained, n, n - trained)
+        st.done = pack_positions(done) if trained else ""
+        st.segment, st.epoch_step, st.layout = st.segment + (1 if trained else 0), 0, self.layout
 
     def done(self) -> bool:
         return self.cfg.max_steps is not None and self.state.step >= self.cfg.max_steps
@@ -183,9 +189,9 @@ class Trainer:
 
     def run_epoch(self) -> None:
         cfg, st = self.cfg, self.state
-        plan = loader.plan_epoch(self.refs, seed=cfg.seed, epoch=st.epoch, rank=self.rank, world_size=self.world,
+        plan = epochs.plan_epoch(self.samples, seed=cfg.seed, epoch=st.epoch, rank=self.rank, world_size=self.world,
                                  workers=cfg.data.loader_workers, batch_size=cfg.batch_size,
-                                 shuffle_buffer=cfg.data.shuffle_buffer, done=frozenset(unpack_positions(st.done)),
+                                 shuffle_buffer=cfg.data.shuffle_buffer, done=unpack_positions(st.done, len(self.samples)),
                                  segment=st.segment, step_multiple=cfg.grad_accum)
         order = plan.order()
         remaining = plan.steps - st.epoch_step + (cfg.epochs - st.epoch - 1) * plan.steps  # later epochs: about as long

@@ -18,7 +18,7 @@ import spar
 from jobs import cache_teacher, train_student
 from pipeline import open_cache, storage
 from pipeline.storage import Storage
-from pipeline.train import loader
+from pipeline.train.epochs import SampleTable, plan_epoch
 from pipeline.train.validation import split_manifest
 from tests.integration.conftest import SharedCache
 
@@ -134,7 +134,7 @@ def _check_every_sample_once(five: str, run: Path, val_fraction: float, last: tu
     reports the loss of all of them, and epoch 1 followed the plan of an uninterrupted run on the
     `last` layout (ranks, loader processes)."""
     rows = _keys(str(run))
-    manifest = open_cache(five).manifest
+    manifest = open_cache(five).samples
     train_rows = split_manifest(manifest, val_fraction)[0] if val_fraction else manifest
     keys = train_rows.column("key").to_pylist()
     epoch0 = [r for r in rows if r["epoch"] == 0]
@@ -148,12 +148,12 @@ def _check_every_sample_once(five: str, run: Path, val_fraction: float, last: tu
     true_loss = sum(r["loss"] for r in epoch0) / len(epoch0)  # batch_size=1: one row per batch
     assert float(epochs[0]["loss"]) == pytest.approx(true_loss, rel=1e-5)
 
-    refs = loader.manifest_refs(train_rows)
+    table = SampleTable.from_table(train_rows)
     ranks, loaders = last
     for rank in range(ranks):
-        plan = loader.plan_epoch(refs, seed=0, epoch=1, rank=rank, world_size=ranks, workers=loaders, batch_size=1,
+        plan = plan_epoch(table, seed=0, epoch=1, rank=rank, world_size=ranks, workers=loaders, batch_size=1,
                                  shuffle_buffer=8)
-        planned = [ref.key for batch in plan.ordered_batches() for ref in batch]
+        planned = [key for batch in plan.ordered_batches() for key in batch]
         trained = [r["key"] for r in sorted(rows, key=lambda r: r["step"]) if r["epoch"] == 1 and r["rank"] == rank]
         assert trained == planned, rank
 

@@ -19,7 +19,8 @@ from pipeline import open_cache
 from pipeline.cache import shards
 from pipeline.cache.reader import UnsafeName, iter_raw_shard
 from pipeline.storage import Storage
-from pipeline.train.loader import PlannedBatches, manifest_refs, plan_epoch
+from pipeline.train.epochs import SampleTable, plan_epoch
+from pipeline.train.loader import PlannedBatches
 from pipeline.train.validation import HeldOut
 from tests.integration.conftest import SharedCache
 
@@ -63,7 +64,7 @@ def test_planted_names_are_refused_by_every_reader_and_nothing_escapes(local_cac
         info = tarfile.TarInfo(f"{PLANTED}.json")
         info.size = 2
         tf.addfile(info, io.BytesIO(b"{}"))
-    plan = plan_epoch(manifest_refs(cache.manifest), seed=0, epoch=0, rank=0, world_size=1, workers=1,
+    plan = plan_epoch(SampleTable.from_table(cache.samples), seed=0, epoch=0, rank=0, world_size=1, workers=1,
                       batch_size=1, shuffle_buffer=1)
     with pytest.raises(UnsafeName, match="tar member '../escaped/pwn.json'"):
         list(PlannedBatches(str(membered), Storage(), plan))  # what each loader process of a rank runs

@@ -1,6 +1,7 @@
-"""The epoch plan: disjoint, complete, balanced, seeded; batches of one size; exact resume."""
+"""The epoch plan: disjoint, complete, balanced, seeded; batches of one size; exact resume; at scale."""
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -8,33 +9,75 @@ from pipeline.cache import shards
 from pipeline.cache.encode import encode_members, quantize
 from pipeline.codecs import png_bytes
 from pipeline.train.checkpoint import pack_positions, unpack_positions
-from pipeline.train.loader import (SampleRef, _bucket, epoch_order, make_loader, manifest_refs, plan_epoch,
-                                    trained_positions)
+from pipeline.train.epochs import SampleTable, epoch_order, plan_epoch, trained_positions
+from pipeline.train.loader import make_loader
 from pipeline.storage import Storage
 
+SIZES = ((64, 96), (96, 64), (80, 80))
 
-def _refs(n_shards=7, per_shard=5, sizes=((64, 96), (96, 64), (80, 80))):
-    out = {}
-    for s in range(n_shards):
-        name = f"shard-{s:02d}"
-        out[name] = [SampleRef(f"k{s}-{i}", name, *sizes[(s + i) % len(sizes)]) for i in range(per_shard)]
-    return out
+
+def _table(n_shards=7, per_shard=5, sizes=SIZES) -> SampleTable:
+    n = n_shards * per_shard
+    size = [sizes[(i // per_shard + i % per_shard) % len(sizes)] for i in range(n)]
+    return SampleTable.from_table(pa.table({
+        "key": [f"k{i // per_shard}-{i % per_shard}" for i in range(n)],
+        "shard": [f"shard-{i // per_shard:05d}" for i in range(n)],
+        "height": pa.array([h for h, _ in size], pa.int32()), "width": pa.array([w for _, w in size], pa.int32())}))
+
+
+def _size_of(table: SampleTable) -> dict[str, tuple[int, int]]:
+    return {k: tuple(table.sizes[c]) for k, c in zip(table.keys.to_pylist(), table.size)}
+
+
+def _keys(plans) -> list[str]:
+    return [k for p in plans for b in p.ordered_batches() for k in b]
+
+
+def _check_plans(table, plans, batch):
+    """Every sample once, balanced, one size per batch; every rank agrees on the steps and on how
+    many real samples each step has (what the step weights assume)."""
+    size_of = _size_of(table)
+    assert sorted(_keys(plans)) == sorted(size_of)  # all, once
+    per_rank = [sum(len(b) for b in p.ordered_batches()) for p in plans]
+    assert max(per_rank) - min(per_rank) <= 1  # balanced samples
+    assert len({p.steps for p in plans}) == 1 and all(p.steps >= p.real_steps for p in plans)
+    assert all(p.step_samples == plans[0].step_samples for p in plans)
+    counted = np.zeros(plans[0].steps, dtype=np.int64)
+    for p in plans:
+        for step, b in enumerate(p.ordered_batches()):
+            assert 1 <= len(b) <= batch and len({size_of[k] for k in b}) == 1  # one size per batch
+            counted[step] += len(b)
+    assert counted.tolist() == plans[0].step_samples
 
 
 @pytest.mark.parametrize("world,workers,batch", [(1, 1, 1), (2, 2, 1), (3, 2, 2), (4, 1, 3), (5, 3, 1)])
 def test_every_sample_once_per_epoch_disjoint_across_ranks(world, workers, batch):
-    refs = _refs()
-    plans = [plan_epoch(refs, seed=0, epoch=1, rank=r, world_size=world, workers=workers, batch_size=batch,
+    table = _table()
+    plans = [plan_epoch(table, seed=0, epoch=1, rank=r, world_size=world, workers=workers, batch_size=batch,
                         shuffle_buffer=4) for r in range(world)]
-    keys = [r.key for p in plans for wb in p.worker_batches for b in wb for r in b]
-    assert sorted(keys) == sorted(r.key for v in refs.values() for r in v)  # all, once
-    per_rank = [sum(len(b) for wb in p.worker_batches for b in wb) for p in plans]
-    assert max(per_rank) - min(per_rank) <= 1  # balanced samples
-    assert len({p.steps for p in plans}) == 1 and all(p.steps >= p.real_steps for p in plans)
-    for p in plans:
-        for wb in p.worker_batches:
-            for b in wb:
-                assert len(b) <= batch and len({(r.height, r.width) for r in b}) == 1  # one size per batch
+    _check_plans(table, plans, batch)
+
+
+def test_the_plan_at_scale_100k_samples_on_64_ranks():
+    """The vectorised plan of 100K samples (3 image sizes) on 64 ranks x 4 loader processes, batches
+    of 8: every sample once, one size per batch, step counts that every rank agrees on; and the
+    elastic resume of the same epoch onto 48 ranks x 2 trains exactly the rest."""
+    table = _table(n_shards=3125, per_shard=32)
+    kw = dict(seed=5, epoch=3)
+    plans = [plan_epoch(table, **kw, rank=r, world_size=64, workers=4, batch_size=8, shuffle_buffer=16,
+                        step_multiple=2) for r in range(64)]
+    _check_plans(table, plans, 8)
+    assert plans[0].steps % 2 == 0
+    assert {len(w.shards) for p in plans for w in p.workers} <= {13, 14}  # ~390 samples: 13 shards, or one more
+    layout = {"world_size": 64, "loader_workers": 4, "batch_size": 8, "shuffle_buffer": 16}
+    done = trained_positions(table, **kw, layout=layout, steps=20)
+    order = epoch_order(table, **kw)
+    first = table.keys.take(pa.array(order[done])).to_pylist()
+    trained = [k for p in plans for b in p.ordered_batches()[:20] for k in b]
+    assert sorted(first) == sorted(trained)
+    rest = [plan_epoch(table, **kw, rank=r, world_size=48, workers=2, batch_size=8, shuffle_buffer=16, done=done,
+                       segment=1) for r in range(48)]
+    assert sorted(first + _keys(rest)) == sorted(table.keys.to_pylist())
 
 
 def _layout(world, workers, batch=1):
@@ -45,24 +88,25 @@ def _layout(world, workers, batch=1):
                                            ((4, 1), (1, 1), 2)])
 def test_a_segment_on_a_new_layout_trains_the_rest_of_the_epoch_once(old, new, steps):
     """Steps done on one layout, the rest re-planned on another (twice): every sample once."""
-    refs, kw = _refs(), dict(seed=0, epoch=2)
-    order = epoch_order(refs, **kw)
-    done = frozenset(trained_positions(refs, **kw, layout=_layout(*old), steps=steps))
-    first = [order[i].key for i in sorted(done)]
-    assert len(first) == len(set(first)) and 0 < len(first) < len(order)
-    rest = [plan_epoch(refs, **kw, rank=r, world_size=new[0], workers=new[1], batch_size=1, shuffle_buffer=4,
+    table, kw = _table(), dict(seed=0, epoch=2)
+    order = table.keys.take(pa.array(epoch_order(table, **kw))).to_pylist()
+    done = trained_positions(table, **kw, layout=_layout(*old), steps=steps)
+    first = [order[i] for i in np.flatnonzero(done)]
+    assert 0 < len(first) < len(order)
+    rest = [plan_epoch(table, **kw, rank=r, world_size=new[0], workers=new[1], batch_size=1, shuffle_buffer=4,
                        done=done, segment=1) for r in range(new[0])]
-    second = [ref.key for p in rest for b in p.ordered_batches() for ref in b]
-    assert sorted(first + second) == sorted(r.key for r in order)
+    assert sorted(first + _keys(rest)) == sorted(order)
     # a second change of layout, one step into the new segment
-    done2 = trained_positions(refs, **kw, layout=_layout(*new), steps=1, done=done, segment=1)
-    assert len(done2) == len(done) + sum(len(p.ordered_batches()[0]) for p in rest if p.ordered_batches())
-    assert unpack_positions(pack_positions(done2, len(order))) == done2
+    done2 = trained_positions(table, **kw, layout=_layout(*new), steps=1, done=done, segment=1)
+    assert done2.sum() == done.sum() + sum(len(p.ordered_batches()[0]) for p in rest if p.ordered_batches())
+    assert (unpack_positions(pack_positions(done2), len(order)) == done2).all() and unpack_positions("", 3) is None
 
 
 def test_step_samples_count_every_rank_and_steps_fill_accumulation_windows():
-    refs = {"a": [SampleRef(f"k{i}", "a", 64, 64) for i in range(5)]}
-    plans = [plan_epoch(refs, seed=0, epoch=0, rank=r, world_size=2, workers=1, batch_size=1, shuffle_buffer=1,
+    table = SampleTable.from_table(pa.table({"key": [f"k{i}" for i in range(5)], "shard": ["a"] * 5,
+                                             "height": pa.array([64] * 5, pa.int32()),
+                                             "width": pa.array([64] * 5, pa.int32())}))
+    plans = [plan_epoch(table, seed=0, epoch=0, rank=r, world_size=2, workers=1, batch_size=1, shuffle_buffer=1,
                         step_multiple=2) for r in range(2)]
     assert [p.real_steps for p in plans] == [3, 2]
     assert plans[0].steps == 4 and plans[0].step_samples == [2, 2, 1, 0] == plans[1].step_samples
@@ -70,24 +114,31 @@ def test_step_samples_count_every_rank_and_steps_fill_accumulation_windows():
 
 
 def test_order_depends_on_seed_and_epoch_only():
-    refs = _refs()
+    table = _table()
 
     def keys(seed, epoch):
-        p = plan_epoch(refs, seed=seed, epoch=epoch, rank=0, world_size=2, workers=2, batch_size=1, shuffle_buffer=4)
-        return [r.key for wb in p.worker_batches for b in wb for r in b]
+        return _keys([plan_epoch(table, seed=seed, epoch=epoch, rank=0, world_size=2, workers=2, batch_size=1,
+                                 shuffle_buffer=4)])
 
     assert keys(0, 0) == keys(0, 0)
     assert keys(0, 0) != keys(0, 1) and keys(0, 0) != keys(1, 0)
 
 
-def test_bucket_window_bounds_waiting_samples():
-    refs = [SampleRef(f"k{i}", "s", 16 * (i % 50 + 1), 64) for i in range(200)]  # sizes rarely repeat
-    batches = _bucket(refs, batch_size=4, window=8)
-    assert sorted(r.key for b in batches for r in b) == sorted(r.key for r in refs)
-    position = {r.key: i for i, r in enumerate(refs[:-8])}
-    for b in batches:  # samples of one batch arrived within the window (the end flush aside)
-        spread = [position[r.key] for r in b if r.key in position]
-        assert not spread or max(spread) - min(spread) <= 8 + 1
+def test_a_batch_holds_samples_of_one_bucket_window_of_its_stream():
+    """Sizes that rarely repeat: batches never gather samples from further apart in a loader
+    process's stream than one window (what bounds the samples a loader process holds)."""
+    n = 200
+    table = SampleTable.from_table(pa.table({
+        "key": [f"k{i:03d}" for i in range(n)], "shard": ["s"] * n,
+        "height": pa.array([16 * (i % 50 + 1) for i in range(n)], pa.int32()),
+        "width": pa.array([64] * n, pa.int32())}))
+    plan = plan_epoch(table, seed=0, epoch=0, rank=0, world_size=1, workers=1, batch_size=4, shuffle_buffer=1,
+                      bucket_window=8)
+    position = {k: i for i, k in enumerate(table.keys.to_pylist())}  # one shard, no shuffle: key order
+    assert sorted(_keys([plan])) == sorted(position)
+    for b in plan.ordered_batches():
+        spread = [position[k] for k in b]
+        assert len({p // 8 for p in spread}) == 1
 
 
 def _write_cache(tmp_path, n=10):
@@ -105,13 +156,13 @@ def _write_cache(tmp_path, n=10):
     shards.create_tables(Storage(), out)
     for a in range(0, n, 3):
         shards.commit_shard(Storage(), out, members[a:a + 3], rows[a:a + 3], run="test")
-    samples, _, _ = shards.read_manifest(Storage(), out)
-    return out, manifest_refs(samples)
+    samples, _, _ = shards.read_manifest(Storage(), out, columns=shards.SAMPLE_COLUMNS)
+    return out, SampleTable.from_table(samples)
 
 
 def test_loader_yields_the_plan_in_order_and_resumes_at_any_step(tmp_path):
-    out, refs = _write_cache(tmp_path)
-    plan = plan_epoch(refs, seed=3, epoch=0, rank=0, world_size=1, workers=2, batch_size=2, shuffle_buffer=3)
+    out, table = _write_cache(tmp_path)
+    plan = plan_epoch(table, seed=3, epoch=0, rank=0, world_size=1, workers=2, batch_size=2, shuffle_buffer=3)
     full = list(make_loader(out, Storage(), plan, prefetch=2))
     assert sorted(k for b in full for k in b["keys"]) == [f"s{i:02d}" for i in range(10)]
     assert [(b["worker"], b["index"]) for b in full] == plan.order()  # the order the step weights assume

@@ -1,0 +1,262 @@
+"""The epoch plan: which samples every rank and loader process trains, in which batches and steps.
+
+The plan is a pure function of (the samples, seed, epoch, world size, loader processes, batch size,
+shuffle block), so every rank computes every rank's plan without talking to the others:
+
+1. shards are shuffled (seed, epoch); their samples, in key order, form one sequence (the epoch order);
+2. the sequence is cut into `world_size` contiguous ranges whose lengths differ by at most one,
+   so each rank streams whole shards except at its two ends (disjoint, every sample once);
+3. a rank's range is cut the same way among its loader processes (*streams*). A stream is shuffled
+   within consecutive blocks of `shuffle_buffer` samples, then cut into consecutive windows of
+   `bucket_window` samples (default 4 batches); in a window, the samples of one image size form
+   batches of `batch_size` in stream order (the last of each size may be smaller: never padding),
+   and batches leave in the order their last sample arrives;
+4. a rank's steps take its streams' batches in turn (the order a DataLoader yields them); every
+   rank runs the same number of steps, the largest rank's batch count rounded up to whole gradient
+   accumulation windows; ranks that run out pad with zero-weight steps so collectives stay aligned,
+   and since every rank knows every rank's batches, each knows how many real samples a step has
+   (the loss is weighted to average over those, never over padding).
+
+A loader process holds at most about ``shuffle_buffer + bucket_window`` decoded samples.
+
+Everything is computed with numpy over arrays of every sample (a few int32 and int64 per sample,
+no per-sample Python object): 11 million samples plan in seconds on every rank, and a rank turns
+only its own part into keys. A position in an epoch is one number, the step: a resumed epoch with
+the same layout skips the batches of the steps done. A resume onto another layout marks the
+samples the old layout trained as done (`trained_positions`) and plans the rest of the epoch over
+the new one (a new *segment*, with its own shuffle).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+PLANNER = 2  # recorded in checkpoints: a mid-epoch position means something only to the planner that made it
+
+
+@dataclass(frozen=True)
+class SampleTable:
+    """What planning needs of a manifest, as arrays: rows sorted by (shard, key)."""
+
+    keys: pa.Array  # sample keys, shard after shard
+    shard_names: pa.Array  # sorted; shard c holds rows shard_start[c]:shard_start[c + 1]
+    shard_start: np.ndarray  # int64, one more than there are shards
+    size: np.ndarray  # int32 per row: its image size, an index into `sizes`
+    sizes: np.ndarray  # (S, 2) int32: distinct (height, width)
+
+    @classmethod
+    def from_table(cls, rows: pa.Table) -> "SampleTable":
+        """From a table with columns key, shard, height and width (a cache's `samples`, any order)."""
+        shard = rows.column("shard")
+        shard = (shard if pa.types.is_dictionary(shard.type) else pc.dictionary_encode(shard)).unify_dictionaries()
+        names = shard.chunk(0).dictionary if shard.num_chunks else pa.array([], pa.string())
+        rank = np.argsort(np.argsort(names.to_numpy(zero_copy_only=False), kind="stable"))  # codes -> name order
+        codes = np.concatenate([rank[c.indices.to_numpy()] for c in shard.chunks]) if shard.num_chunks else \
+            np.zeros(0, np.int64)
+        order = pc.sort_indices(pa.table({"shard": codes, "key": rows.column("key")}),
+                                [("shard", "ascending"), ("key", "ascending")]).to_numpy()
+        codes = codes[order]
+        bounds = np.searchsorted(codes, np.arange(len(names) + 1))
+        used = np.flatnonzero(np.diff(bounds))  # shards with samples (a dictionary may name others)
+        hw = (rows.column("height").to_numpy().astype(np.int64) << 32) | rows.column("width").to_numpy().astype(np.int64)
+        sizes, size = np.unique(hw[order], return_inverse=True)
+        return cls(rows.column("key").take(order).combine_chunks(),
+                   names.take(np.argsort(rank)[used]), np.append(bounds[used], len(codes)).astype(np.int64),
+                   size.astype(np.int32), np.stack([sizes >> 32, sizes & 0xFFFFFFFF], axis=1).astype(np.int32))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shard_start) - 1
+
+
+def epoch_order(table: SampleTable, *, seed: int, epoch: int) -> np.ndarray:
+    """Every row once, in the epoch's order: shards shuffled (seed, epoch), samples in key order."""
+    perm = np.random.default_rng([seed, epoch]).permutation(table.num_shards)
+    lengths = np.diff(table.shard_start)[perm]
+    return _ranges(table.shard_start[perm], lengths)
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The concatenation of ``arange(s, s + n)`` for every (s, n)."""
+    ends = np.cumsum(lengths)
+    return np.arange(ends[-1] if len(ends) else 0, dtype=np.int64) + np.repeat(starts - (ends - lengths), lengths)
+
+
+def split_bounds(n: np.ndarray | int, parts: int) -> np.ndarray:
+    """Start offsets (shape ``(..., parts + 1)``) of `parts` contiguous ranges of each `n`, sizes
+    differing by at most one (longer ones first)."""
+    n = np.asarray(n, dtype=np.int64)[..., None]
+    i = np.arange(parts + 1, dtype=np.int64)
+    return i * (n // parts) + np.minimum(i, n % parts)
+
+
+@dataclass
+class Batches:
+    """Every rank's batches of one segment of an epoch, sorted by stream, then by index."""
+
+    members: np.ndarray  # positions in the epoch order, batch after batch (each in stream order)
+    bounds: np.ndarray  # batch b is members[bounds[b]:bounds[b + 1]]
+    stream: np.ndarray  # the stream (rank * workers + loader process) of each batch
+    step: np.ndarray  # the step of its rank at which each batch is trained
+    kept: np.ndarray  # the positions planned (those not done), in epoch order
+    stream_bounds: np.ndarray  # stream s streams kept[stream_bounds[s]:stream_bounds[s + 1]]
+
+    def counts(self) -> np.ndarray:
+        return np.diff(self.bounds)
+
+
+def plan_batches(table: SampleTable, *, seed: int, epoch: int, world_size: int, workers: int, batch_size: int,
+                 shuffle_buffer: int, done: np.ndarray | None = None, segment: int = 0,
+                 bucket_window: int | None = None) -> Batches:
+    """Every rank's batches (see the module docstring); positions flagged in `done` (a bool per
+    position of the epoch order) were trained in earlier segments of the epoch and are left out."""
+    window = bucket_window if bucket_window is not None else 4 * batch_size
+    resumed = done is not None and bool(done.any())
+    kept = np.flatnonzero(~done) if resumed else np.arange(len(table), dtype=np.int64)
+    n = len(kept)
+    if not resumed and n < world_size:
+        raise ValueError(f"{n} samples cannot feed {world_size} workers")
+    rank_bounds = split_bounds(n, world_size)
+    stream_bounds = np.append(rank_bounds[:-1, None] + split_bounds(np.diff(rank_bounds), workers)[:, :-1], n)
+    lengths = np.diff(stream_bounds)
+    sid = np.repeat(np.arange(world_size * workers, dtype=np.int64), lengths)  # stream of each kept position
+    local = np.arange(n, dtype=np.int64) - stream_bounds[sid]  # and its place in the stream
+
+    # shuffle each stream within its blocks: one sort by (block, random); blocks follow stream order
+    shuffled = kept
+    if shuffle_buffer > 1:
+        rng = np.random.default_rng([seed, epoch, segment])
+        block = np.cumsum(np.append(0, -(-lengths // shuffle_buffer)))[sid] + local // shuffle_buffer
+        shuffled = kept[np.argsort((block << 32) | rng.integers(0, 1 << 32, n, dtype=np.int64), kind="stable")]
+        del block
+
+    # in each window of a stream, the samples of one size in stream order (a stable sort by group)
+    size = table.size[epoch_order(table, seed=seed, epoch=epoch)[shuffled]].astype(np.int64)
+    group = (np.cumsum(np.append(0, -(-lengths // window)))[sid] + local // window) * len(table.sizes) + size
+    del size, local
+    by_group = np.argsort(group, kind="stable")
+    group = group[by_group]
+    first = np.ones(n, dtype=bool)
+    first[1:] = group[1:] != group[:-1]
+    del group
+    group_start = np.flatnonzero(first)
+    del first
+    place = np.arange(n, dtype=np.int64) - np.repeat(group_start, np.diff(np.append(group_start, n)))
+    del group_start
+    starts = np.flatnonzero(place % batch_size == 0)  # each group cut into batches of batch_size
+    del place
+    last = by_group[np.append(starts[1:], n) - 1]  # a batch leaves when its last sample arrives
+    counts = np.diff(np.append(starts, n))
+    emitted = np.argsort(last)  # streams are contiguous in the shuffled order: batches sort by stream too
+    starts, counts, stream = starts[emitted], counts[emitted], sid[last[emitted]]
+    del last, emitted, sid
+    members = shuffled[by_group[_ranges(starts, counts)]]
+    del by_group, shuffled
+    return Batches(members, np.append(0, np.cumsum(counts)), stream, _steps(stream, workers), kept, stream_bounds)
+
+
+def _steps(stream: np.ndarray, workers: int) -> np.ndarray:
+    """The step of each batch (sorted by stream, then index): a rank takes its streams' batches in
+    turn, one from each, skipping the streams that are used up (the order a DataLoader yields)."""
+    first = np.searchsorted(stream, np.arange(stream[-1] + 2 if len(stream) else 1))  # each stream's first batch
+    index = np.arange(len(stream), dtype=np.int64) - first[stream]
+    rank, worker = stream // workers, stream % workers
+    turn = np.lexsort((worker, index, rank))  # by rank, then index, then loader process
+    step = np.empty(len(stream), dtype=np.int64)
+    rank_sorted = rank[turn]
+    rank_first = np.searchsorted(rank_sorted, rank_sorted)
+    step[turn] = np.arange(len(stream), dtype=np.int64) - rank_first
+    return step
+
+
+@dataclass
+class WorkerPlan:
+    """One loader process's batches: keys, batch after batch, and the shards it streams, in order."""
+
+    keys: pa.Array
+    bounds: np.ndarray  # batch j is keys[bounds[j]:bounds[j + 1]]
+    shards: list[str]
+
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
+
+    def batch(self, j: int) -> list[str]:
+        return self.keys[int(self.bounds[j]):int(self.bounds[j + 1])].to_pylist()
+
+    def keys_from(self, j: int) -> set[str]:
+        """The keys of batches j and later."""
+        return set(self.keys[int(self.bounds[j]):].to_pylist())
+
+
+def interleave(lengths: list[int]) -> list[tuple[int, int]]:
+    """(loader process, batch index) in the order a DataLoader yields its processes' batches: one from
+    each in turn, skipping those that are used up."""
+    return [(w, j) for j in range(max(lengths, default=0)) for w in range(len(lengths)) if j < lengths[w]]
+
+
+@dataclass
+class EpochPlan:
+    """This rank's batches for (the current segment of) one epoch, and what every rank does per step."""
+
+    workers: list[WorkerPlan]  # per loader process
+    steps: int  # steps every rank runs (the most any rank has, rounded up to whole accumulation windows)
+    step_samples: list[int]  # real samples at each step, all ranks together (0: every rank pads)
+
+    @property
+    def real_steps(self) -> int:
+        return sum(len(w) for w in self.workers)
+
+    def order(self) -> list[tuple[int, int]]:
+        """(loader process, batch index) of each of this rank's real steps, in step order."""
+        return interleave([len(w) for w in self.workers])
+
+    def ordered_batches(self) -> list[list[str]]:
+        """This rank's batches' keys, in step order."""
+        return [self.workers[w].batch(j) for w, j in self.order()]
+
+    def window_samples(self, step: int, window: int) -> int:
+        """Real samples, all ranks, in the accumulation window of `window` steps that holds `step`."""
+        lo = step - step % window
+        return sum(self.step_samples[lo:lo + window])
+
+
+def plan_epoch(table: SampleTable, *, seed: int, epoch: int, rank: int, world_size: int, workers: int,
+               batch_size: int, shuffle_buffer: int, done: np.ndarray | None = None, segment: int = 0,
+               step_multiple: int = 1, bucket_window: int | None = None) -> EpochPlan:
+    """The plan of `rank` for `epoch` (see the module docstring)."""
+    b = plan_batches(table, seed=seed, epoch=epoch, world_size=world_size, workers=workers, batch_size=batch_size,
+                     shuffle_buffer=shuffle_buffer, done=done, segment=segment, bucket_window=bucket_window)
+    counts = b.counts()
+    steps = int(b.step.max()) + 1 if len(b.step) else 0
+    steps = -(-steps // step_multiple) * step_multiple
+    step_samples = np.bincount(b.step, weights=counts, minlength=steps).astype(np.int64).tolist()
+    order = epoch_order(table, seed=seed, epoch=epoch)
+    plans = []
+    for s in range(rank * workers, (rank + 1) * workers):
+        lo, hi = np.searchsorted(b.stream, [s, s + 1])
+        rows = order[b.members[b.bounds[lo]:b.bounds[hi]]]
+        streamed = order[b.kept[b.stream_bounds[s]:b.stream_bounds[s + 1]]]  # in stream order: shard runs
+        shard = np.searchsorted(table.shard_start, streamed, side="right") - 1
+        runs = shard[np.append(True, shard[1:] != shard[:-1])] if len(shard) else shard
+        plans.append(WorkerPlan(table.keys.take(pa.array(rows)), b.bounds[lo:hi + 1] - b.bounds[lo],
+                                table.shard_names.take(pa.array(runs)).to_pylist()))
+    return EpochPlan(plans, steps, step_samples)
+
+
+def trained_positions(table: SampleTable, *, seed: int, epoch: int, layout: dict, steps: int,
+                      done: np.ndarray | None = None, segment: int = 0) -> np.ndarray:
+    """A bool per position of the epoch order: trained by every rank in the first `steps` steps of a
+    segment planned with `layout`, or in `done` (earlier segments)."""
+    b = plan_batches(table, seed=seed, epoch=epoch, world_size=layout["world_size"],
+                     workers=layout["loader_workers"], batch_size=layout["batch_size"],
+                     shuffle_buffer=layout["shuffle_buffer"], done=done, segment=segment)
+    out = np.zeros(len(table), dtype=bool) if done is None else done.copy()
+    trained = np.flatnonzero(b.step < steps)
+    out[b.members[_ranges(b.bounds[trained], b.counts()[trained])]] = True
+    return out
