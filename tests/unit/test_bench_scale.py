@@ -1,0 +1,16 @@
+"""`benchmark.py scale` on a small synthetic cache: every step measured in its own process."""
+
+import pytest
+
+from pipeline.bench.scale import ScaleBench, bench_scale
+
+
+@pytest.mark.slow
+def test_scale_bench_measures_every_step_of_a_synthetic_cache():
+    result = bench_scale(ScaleBench(samples=3000, world_size=16, samples_per_shard=32, rows_per_commit=1000))
+    assert not [k for k in result if k.endswith("_error")], result
+    assert result["opened_samples"] == 3000 and result["plan_steps"] > 0
+    assert 0 < result["val_held_out"] < 3000
+    for step in ("open", "plan", "resume"):
+        assert result[f"{step}_s" if step != "resume" else "resume_plan_s"] > 0
+        assert result[f"{step}_peak_gb"] >= 0
