@@ -29,6 +29,7 @@ from typing import Callable, Iterator
 
 import deltalake  # noqa: F401  (imported before any measurement: the first read would pay for these)
 import numpy as np
+import pandas  # noqa: F401  (pyarrow imports it on first use; Ray Train and Ray Data, in every job's process, do too)
 import pyarrow as pa
 import pyarrow.parquet  # noqa: F401
 
@@ -54,6 +55,7 @@ class ScaleBench:
     storage: str = "local"  # local (a temporary directory) or s3 (moto's server, needs moto[server])
     sizes: list[list[int]] = field(default_factory=lambda: [[1024, 2048], [768, 1536], [1500, 2250]])  # cycled
     val_fraction: float = 0.02
+    val_max_images: int = 1000  # the training job's default cap
     batch_size: int = 8
     loader_workers: int = 4
     shuffle_buffer: int = 8
@@ -149,7 +151,7 @@ def _step(step: str, url: str, options: dict, cfg: ScaleBench) -> dict:
     cache = open_cache(url, options)
     if step == "val_split":
         out, seconds, peak = _measured(lambda: {
-            "val_held_out": validation.split_manifest(cache.samples, cfg.val_fraction)[1].num_rows})
+            "val_held_out": validation.split_manifest(cache.samples, cfg.val_fraction, cfg.val_max_images)[1].num_rows})
         return {"val_split_s": seconds, "val_split_peak_gb": peak, **out}
     from pipeline.train import epochs
 

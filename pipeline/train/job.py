@@ -78,6 +78,7 @@ class TrainConfig:
     max_failures: int = 2  # worker-group restarts from the last checkpoint
     log_every: int = 10
     val_fraction: float = 0.02  # held out of the cache by a stable hash of the source image (>= 1 image); 0 = none
+    val_max_images: int = 1000  # at most this many held-out source images (those of lowest hash): a bounded set
     val_cache: Optional[str] = None  # validate on this cache instead (nothing is held out)
     val_every: int = 0  # steps between validations besides each epoch's end; 0 = epoch ends only
     record_keys: bool = False  # write the keys each rank trained on, per step, to <run>/keys/ (an audit)
@@ -104,6 +105,7 @@ class TrainConfig:
         if not self.data.loader_workers:  # resolved here, so config.yaml and checkpoints record the layout
             self.data.loader_workers = max(1, int(self.scaling.cpus_per_worker))
         check(0 <= self.val_fraction < 1 and self.val_every >= 0, "val_fraction must be in [0, 1), val_every >= 0")
+        check(self.val_max_images >= 1, "val_max_images must be >= 1")
         if self.backbone != FROM_CACHE:
             spar.get_spec(self.backbone)  # a registry name or timm:<model>
         check(self.rope_rescale is None or self.rope_rescale >= 1, "rope_rescale must be >= 1 (or null)")
@@ -204,10 +206,11 @@ def validation_split(cfg: TrainConfig, store: Storage, cache) -> tuple[dict, int
         return {"cache": cfg.val_cache, "version": held.version, "samples": len(held)}, len(cache)
     if cfg.val_fraction > 0:
         try:
-            train, held = split_manifest(cache.samples, cfg.val_fraction)
+            train, held = split_manifest(cache.samples, cfg.val_fraction, cfg.val_max_images)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        return {"fraction": cfg.val_fraction, "samples": held.num_rows}, train.num_rows
+        return {"fraction": cfg.val_fraction, "max_images": cfg.val_max_images, "samples": held.num_rows}, \
+            train.num_rows
     return {}, len(cache)
 
 

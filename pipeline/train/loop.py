@@ -121,16 +121,18 @@ class Trainer:
         """(this rank's held-out samples or None, the manifest rows to train on). A resume keeps the
         split its run started with (another would change the training set under its checkpoint)."""
         st = self.state
+        # a run that started before held-out sets were capped keeps its uncapped split
+        ignored = {"samples", "version"} | ({"max_images"} if st.validation and "max_images" not in st.validation else set())
         if st.validation is None:
             st.validation = {k: v for k, v in chosen.items() if k != "samples"}
-        elif {k: v for k, v in chosen.items() if k not in ("samples", "version")} != \
+        elif {k: v for k, v in chosen.items() if k not in ignored} != \
                 {k: v for k, v in st.validation.items() if k != "version"}:
             raise CheckpointError(f"this run started with validation {st.validation or 'none'}, now {chosen or 'none'}: "
                                   "the training set would change under its checkpoint; keep val_fraction / val_cache "
                                   "as they were, or use a new run name")
         rows = self.cache.samples
         if "fraction" in st.validation:
-            rows, held = validation.split_manifest(rows, st.validation["fraction"])
+            rows, held = validation.split_manifest(rows, st.validation["fraction"], st.validation.get("max_images"))
             return validation.HeldOut(self.cfg.cache, self.store, held, self.rank, self.world), rows
         if "cache" in st.validation:
             other = open_cache(st.validation["cache"], self.store, version=st.validation["version"])

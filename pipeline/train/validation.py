@@ -22,6 +22,7 @@ import shutil
 import tempfile
 from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
@@ -43,23 +44,48 @@ def _unit(text: str) -> float:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
 
 
-def held_out(keys: list[str], fraction: float) -> set[str]:
-    """The keys whose source image hashes below `fraction` (at least one image's, if fraction > 0;
-    never every key)."""
-    if fraction <= 0 or not keys:
-        return set()
-    sources = {source_of(k) for k in keys}
-    chosen = {s for s in sources if _unit(s) < fraction} or {min(sources, key=_unit)}
-    if len(chosen) == len(sources):
-        raise ValueError(f"val_fraction={fraction} holds out all {len(sources)} source images: nothing is left to "
+def _units(texts: pa.Array, chunk: int = 1 << 16) -> np.ndarray:
+    """`_unit` of each of `texts`, `chunk` at a time, with the arithmetic in numpy (the same floats)."""
+    sha, out = hashlib.sha256, np.empty(len(texts), np.float64)
+    for lo in range(0, len(texts), chunk):
+        digests = b"".join([sha(t.encode()).digest()[:8] for t in texts.slice(lo, chunk).to_pylist()])
+        out[lo:lo + chunk] = np.frombuffer(digests, ">u8").astype(np.float64) / 2**64
+    return out
+
+
+def _sources(keys: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """The source image of every key (one vectorised regex: `source_of`)."""
+    return pc.replace_substring_regex(keys, _VIEW.pattern, "")
+
+
+def held_out_sources(sources: pa.Array | pa.ChunkedArray, fraction: float, max_images: int | None = None) -> pa.Array:
+    """Which of `sources` (the source image of every sample) are held out: those whose hash is below
+    `fraction`, at most `max_images` of them (the lowest hashes), at least one if fraction > 0;
+    never every image. One sha256 per distinct source."""
+    if fraction <= 0 or len(sources) == 0:
+        return pa.array([], pa.string())
+    distinct = pc.unique(sources)
+    units = _units(distinct)
+    order = np.argsort(units, kind="stable")
+    count = max(1, int(np.searchsorted(units[order], fraction)))  # below `fraction`, or the lowest one
+    if max_images is not None:
+        count = min(count, max(1, max_images))
+    if count == len(distinct):
+        raise ValueError(f"val_fraction={fraction} holds out all {len(distinct)} source images: nothing is left to "
                          "train on; lower it, or use val_cache=")
+    return distinct.take(pa.array(order[:count]))
+
+
+def held_out(keys: list[str], fraction: float, max_images: int | None = None) -> set[str]:
+    """The keys whose source image is held out (`held_out_sources`)."""
+    chosen = set(held_out_sources(_sources(pa.array(keys, pa.string())), fraction, max_images).to_pylist())
     return {k for k in keys if source_of(k) in chosen}
 
 
-def split_manifest(manifest: pa.Table, fraction: float) -> tuple[pa.Table, pa.Table]:
+def split_manifest(manifest: pa.Table, fraction: float, max_images: int | None = None) -> tuple[pa.Table, pa.Table]:
     """(training rows, held-out rows) of a manifest."""
-    val = held_out(manifest.column("key").to_pylist(), fraction)
-    mask = pc.is_in(manifest.column("key"), pa.array(sorted(val), pa.string()))
+    sources = _sources(manifest.column("key"))
+    mask = pc.is_in(sources, value_set=held_out_sources(sources, fraction, max_images))
     return manifest.filter(pc.invert(mask)), manifest.filter(mask)
 
 

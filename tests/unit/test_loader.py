@@ -263,3 +263,20 @@ def test_loss_curve_shows_a_run_of_one_logged_step(tmp_path):
     m.plot()
     image = np.asarray(Image.open(tmp_path / "run" / "loss_curve.png").convert("L"))
     assert image.shape[0] > 300 and image.std() > 10
+
+
+def test_the_held_out_set_is_capped_at_the_images_of_lowest_hash():
+    """`val_max_images`: a large cache holds out a bounded set, a subset of the uncapped one, all
+    views of each image together; the split is the same however the keys are ordered or chunked."""
+    import pyarrow as pa
+
+    from pipeline.train.validation import _unit, held_out, source_of, split_manifest
+
+    keys = [f"img{i:05d}_{i % 7}_v{v}" for i in range(5000) for v in range(2)]
+    uncapped, capped = held_out(keys, 0.02), held_out(keys, 0.02, max_images=10)
+    assert len({source_of(k) for k in uncapped}) > 50 and len(capped) == 20 and capped < uncapped
+    lowest = sorted({source_of(k) for k in keys}, key=_unit)[:10]
+    assert {source_of(k) for k in capped} == set(lowest)
+    table = pa.table({"key": pa.chunked_array([keys[:3333], keys[3333:]]), "shard": ["s"] * len(keys)})
+    train, held = split_manifest(table, 0.02, max_images=10)
+    assert set(held.column("key").to_pylist()) == capped and train.num_rows + held.num_rows == len(keys)
