@@ -120,6 +120,15 @@ class Storage:
         with self.open(url, "rb") as f:
             return f.read()
 
+    def read_range(self, url: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of a file: one ranged GET on object stores."""
+        if is_local(url):
+            with open(local_path(url), "rb") as f:
+                f.seek(start)
+                return f.read(end - start)
+        fs, path = self.filesystem(url)
+        return fs.cat_file(path, start=start, end=end)
+
     def read_text(self, url: str) -> str:
         """The whole content of a UTF-8 text file."""
         return self.read_bytes(url).decode("utf-8")

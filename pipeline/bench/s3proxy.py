@@ -3,7 +3,8 @@ S3-compatible server: how many storage requests an operation costs, whatever cli
 (s3fs, delta-rs). Both run as processes of their own (clients that hold the GIL while they wait on
 the network must not share a process with the server).
 
-The proxy's ``GET /__requests__`` answers the number of requests forwarded so far, ``POST /__reset__`` zeroes it.
+The proxy's ``GET /__requests__`` answers the number of requests forwarded so far, ``GET /__traffic__``
+the requests and response body bytes per path (JSON), and ``POST /__reset__`` zeroes both.
 Given ``admit=<access key id>`` it answers 403 to every request not signed with that key (moto itself
 accepts any credentials): a test can then tell a client that used the credentials it was given from
 one that fell back to others (the environment's, a provider chain's).
@@ -12,6 +13,7 @@ Used by ``benchmark.py manifest`` and the manifest tests, against the moto S3 se
 from __future__ import annotations
 
 import http.client
+import json
 import subprocess
 import sys
 import threading
@@ -41,7 +43,7 @@ def serve(upstream: str, port: int, admit: str | None = None) -> None:
     """Forward every request to `upstream`, counting them (blocks); with `admit`, only those signed
     with that access key id (others: 403 AccessDenied)."""
     target = urllib.parse.urlparse(upstream)
-    lock, count = threading.Lock(), [0]
+    lock, count, traffic = threading.Lock(), [0], {}  # traffic: path -> [requests, response body bytes]
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -68,9 +70,13 @@ def serve(upstream: str, port: int, admit: str | None = None) -> None:
         def _forward(self) -> None:
             if self.path == "/__requests__":
                 return self._reply(200, str(count[0]).encode())
+            if self.path == "/__traffic__":
+                with lock:
+                    return self._reply(200, json.dumps(traffic).encode())
             if self.path == "/__reset__":
                 with lock:
                     count[0] = 0
+                    traffic.clear()
                 return self._reply(200, b"0")
             with lock:
                 count[0] += 1
@@ -84,6 +90,10 @@ def serve(upstream: str, port: int, admit: str | None = None) -> None:
             resp = conn.getresponse()
             data = resp.read()
             conn.close()
+            with lock:
+                seen = traffic.setdefault(urllib.parse.urlparse(self.path).path, [0, 0])
+                seen[0] += 1
+                seen[1] += len(data) if self.command != "HEAD" else 0
             self._reply(resp.status, data, resp.getheaders())
 
         do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
@@ -137,6 +147,14 @@ class CountingProxy:
         """Requests forwarded since the start or the last `reset`."""
         with urllib.request.urlopen(f"{self.endpoint}/__requests__", timeout=10) as r:
             return int(r.read())
+
+    def traffic(self, prefix: str = "/") -> tuple[int, int]:
+        """(requests, response body bytes) to paths starting with `prefix` (``/<bucket>/<key prefix>``)
+        since the start or the last `reset`."""
+        with urllib.request.urlopen(f"{self.endpoint}/__traffic__", timeout=10) as r:
+            seen = json.loads(r.read())
+        hits = [v for path, v in seen.items() if path.startswith(prefix)]
+        return sum(v[0] for v in hits), sum(v[1] for v in hits)
 
     def reset(self) -> None:
         urllib.request.urlopen(urllib.request.Request(f"{self.endpoint}/__reset__", method="POST"), timeout=10).read()

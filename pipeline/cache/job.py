@@ -212,7 +212,7 @@ def work_items(cfg: CacheConfig, store: Storage, done: set[str]) -> tuple[list[d
         tars = sources.list_tars(cfg.source, store)
         if cfg.limit is None:
             return [{"tar": t} for t in tars], -1, True
-        plan = sources.plan_tar_limit(tars, store, cfg.limit)
+        plan = sources.plan_tar_limit(tars, store, cfg.limit, cfg.output)
         return [{"tar": t, "members": names} for t, names in plan], sum(len(n) for _, n in plan), True
     listed = sources.list_source(cfg.source, store)[: cfg.limit]
     items = [{"key": it.key, "sample_key": f"{it.key}_v{v}", "source": it.uri, "view": v}
@@ -220,30 +220,48 @@ def work_items(cfg: CacheConfig, store: Storage, done: set[str]) -> tuple[list[d
     return [it for it in items if it["sample_key"] not in done], len(listed), False
 
 
-def expand_tar(row: dict, *, views: int, done: Any, store: Storage) -> Iterator[dict]:
+def expand_tar(row: dict, *, views: int, done: Any, store: Storage, output: str) -> Iterator[dict]:
     """Ray Data flat_map: one tar -> its image members (those of ``row["members"]`` if the driver
     chose them) x views that are not committed yet.
 
-    One streaming pass, one member in memory at a time (Ray Data cuts the output into blocks as it
-    goes), so SA-1B's 10 GB tars cost a task about a block of memory. A tar that cannot be read to its
-    end (truncated, corrupt, unreachable) keeps the members read before the break and yields one error
-    row naming the tar.
+    A tar the cache has an index of (`sources.read_tar_index`) is read by ranged reads of the members
+    still needed, and not at all when every one is committed. Otherwise it is streamed once, one
+    member in memory at a time (Ray Data cuts the output into blocks as it goes), so SA-1B's 10 GB
+    tars cost a task about a block of memory, and its index is written once it is read to its end. A
+    tar that cannot be read to its end (truncated, corrupt, unreachable) keeps the members read
+    before the break and yields one error row naming the tar.
     """
     import ray
 
     done_keys = ray.get(done) if isinstance(done, ray.ObjectRef) else done
     tar = row["tar"]
     members = set(row["members"]) if row.get("members") is not None else None
+
+    def needed(item: sources.SourceItem) -> list[int]:
+        return [v for v in range(views) if f"{item.key}_v{v}" not in done_keys]
+
+    index = sources.read_tar_index(store, output, tar)
+    seen: list[sources.TarMember] = []
     try:
-        for item, data in sources.iter_tar_images(tar, store, members):
-            for v in range(views):
-                if f"{item.key}_v{v}" not in done_keys:
-                    yield {"key": item.key, "sample_key": f"{item.key}_v{v}", "source": item.uri, "view": v,
-                           "data": data, "error": ""}
+        if index is not None:
+            wanted = [m for m in index if (members is None or m.name in members) and needed(sources.tar_item(tar, m.name))]
+            images = sources.read_tar_members(tar, store, wanted)
+        else:
+            images = sources.iter_tar_images(tar, store, members, seen)
+        for item, data in images:
+            for v in needed(item):
+                yield {"key": item.key, "sample_key": f"{item.key}_v{v}", "source": item.uri, "view": v,
+                       "data": data, "error": ""}
     except (tarfile.TarError, OSError, EOFError) as e:
         key = sources.make_key(tar)
         yield {"key": key, "sample_key": f"{key}_tar", "source": tar, "view": 0, "data": b"",
                "error": f"unreadable tar: {type(e).__name__}: {e}"}
+        return
+    if index is None:  # streamed to its end: the next run reads only what it needs
+        try:
+            sources.write_tar_index(store, output, tar, seen)
+        except OSError as e:
+            log.warning("could not record the index of %s (the next run streams it again): %s", public_url(tar), e)
 
 
 def write_batch(batch: dict[str, np.ndarray], *, output: str, image_ext: str, store: Storage,
@@ -293,7 +311,8 @@ def build_dataset(cfg: CacheConfig, store: Storage, items: list[dict], is_tars: 
     read_cpus = cfg.read_cpus if cfg.read_cpus > 0 else (1.0 if pool.num_gpus else 0.5)
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
     if is_tars:
-        ds = ds.flat_map(expand_tar, fn_kwargs={"views": cfg.views, "done": ray.put(done), "store": store},
+        ds = ds.flat_map(expand_tar, fn_kwargs={"views": cfg.views, "done": ray.put(done), "store": store,
+                                                "output": cfg.output},
                          num_cpus=read_cpus)
     ds = ds.map(augment_row, num_cpus=read_cpus, fn_kwargs={
         "seed": cfg.seed, "cfg": cfg.augment, "max_pixels": cfg.max_pixels, "min_source_side": cfg.min_source_side,

@@ -6,6 +6,7 @@
     <output>/manifest/             Delta table, one row per committed sample -- THE COMMIT
     <output>/errors/               Delta table, one row per skipped input (key, source, reason, run)
     <output>/runs/<id>/            config.yaml and summary.json of every run
+    <output>/sources/<key>.json    the image members of each source tar read to its end (name, offset, size)
 
 Committing a shard: its tar is written first, under a name derived from its content, then all its
 rows are appended to the manifest in one Delta transaction. Delta's optimistic concurrency (an

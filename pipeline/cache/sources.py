@@ -13,10 +13,16 @@ A source is one string:
 
 Every item gets a stable key derived from its URI alone (readable stem + hash), so reruns and
 extensions of a source find the same keys. Keys contain no dots (WebDataset splits on them).
+
+A tar read to its end leaves an index of its image members (name, data offset, size) in the cache
+(`write_tar_index`): a rerun or an extension reads the members it still needs with ranged reads,
+skips a tar whose images are all committed without a request to it, and plans ``limit=`` from the
+index instead of the tar's headers.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 import tarfile
@@ -134,15 +140,80 @@ def _check_unique(items: list[SourceItem]) -> None:
             raise ValueError(f"key collision: {it.uri} and {seen[it.key]} share key {it.key}")
 
 
-def iter_tar_images(tar_url: str, store: Storage, members: set[str] | None = None
-                    ) -> Iterator[tuple[SourceItem, bytes]]:
+@dataclass(frozen=True)
+class TarMember:
+    """An image member of a source tar: its name and where its bytes are."""
+
+    name: str
+    offset: int  # of its data in the tar
+    size: int
+
+
+def tar_item(tar_url: str, name: str) -> SourceItem:
+    uri = f"{tar_url}#{name}"
+    return SourceItem(make_key(uri), uri, tar=tar_url, member=name)
+
+
+def iter_tar_images(tar_url: str, store: Storage, members: set[str] | None = None,
+                    index: list[TarMember] | None = None) -> Iterator[tuple[SourceItem, bytes]]:
     """(item, bytes) for each image member of one tar (only `members`, if given), streaming it once,
-    one member at a time."""
+    one member at a time. `index`, if given, receives every image member's `TarMember` as it passes
+    (complete only once the tar is read to its end)."""
     with store.open(tar_url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tf:
         for m in tf:
-            if m.isfile() and m.name.lower().endswith(IMAGE_EXTENSIONS) and (members is None or m.name in members):
-                uri = f"{tar_url}#{m.name}"
-                yield SourceItem(make_key(uri), uri, tar=tar_url, member=m.name), tf.extractfile(m).read()
+            if m.isfile() and m.name.lower().endswith(IMAGE_EXTENSIONS):
+                if index is not None:
+                    index.append(TarMember(m.name, m.offset_data, m.size))
+                if members is None or m.name in members:
+                    yield tar_item(tar_url, m.name), tf.extractfile(m).read()
+
+
+READ_GAP = 1 << 20  # members closer than this are read in one request (the bytes between are discarded)
+
+
+def read_tar_members(tar_url: str, store: Storage, wanted: list[TarMember]) -> Iterator[tuple[SourceItem, bytes]]:
+    """(item, bytes) of the `wanted` members of a tar (from its index), in tar order, by ranged reads:
+    one request per run of members less than `READ_GAP` apart; the rest of the tar is not read."""
+    wanted = sorted(wanted, key=lambda m: m.offset)
+    i = 0
+    while i < len(wanted):
+        j = i + 1
+        while j < len(wanted) and wanted[j].offset - (wanted[j - 1].offset + wanted[j - 1].size) < READ_GAP:
+            j += 1
+        start, end = wanted[i].offset, wanted[j - 1].offset + wanted[j - 1].size
+        data = store.read_range(tar_url, start, end)
+        if len(data) != end - start:
+            raise EOFError(f"{storage.public_url(tar_url)}: {len(data)} of the {end - start} bytes at {start} read")
+        for m in wanted[i:j]:
+            yield tar_item(tar_url, m.name), data[m.offset - start:m.offset - start + m.size]
+        i = j
+
+
+def tar_index_url(output: str, tar_url: str) -> str:
+    """Where a cache keeps a source tar's index of image members."""
+    return storage.join(output, "sources", f"{make_key(tar_url)}.json")
+
+
+def write_tar_index(store: Storage, output: str, tar_url: str, members: list[TarMember]) -> None:
+    """Record a tar's image members (all of them: written once the tar was read to its end)."""
+    store.write_text(tar_index_url(output, tar_url), json.dumps({
+        "tar": storage.public_url(tar_url), "names": [m.name for m in members],
+        "offsets": [m.offset for m in members], "sizes": [m.size for m in members]}))
+
+
+def read_tar_index(store: Storage, output: str, tar_url: str) -> list[TarMember] | None:
+    """A tar's image members as its index recorded them, or None if it has none (never read to its
+    end, or the index is unreadable: the tar is then streamed again)."""
+    url = tar_index_url(output, tar_url)
+    try:
+        index = json.loads(store.read_text(url))
+        return [TarMember(str(n), int(o), int(s)) for n, o, s in
+                zip(index["names"], index["offsets"], index["sizes"], strict=True)]
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError) as e:
+        log.warning("ignoring the unreadable tar index %s: %s", url, e)
+        return None
 
 
 def list_tar_images(tar_url: str, store: Storage, limit: int) -> list[str]:
@@ -162,14 +233,17 @@ def list_tar_images(tar_url: str, store: Storage, limit: int) -> list[str]:
     return names
 
 
-def plan_tar_limit(tars: list[str], store: Storage, limit: int) -> list[tuple[str, list[str]]]:
+def plan_tar_limit(tars: list[str], store: Storage, limit: int, output: str | None = None
+                   ) -> list[tuple[str, list[str]]]:
     """The first `limit` images of a tar source as (tar, member names): tars in the given (natural)
-    order, members in tar order. Only the tars needed are read, and of them only their headers."""
+    order, members in tar order. Only the tars needed are read, and of them only their headers, or
+    their index in the cache at `output` if it has one."""
     plan, left = [], limit
     for tar in tars:
         if left <= 0:
             break
-        names = list_tar_images(tar, store, left)
+        index = read_tar_index(store, output, tar) if output is not None else None
+        names = [m.name for m in index[:left]] if index is not None else list_tar_images(tar, store, left)
         if names:
             plan.append((tar, names))
             left -= len(names)

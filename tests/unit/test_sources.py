@@ -102,3 +102,44 @@ def test_folders_list_in_natural_order(tmp_path):
         Storage().write_bytes(str(tmp_path / f"sa_{i}.jpg"), png(scene(40, 40)))
     names = [it.uri.rsplit("/", 1)[1] for it in list_source(str(tmp_path), Storage())]
     assert names == ["sa_1.jpg", "sa_2.jpg", "sa_9.jpg", "sa_10.jpg", "sa_100.jpg"]
+
+
+def test_a_tar_index_records_every_image_member_and_ranged_reads_return_their_bytes(tmp_path, monkeypatch):
+    """Streaming a tar records each image member's offset and size; reading some members back by
+    range returns exactly their bytes, in one request per run of nearby members."""
+    import io
+    import tarfile
+
+    from pipeline.cache import sources
+
+    payloads = {f"sa_{i}.jpg": bytes([i]) * (500 + 700 * i) for i in range(6)}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in payloads.items():
+            for member, body in ((name, data), (name.replace(".jpg", ".json"), b"{}")):
+                info = tarfile.TarInfo(member)
+                info.size = len(body)
+                tf.addfile(info, io.BytesIO(body))
+    tar, out = str(tmp_path / "sa_000000.tar"), str(tmp_path / "cache")
+    Storage().write_bytes(tar, buf.getvalue())
+    seen: list = []
+    streamed = {item.member: data for item, data in sources.iter_tar_images(tar, Storage(), {"sa_1.jpg"}, seen)}
+    assert list(streamed) == ["sa_1.jpg"] and [m.name for m in seen] == list(payloads)  # the index has them all
+    assert sources.read_tar_index(Storage(), out, tar) is None
+    sources.write_tar_index(Storage(), out, tar, seen)
+    index = sources.read_tar_index(Storage(), out, tar)
+    assert index == seen
+
+    ranges = []
+    monkeypatch.setattr(Storage, "read_range", lambda self, url, a, b: ranges.append((a, b)) or
+                        Storage.read_bytes(self, url)[a:b])
+    wanted = [m for m in index if m.name in ("sa_1.jpg", "sa_2.jpg", "sa_5.jpg")]
+    read = {item.member: data for item, data in sources.read_tar_members(tar, Storage(), wanted)}
+    assert read == {n: payloads[n] for n in ("sa_1.jpg", "sa_2.jpg", "sa_5.jpg")}
+    assert len(ranges) == 1  # all within READ_GAP of each other: one request
+    monkeypatch.setattr(sources, "READ_GAP", 0)
+    ranges.clear()
+    assert [i.member for i, _ in sources.read_tar_members(tar, Storage(), wanted)] == ["sa_1.jpg", "sa_2.jpg", "sa_5.jpg"]
+    assert len(ranges) == 3 and ranges[0] == (index[1].offset, index[1].offset + index[1].size)
+    Storage().write_text(sources.tar_index_url(out, tar), "{not json")
+    assert sources.read_tar_index(Storage(), out, tar) is None  # unreadable: the tar is streamed again
