@@ -116,10 +116,9 @@ def _build(store: Storage, url: str, cfg: ScaleBench) -> float:
     return time.perf_counter() - t
 
 
-def _resume_state(store: Storage, url: str) -> set[str]:
+def _resume_state(store: Storage, url: str) -> shards.KeySet:
     """What the cache job computes on a rerun before it dispatches work: the keys already committed."""
-    committed, _, _ = shards.read_manifest(store, url)
-    return set(committed.column("key").to_pylist())
+    return shards.committed_keys(store, url)[0]
 
 
 def _kb(field_name: str) -> int:
@@ -146,7 +145,7 @@ def _step(step: str, url: str, options: dict, cfg: ScaleBench) -> dict:
         return {"open_s": seconds, "open_peak_gb": peak, **out}
     if step == "resume_plan":
         out, seconds, peak = _measured(lambda: {
-            "resume_state_bytes": len(pickle.dumps(_resume_state(Storage(options), url)))})  # as ray.put would
+            "resume_state_bytes": len(pickle.dumps(_resume_state(Storage(options), url), protocol=5))})  # as ray.put
         return {"resume_plan_s": seconds, "resume_peak_gb": peak, **out}
     cache = open_cache(url, options)
     if step == "val_split":

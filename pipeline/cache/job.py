@@ -200,7 +200,7 @@ def claim_output(cfg: CacheConfig, store: Storage, compute_dtype: str | None = N
     return fp
 
 
-def work_items(cfg: CacheConfig, store: Storage, done: set[str]) -> tuple[list[dict], int, bool]:
+def work_items(cfg: CacheConfig, store: Storage, done: shards.KeySet) -> tuple[list[dict], int, bool]:
     """(items to compute, source images listed, whether items are tars to expand).
 
     Tar sources are expanded on the workers, one streaming pass per tar. With ``limit=N`` the driver
@@ -217,7 +217,8 @@ def work_items(cfg: CacheConfig, store: Storage, done: set[str]) -> tuple[list[d
     listed = sources.list_source(cfg.source, store)[: cfg.limit]
     items = [{"key": it.key, "sample_key": f"{it.key}_v{v}", "source": it.uri, "view": v}
              for it in listed for v in range(cfg.views)]
-    return [it for it in items if it["sample_key"] not in done], len(listed), False
+    committed = done.contains([it["sample_key"] for it in items])
+    return [it for it, c in zip(items, committed) if not c], len(listed), False
 
 
 def expand_tar(row: dict, *, views: int, done: Any, store: Storage, output: str) -> Iterator[dict]:
@@ -238,7 +239,8 @@ def expand_tar(row: dict, *, views: int, done: Any, store: Storage, output: str)
     members = set(row["members"]) if row.get("members") is not None else None
 
     def needed(item: sources.SourceItem) -> list[int]:
-        return [v for v in range(views) if f"{item.key}_v{v}" not in done_keys]
+        keys = [f"{item.key}_v{v}" for v in range(views)]
+        return [v for v, committed in enumerate(done_keys.contains(keys)) if not committed]
 
     index = sources.read_tar_index(store, output, tar)
     seen: list[sources.TarMember] = []
@@ -301,7 +303,7 @@ def teacher_pool(cfg: CacheConfig):
                       min_actors=t.min_actors, max_actors=t.max_actors)
 
 
-def build_dataset(cfg: CacheConfig, store: Storage, items: list[dict], is_tars: bool, done: set[str], fp: dict,
+def build_dataset(cfg: CacheConfig, store: Storage, items: list[dict], is_tars: bool, done: shards.KeySet, fp: dict,
                   run: str, pool):
     """The streaming Ray Data pipeline for `items` (not executed yet) on the actor `pool`."""
     import ray
@@ -349,8 +351,7 @@ def run(cfg: CacheConfig) -> dict:
         run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
         store.write_text(storage.join(cfg.output, "config.yaml"), to_yaml(cfg))
         store.write_text(storage.join(cfg.output, "runs", run_id, "config.yaml"), to_yaml(cfg))
-        committed, version, _ = shards.read_manifest(store, cfg.output)
-        done = set(committed.column("key").to_pylist())
+        done, version = shards.committed_keys(store, cfg.output)  # 16 bytes a key
         items, listed, is_tars = work_items(cfg, store, done)
         log.info("fingerprint %s; %d samples already committed (manifest version %d); %d work items",
                  fp["fingerprint"][:19], len(done), version, len(items))
@@ -386,7 +387,7 @@ def _rates(totals: dict, progress: Progress) -> str:
 
 def _summarize(cfg: CacheConfig, store: Storage, run_id: str, totals: dict, before: int, listed: int,
                seconds: float) -> dict:
-    samples_now, version, duplicates = shards.read_manifest(store, cfg.output)
+    samples_now, version, duplicates = shards.read_samples(store, cfg.output)
     attempted = totals["samples"] + totals["errors"]
     summary = {
         "run": run_id, "output": public_url(cfg.output), "source_images": listed,

@@ -223,6 +223,52 @@ def key_hashes(keys: pa.Array, chunk: int = 1 << 16) -> np.ndarray:
     return out
 
 
+_DIGEST = np.dtype([("high", ">u8"), ("low", ">u8")])  # 128 bits of blake2b: sorts and compares as one number
+
+
+def key_digests(keys: list[str], chunk: int = 1 << 16) -> np.ndarray:
+    """A 128-bit blake2b digest of every key (`_DIGEST`), computed `chunk` at a time."""
+    out = np.empty(len(keys), _DIGEST)
+    for lo in range(0, len(keys), chunk):
+        joined = b"".join([hashlib.blake2b(k.encode(), digest_size=16).digest() for k in keys[lo:lo + chunk]])
+        out[lo:lo + chunk] = np.frombuffer(joined, _DIGEST)
+    return out
+
+
+class KeySet:
+    """A set of sample keys as sorted 128-bit digests: 16 bytes a key, no Python object per key, and
+    passed to Ray tasks as one array (read from the object store without a copy). Two different keys
+    share a digest with probability ~2**-128 per pair."""
+
+    def __init__(self, digests: np.ndarray):
+        self.digests = np.sort(digests)
+
+    @classmethod
+    def of(cls, keys: pa.Array | pa.ChunkedArray, chunk: int = 1 << 16) -> "KeySet":
+        parts = [key_digests(keys.slice(lo, chunk).to_pylist()) for lo in range(0, len(keys), chunk)]
+        return cls(np.concatenate(parts) if parts else np.empty(0, _DIGEST))
+
+    def __len__(self) -> int:
+        return len(self.digests)
+
+    def contains(self, keys: list[str]) -> np.ndarray:
+        """Whether each of `keys` is in the set (bool per key)."""
+        if not len(self.digests):
+            return np.zeros(len(keys), bool)
+        wanted = key_digests(keys)
+        found = np.minimum(np.searchsorted(self.digests, wanted), len(self.digests) - 1)
+        return self.digests[found] == wanted
+
+    def __contains__(self, key: str) -> bool:
+        return bool(self.contains([key])[0])
+
+
+def committed_keys(store: Storage, output: str) -> tuple[KeySet, int]:
+    """(the keys committed in the manifest's latest version, that version): what a rerun skips."""
+    samples, version, _ = read_samples(store, output)
+    return KeySet.of(samples.column("key")), version
+
+
 def read_samples(store: Storage, output: str, version: int | None = None,
                  check: Callable[[pa.Table], None] | None = None) -> tuple[pa.Table, int, pa.Table]:
     """(samples, table version, duplicates) as `read_manifest` with ``columns=SAMPLE_COLUMNS``, at

@@ -177,3 +177,16 @@ def test_the_manifest_is_a_delta_table_that_duckdb_queries(tmp_path):
     samples = DeltaTable(f"{out}/manifest").to_pyarrow_dataset()  # noqa: F841  (queried by name below)
     rows = duckdb.sql("SELECT shard, count(*) AS n, sum(target_bytes) AS bytes FROM samples GROUP BY shard").fetchall()
     assert len(rows) == 3 and all(n == 2 for _, n, _ in rows)
+
+
+def test_a_key_set_holds_16_bytes_a_key_and_answers_membership_exactly():
+    import pyarrow as pa
+
+    from pipeline.cache.shards import KeySet
+
+    keys = [f"sa_{i}_{i * 7919 % 100003:012x}_v{i % 2}" for i in range(100_000)]
+    done = KeySet.of(pa.chunked_array([keys[:40_000], keys[40_000:]]))
+    assert len(done) == 100_000 and done.digests.nbytes == 16 * 100_000
+    asked = keys[::1000] + [k + "x" for k in keys[::1000]] + ["", "sa_1"]
+    assert done.contains(asked).tolist() == [True] * 100 + [False] * 102
+    assert keys[5] in done and "nope" not in done and "x" not in KeySet.of(pa.array([], pa.string()))
