@@ -17,7 +17,8 @@ shuffle block), so every rank computes every rank's plan without talking to the 
    and since every rank knows every rank's batches, each knows how many real samples a step has
    (the loss is weighted to average over those, never over padding).
 
-A loader process holds at most about ``shuffle_buffer + bucket_window`` decoded samples.
+A loader process holds about ``shuffle_buffer + bucket_window`` decoded samples, plus at most one
+shard's (it reads a tar in tar order, the plan orders a shard's samples by key).
 
 Everything is computed with numpy over arrays of every sample (a few int32 and int64 per sample,
 no per-sample Python object): 11 million samples plan in seconds on every rank, and a rank turns
