@@ -7,7 +7,8 @@
     pinned = pipeline.open_cache(url, version=cache.version)   # the same samples, whatever was added since
 
 Opening reads what training needs of every sample (`Cache.samples`: key, shard and image size,
-~60 bytes a sample); the manifest's other columns are read when asked for (`Cache.manifest`).
+~45 bytes a sample kept, ~95 at the peak of opening); the manifest's other columns are read when
+asked for (`Cache.manifest`).
 Only committed samples are read (the manifest's rows at one Delta table version), and every member
 is checked against its checksum. Every name a cache gives (sample keys, shard names, tar paths and
 member names) is checked against the grammar the cache job writes when the manifest is opened and
