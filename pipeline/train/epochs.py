@@ -105,6 +105,7 @@ class Batches:
     bounds: np.ndarray  # batch b is members[bounds[b]:bounds[b + 1]]
     stream: np.ndarray  # the stream (rank * workers + loader process) of each batch
     step: np.ndarray  # the step of its rank at which each batch is trained
+    order: np.ndarray  # the epoch order (`epoch_order`): row of each position
     kept: np.ndarray  # the positions planned (those not done), in epoch order
     stream_bounds: np.ndarray  # stream s streams kept[stream_bounds[s]:stream_bounds[s + 1]]
 
@@ -138,7 +139,8 @@ def plan_batches(table: SampleTable, *, seed: int, epoch: int, world_size: int, 
         del block
 
     # in each window of a stream, the samples of one size in stream order (a stable sort by group)
-    size = table.size[epoch_order(table, seed=seed, epoch=epoch)[shuffled]].astype(np.int64)
+    order = epoch_order(table, seed=seed, epoch=epoch)
+    size = table.size[order[shuffled]].astype(np.int64)
     group = (np.cumsum(np.append(0, -(-lengths // window)))[sid] + local // window) * len(table.sizes) + size
     del size, local
     by_group = np.argsort(group, kind="stable")
@@ -159,7 +161,8 @@ def plan_batches(table: SampleTable, *, seed: int, epoch: int, world_size: int, 
     del last, emitted, sid
     members = shuffled[by_group[_ranges(starts, counts)]]
     del by_group, shuffled
-    return Batches(members, np.append(0, np.cumsum(counts)), stream, _steps(stream, workers), kept, stream_bounds)
+    return Batches(members, np.append(0, np.cumsum(counts)), stream, _steps(stream, workers), order, kept,
+                   stream_bounds)
 
 
 def _steps(stream: np.ndarray, workers: int) -> np.ndarray:
@@ -237,7 +240,7 @@ def plan_epoch(table: SampleTable, *, seed: int, epoch: int, rank: int, world_si
     steps = int(b.step.max()) + 1 if len(b.step) else 0
     steps = -(-steps // step_multiple) * step_multiple
     step_samples = np.bincount(b.step, weights=counts, minlength=steps).astype(np.int64).tolist()
-    order = epoch_order(table, seed=seed, epoch=epoch)
+    order = b.order
     plans = []
     for s in range(rank * workers, (rank + 1) * workers):
         lo, hi = np.searchsorted(b.stream, [s, s + 1])
