@@ -169,16 +169,19 @@ def iter_tar_images(tar_url: str, store: Storage, members: set[str] | None = Non
 
 
 READ_GAP = 1 << 20  # members closer than this are read in one request (the bytes between are discarded)
+READ_SPAN = 64 << 20  # ... unless that request would span more than this (a task holds one request's bytes)
 
 
 def read_tar_members(tar_url: str, store: Storage, wanted: list[TarMember]) -> Iterator[tuple[SourceItem, bytes]]:
     """(item, bytes) of the `wanted` members of a tar (from its index), in tar order, by ranged reads:
-    one request per run of members less than `READ_GAP` apart; the rest of the tar is not read."""
+    one request per run of members less than `READ_GAP` apart and within `READ_SPAN` (a larger member
+    is one request of its own); the rest of the tar is not read."""
     wanted = sorted(wanted, key=lambda m: m.offset)
     i = 0
     while i < len(wanted):
         j = i + 1
-        while j < len(wanted) and wanted[j].offset - (wanted[j - 1].offset + wanted[j - 1].size) < READ_GAP:
+        while (j < len(wanted) and wanted[j].offset - (wanted[j - 1].offset + wanted[j - 1].size) < READ_GAP
+               and wanted[j].offset + wanted[j].size - wanted[i].offset <= READ_SPAN):
             j += 1
         start, end = wanted[i].offset, wanted[j - 1].offset + wanted[j - 1].size
         data = store.read_range(tar_url, start, end)

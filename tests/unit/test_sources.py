@@ -106,7 +106,7 @@ def test_folders_list_in_natural_order(tmp_path):
 
 def test_a_tar_index_records_every_image_member_and_ranged_reads_return_their_bytes(tmp_path, monkeypatch):
     """Streaming a tar records each image member's offset and size; reading some members back by
-    range returns exactly their bytes, in one request per run of nearby members."""
+    range returns exactly their bytes, in one request per run of nearby members of bounded span."""
     import io
     import tarfile
 
@@ -141,5 +141,10 @@ def test_a_tar_index_records_every_image_member_and_ranged_reads_return_their_by
     ranges.clear()
     assert [i.member for i, _ in sources.read_tar_members(tar, Storage(), wanted)] == ["sa_1.jpg", "sa_2.jpg", "sa_5.jpg"]
     assert len(ranges) == 3 and ranges[0] == (index[1].offset, index[1].offset + index[1].size)
+    monkeypatch.setattr(sources, "READ_GAP", 1 << 20)
+    monkeypatch.setattr(sources, "READ_SPAN", index[2].offset + index[2].size - index[1].offset)
+    ranges.clear()  # a bounded span: sa_1 and sa_2 in one request, sa_5 (past the span) in another
+    assert [i.member for i, _ in sources.read_tar_members(tar, Storage(), wanted)] == ["sa_1.jpg", "sa_2.jpg", "sa_5.jpg"]
+    assert ranges == [(index[1].offset, index[2].offset + index[2].size), (index[5].offset, index[5].offset + index[5].size)]
     Storage().write_text(sources.tar_index_url(out, tar), "{not json")
     assert sources.read_tar_index(Storage(), out, tar) is None  # unreadable: the tar is streamed again
