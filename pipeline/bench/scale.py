@@ -116,9 +116,9 @@ def _build(store: Storage, url: str, cfg: ScaleBench) -> float:
     return time.perf_counter() - t
 
 
-def _resume_state(store: Storage, url: str) -> shards.KeySet:
+def _resume_state(store: Storage, url: str) -> shards.Committed:
     """What the cache job computes on a rerun before it dispatches work: the keys already committed."""
-    return shards.committed_keys(store, url)[0]
+    return shards.committed_keys(store, url)
 
 
 def _kb(field_name: str) -> int:
@@ -145,7 +145,7 @@ def _step(step: str, url: str, options: dict, cfg: ScaleBench) -> dict:
         return {"open_s": seconds, "open_peak_gb": peak, **out}
     if step == "resume_plan":
         out, seconds, peak = _measured(lambda: {
-            "resume_state_bytes": len(pickle.dumps(_resume_state(Storage(options), url), protocol=5))})  # as ray.put
+            "resume_state_bytes": len(pickle.dumps(_resume_state(Storage(options), url), protocol=5))})  # what the driver holds
         return {"resume_plan_s": seconds, "resume_peak_gb": peak, **out}
     cache = open_cache(url, options)
     if step == "val_split":

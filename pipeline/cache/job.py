@@ -200,10 +200,11 @@ def claim_output(cfg: CacheConfig, store: Storage, compute_dtype: str | None = N
     return fp
 
 
-def work_items(cfg: CacheConfig, store: Storage, done: shards.KeySet) -> tuple[list[dict], int, bool]:
+def work_items(cfg: CacheConfig, store: Storage, done: shards.Committed) -> tuple[list[dict], int, bool]:
     """(items to compute, source images listed, whether items are tars to expand).
 
-    Tar sources are expanded on the workers, one streaming pass per tar. With ``limit=N`` the driver
+    Tar sources are expanded on the workers, one per tar; a tar's item carries the digests of its
+    own committed keys (`shards.Committed.in_tar`), not the whole set. With ``limit=N`` the driver
     first decides which members are the first N (tars in natural order, members in tar order) from
     the tars' headers, so a rerun or an extension with a larger N picks the same images first.
     """
@@ -211,19 +212,21 @@ def work_items(cfg: CacheConfig, store: Storage, done: shards.KeySet) -> tuple[l
     if kind == "tars":
         tars = sources.list_tars(cfg.source, store)
         if cfg.limit is None:
-            return [{"tar": t} for t in tars], -1, True
+            return [{"tar": t, "done": done.in_tar(t).digests.tobytes()} for t in tars], -1, True
         plan = sources.plan_tar_limit(tars, store, cfg.limit, cfg.output)
-        return [{"tar": t, "members": names} for t, names in plan], sum(len(n) for _, n in plan), True
+        return ([{"tar": t, "members": names, "done": done.in_tar(t).digests.tobytes()} for t, names in plan],
+                sum(len(n) for _, n in plan), True)
     listed = sources.list_source(cfg.source, store)[: cfg.limit]
     items = [{"key": it.key, "sample_key": f"{it.key}_v{v}", "source": it.uri, "view": v}
              for it in listed for v in range(cfg.views)]
-    committed = done.contains([it["sample_key"] for it in items])
+    committed = done.keys.contains([it["sample_key"] for it in items])
     return [it for it, c in zip(items, committed) if not c], len(listed), False
 
 
-def expand_tar(row: dict, *, views: int, done: Any, store: Storage, output: str) -> Iterator[dict]:
+def expand_tar(row: dict, *, views: int, store: Storage, output: str) -> Iterator[dict]:
     """Ray Data flat_map: one tar -> its image members (those of ``row["members"]`` if the driver
-    chose them) x views that are not committed yet.
+    chose them) x views that are not committed yet (``row["done"]``: the digests of the tar's
+    committed keys).
 
     A tar the cache has an index of (`sources.read_tar_index`) is read by ranged reads of the members
     still needed, and not at all when every one is committed. Otherwise it is streamed once, one
@@ -232,9 +235,7 @@ def expand_tar(row: dict, *, views: int, done: Any, store: Storage, output: str)
     tar that cannot be read to its end (truncated, corrupt, unreachable) keeps the members read
     before the break and yields one error row naming the tar.
     """
-    import ray
-
-    done_keys = ray.get(done) if isinstance(done, ray.ObjectRef) else done
+    done_keys = shards.KeySet.from_bytes(row["done"])
     tar = row["tar"]
     members = set(row["members"]) if row.get("members") is not None else None
 
@@ -303,8 +304,7 @@ def teacher_pool(cfg: CacheConfig):
                       min_actors=t.min_actors, max_actors=t.max_actors)
 
 
-def build_dataset(cfg: CacheConfig, store: Storage, items: list[dict], is_tars: bool, done: shards.KeySet, fp: dict,
-                  run: str, pool):
+def build_dataset(cfg: CacheConfig, store: Storage, items: list[dict], is_tars: bool, fp: dict, run: str, pool):
     """The streaming Ray Data pipeline for `items` (not executed yet) on the actor `pool`."""
     import ray
 
@@ -313,8 +313,7 @@ def build_dataset(cfg: CacheConfig, store: Storage, items: list[dict], is_tars: 
     read_cpus = cfg.read_cpus if cfg.read_cpus > 0 else (1.0 if pool.num_gpus else 0.5)
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
     if is_tars:
-        ds = ds.flat_map(expand_tar, fn_kwargs={"views": cfg.views, "done": ray.put(done), "store": store,
-                                                "output": cfg.output},
+        ds = ds.flat_map(expand_tar, fn_kwargs={"views": cfg.views, "store": store, "output": cfg.output},
                          num_cpus=read_cpus)
     ds = ds.map(augment_row, num_cpus=read_cpus, fn_kwargs={
         "seed": cfg.seed, "cfg": cfg.augment, "max_pixels": cfg.max_pixels, "min_source_side": cfg.min_source_side,
@@ -351,13 +350,13 @@ def run(cfg: CacheConfig) -> dict:
         run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
         store.write_text(storage.join(cfg.output, "config.yaml"), to_yaml(cfg))
         store.write_text(storage.join(cfg.output, "runs", run_id, "config.yaml"), to_yaml(cfg))
-        done, version = shards.committed_keys(store, cfg.output)  # 16 bytes a key
+        done = shards.committed_keys(store, cfg.output)  # 16 bytes a key
         items, listed, is_tars = work_items(cfg, store, done)
         log.info("fingerprint %s; %d samples already committed (manifest version %d); %d work items",
-                 fp["fingerprint"][:19], len(done), version, len(items))
+                 fp["fingerprint"][:19], len(done), done.version, len(items))
         require_on_every_node(storage.join(cfg.output, "teacher.json"), "the cache output")
         if items:
-            dataset = build_dataset(cfg, store, items, is_tars, done, fp, run_id, pool)
+            dataset = build_dataset(cfg, store, items, is_tars, fp, run_id, pool)
             expected = -1 if is_tars and listed < 0 else (len(items) if not is_tars else listed * cfg.views - len(done))
             progress = Progress(log, "cache progress, samples", expected, cfg.progress_every_s)
             for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):

@@ -30,7 +30,7 @@ import os
 import tempfile
 import time
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -241,7 +241,12 @@ class KeySet:
     share a digest with probability ~2**-128 per pair."""
 
     def __init__(self, digests: np.ndarray):
-        self.digests = np.sort(digests)
+        self.digests = np.sort(digests.astype(_DIGEST, copy=False))  # numpy may have made its fields native-endian
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "KeySet":
+        """The set whose `digests.tobytes()` gave `data` (what a Ray task is sent)."""
+        return cls(np.frombuffer(data, _DIGEST))
 
     @classmethod
     def of(cls, keys: pa.Array | pa.ChunkedArray, chunk: int = 1 << 16) -> "KeySet":
@@ -263,10 +268,59 @@ class KeySet:
         return bool(self.contains([key])[0])
 
 
-def committed_keys(store: Storage, output: str) -> tuple[KeySet, int]:
-    """(the keys committed in the manifest's latest version, that version): what a rerun skips."""
-    samples, version, _ = read_samples(store, output)
-    return KeySet.of(samples.column("key")), version
+class Committed:
+    """What a rerun of the cache job skips, as of the manifest's `version`: the committed keys of
+    samples of image sources (`keys`), and those of tar members grouped by their tar, so that each
+    tar's task is given its own keys only (`in_tar`). 16 bytes a committed key."""
+
+    def __init__(self, version: int, digests: np.ndarray, codes: np.ndarray, tars: list[str]):
+        self.version, self._tars = version, {t: i for i, t in enumerate(tars)}
+        self.keys = KeySet(digests[codes < 0])
+        in_tars = codes >= 0
+        digests, codes = digests[in_tars], codes[in_tars]
+        order = np.lexsort((digests["low"], digests["high"], codes))
+        self._by_tar = digests[order]
+        self._bounds = np.searchsorted(codes[order], np.arange(len(tars) + 1))
+
+    def __len__(self) -> int:
+        return len(self.keys) + len(self._by_tar)
+
+    def in_tar(self, tar_url: str) -> KeySet:
+        """The committed keys whose source is a member of the tar at `tar_url`."""
+        code = self._tars.get(storage.public_url(tar_url))
+        if code is None:
+            return KeySet(np.empty(0, _DIGEST))
+        return KeySet(self._by_tar[self._bounds[code]:self._bounds[code + 1]])
+
+
+_TAR_OF_SOURCE = r"(?i)^(?P<tar>.*?\.tar)#"  # sources.tar_item's URI: <tar URL>#<member name>
+
+
+def committed_keys(store: Storage, output: str) -> Committed:
+    """The keys committed in the manifest's latest version, read row group by row group (key and
+    source columns only): what a rerun of the cache job skips."""
+    tars: dict[str, int] = {}
+    codes, digests = [np.empty(0, np.int32)], [np.empty(0, _DIGEST)]
+    dt = open_table(store, output, MANIFEST)
+    for part in _row_groups(store, dt, ["key", "source"]):
+        digests.append(key_digests(part.column("key").to_pylist()))
+        tar = pc.struct_field(pc.extract_regex(part.column("source"), _TAR_OF_SOURCE), [0])
+        encoded = pc.dictionary_encode(tar).combine_chunks()
+        local = np.array([tars.setdefault(t, len(tars)) for t in encoded.dictionary.to_pylist()] + [-1], np.int32)
+        codes.append(local[pc.coalesce(encoded.indices, pa.scalar(-1, pa.int32())).to_numpy()])
+    return Committed(dt.version() if dt is not None else -1, np.concatenate(digests), np.concatenate(codes), list(tars))
+
+
+def _row_groups(store: Storage, dt, columns: list[str], dictionary: tuple[str, ...] = ()) -> Iterator[pa.Table]:
+    """`columns` of every row group of the Delta table `dt`'s files (none if `dt` is None), read one
+    row group at a time through `store`; the `dictionary` columns dictionary-encoded."""
+    import pyarrow.parquet as pq
+
+    for uri in dt.file_uris() if dt is not None else ():
+        with store.open(uri, "rb") as f:
+            pf = pq.ParquetFile(f, read_dictionary=list(dictionary), pre_buffer=False)
+            for group in range(pf.num_row_groups):
+                yield pf.read_row_group(group, columns=columns, use_threads=False)
 
 
 def read_samples(store: Storage, output: str, version: int | None = None,
@@ -276,23 +330,17 @@ def read_samples(store: Storage, output: str, version: int | None = None,
     time, shard names dictionary-encoded, and keys de-duplicated by a hash of their bytes (the exact
     path of `read_manifest` runs only if two rows share a hash). `check` sees every row group with
     its tar paths (dictionary-encoded) before they are dropped."""
-    import pyarrow.parquet as pq
-
     dt = open_table(store, output, MANIFEST, version)
     if dt is None:
         return read_manifest(store, output, version, columns=SAMPLE_COLUMNS)
     schema = pa.schema([("key", pa.string()), ("shard", _DICTIONARY), ("height", pa.int32()), ("width", pa.int32())])
     parts, hashes = [], []
-    for uri in dt.file_uris():
-        with store.open(uri, "rb") as f:
-            pf = pq.ParquetFile(f, read_dictionary=["shard", "tar"], pre_buffer=False)
-            for group in range(pf.num_row_groups):
-                part = pf.read_row_group(group, columns=[*SAMPLE_COLUMNS, "tar"], use_threads=False)
-                part = part.cast(pa.schema([*schema, ("tar", _DICTIONARY)]))
-                if check is not None:
-                    check(part)
-                parts.append(part.select(SAMPLE_COLUMNS))
-                hashes.append(key_hashes(part.column("key").combine_chunks()))
+    for part in _row_groups(store, dt, [*SAMPLE_COLUMNS, "tar"], ("shard", "tar")):
+        part = part.cast(pa.schema([*schema, ("tar", _DICTIONARY)]))
+        if check is not None:
+            check(part)
+        parts.append(part.select(SAMPLE_COLUMNS))
+        hashes.append(key_hashes(part.column("key").combine_chunks()))
     samples = pa.concat_tables(parts) if parts else schema.empty_table()
     del parts
     found = dt.version()

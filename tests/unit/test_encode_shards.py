@@ -190,3 +190,24 @@ def test_a_key_set_holds_16_bytes_a_key_and_answers_membership_exactly():
     asked = keys[::1000] + [k + "x" for k in keys[::1000]] + ["", "sa_1"]
     assert done.contains(asked).tolist() == [True] * 100 + [False] * 102
     assert keys[5] in done and "nope" not in done and "x" not in KeySet.of(pa.array([], pa.string()))
+
+
+def test_a_reruns_committed_keys_are_grouped_by_source_tar_so_each_tar_task_gets_only_its_own(tmp_path):
+    """The cache job's rerun state: image-source keys in one set, tar members' keys per tar (a tar's
+    task is sent its own digests, not every committed key)."""
+    import pyarrow as pa
+
+    store, out = Storage(), str(tmp_path / "cache")
+    shards.create_tables(store, out)
+    rows = [dict(row, key=f"k{i}_v0", source=f"s3://b/sa_{i % 3}.TAR#sa_{i}.jpg" if i < 7 else f"/x/img{i}.jpg",
+                 shard="s", tar="shards/s.tar", shard_samples=10, shard_bytes=1, shard_sha256="", run="r",
+                 committed=0.0) for i, row in enumerate(_rows([{"__key__": "", "target.npy": b""}] * 10))]
+    shards._append(store, out, shards.MANIFEST, pa.Table.from_pylist(rows, schema=shards.SAMPLE_SCHEMA))
+    done = shards.committed_keys(store, out)
+    assert (len(done), done.version, len(done.keys)) == (10, 1, 3)
+    assert [len(done.in_tar(f"s3://b/sa_{t}.TAR")) for t in range(4)] == [3, 2, 2, 0]
+    assert "k3_v0" in done.in_tar("s3://b/sa_0.TAR") and "k1_v0" not in done.in_tar("s3://b/sa_0.TAR")
+    assert "k8_v0" in done.keys and "k0_v0" not in done.keys
+    sent = shards.KeySet.from_bytes(done.in_tar("s3://b/sa_1.TAR").digests.tobytes())
+    assert sent.contains(["k1_v0", "k4_v0", "k2_v0"]).tolist() == [True, True, False]
+    assert len(shards.committed_keys(store, str(tmp_path / "none"))) == 0
