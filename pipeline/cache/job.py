@@ -205,8 +205,8 @@ def work_items(cfg: CacheConfig, store: Storage, done: shards.Committed) -> tupl
 
     Tar sources are expanded on the workers, one per tar; a tar's item carries the digests of its
     own committed keys (`shards.Committed.in_tar`), not the whole set. With ``limit=N`` the driver
-    first decides which members are the first N (tars in natural order, members in tar order) from
-    the tars' headers, so a rerun or an extension with a larger N picks the same images first.
+    first decides which members are the first N (tars in natural order, members in tar order) by
+    `sources.plan_tar_limit`, so a rerun or an extension with a larger N picks the same images first.
     """
     kind = sources.source_kind(cfg.source, store)
     if kind == "tars":

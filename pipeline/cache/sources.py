@@ -17,7 +17,7 @@ extensions of a source find the same keys. Keys contain no dots (WebDataset spli
 A tar read to its end leaves an index of its image members (name, data offset, size) in the cache
 (`write_tar_index`): a rerun or an extension reads the members it still needs with ranged reads,
 skips a tar whose images are all committed without a request to it, and plans ``limit=`` from the
-index instead of the tar's headers.
+index instead of reading the tar.
 """
 from __future__ import annotations
 
@@ -219,35 +219,64 @@ def read_tar_index(store: Storage, output: str, tar_url: str) -> list[TarMember]
         return None
 
 
-def list_tar_images(tar_url: str, store: Storage, limit: int) -> list[str]:
-    """Names of the first `limit` image members of a tar, in tar order, reading headers only (member
-    data is skipped with seeks, so a 10 GB SA-1B tar costs its headers, not its bytes). A tar that
-    breaks off keeps the members listed before the break (streaming it records the error)."""
+def list_tar_images(tar_url: str, store: Storage, limit: int, index: list[TarMember] | None = None) -> list[str]:
+    """Names of the first `limit` image members of a tar, in tar order, from one sequential read of
+    the tar that stops at the last of them: requests in proportion to the bytes read (the storage's
+    read-ahead blocks), never one per member. `index` receives every image member passed, as
+    `iter_tar_images` fills it. A tar that breaks off keeps the members listed before the break
+    (streaming it records the error)."""
     names: list[str] = []
     try:
-        with store.open(tar_url, "rb", block_size=1 << 16) as f, tarfile.open(fileobj=f, mode="r:") as tf:
+        with store.open(tar_url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tf:
             for m in tf:
                 if m.isfile() and m.name.lower().endswith(IMAGE_EXTENSIONS):
-                    names.append(m.name)
                     if len(names) >= limit:
-                        break
+                        return names  # one past the last: the tar was not read to its end
+                    names.append(m.name)
+                    if index is not None:
+                        index.append(TarMember(m.name, m.offset_data, m.size))
     except (tarfile.TarError, OSError, EOFError) as e:
         log.warning("listing %s stopped after %d images: %s", storage.public_url(tar_url), len(names), e)
+        if index is not None:
+            index.clear()  # incomplete: no index is written
     return names
+
+
+PLAN_TARS_AT_ONCE = 4  # tars `plan_tar_limit` reads in parallel
 
 
 def plan_tar_limit(tars: list[str], store: Storage, limit: int, output: str | None = None
                    ) -> list[tuple[str, list[str]]]:
     """The first `limit` images of a tar source as (tar, member names): tars in the given (natural)
-    order, members in tar order. Only the tars needed are read, and of them only their headers, or
-    their index in the cache at `output` if it has one."""
-    plan, left = [], limit
-    for tar in tars:
-        if left <= 0:
-            break
+    order, members in tar order. Tars the cache at `output` has an index of cost one small read;
+    the others are read once each, only up to what the limit can still need, as many at a time
+    (at most `PLAN_TARS_AT_ONCE`) as the images per tar seen so far say are needed; a tar read to its
+    end leaves its index (its images are then read by range)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def listed(tar: str, left: int) -> list[str]:
         index = read_tar_index(store, output, tar) if output is not None else None
-        names = [m.name for m in index[:left]] if index is not None else list_tar_images(tar, store, left)
-        if names:
-            plan.append((tar, names))
-            left -= len(names)
+        if index is not None:
+            return [m.name for m in index[:left]]
+        seen: list[TarMember] = []
+        names = list_tar_images(tar, store, left, seen)
+        if output is not None and seen and len(seen) == len(names) and len(names) < left:  # read to its end
+            try:
+                write_tar_index(store, output, tar, seen)
+            except OSError as e:
+                log.warning("could not record the index of %s: %s", storage.public_url(tar), e)
+        return names
+
+    plan, left, start, per_tar = [], limit, 0, 0
+    with ThreadPoolExecutor(PLAN_TARS_AT_ONCE) as pool:
+        while left > 0 and start < len(tars):
+            # as many tars at once as the limit still needs, by the images of the tars read so far
+            wave = tars[start:start + (min(PLAN_TARS_AT_ONCE, -(-left // per_tar)) if per_tar else 1)]
+            for tar, names in zip(wave, pool.map(lambda t: listed(t, left), wave)):
+                names = names[:left]
+                if names:
+                    plan.append((tar, names))
+                    left -= len(names)
+            start += len(wave)
+            per_tar = max(1, (limit - left) // start)
     return plan

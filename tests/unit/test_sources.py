@@ -148,3 +148,48 @@ def test_a_tar_index_records_every_image_member_and_ranged_reads_return_their_by
     assert ranges == [(index[1].offset, index[2].offset + index[2].size), (index[5].offset, index[5].offset + index[5].size)]
     Storage().write_text(sources.tar_index_url(out, tar), "{not json")
     assert sources.read_tar_index(Storage(), out, tar) is None  # unreadable: the tar is streamed again
+
+
+def test_limit_over_tars_reads_each_needed_tar_once_in_sequence_and_indexes_those_read_to_their_end(
+        tmp_path, monkeypatch):
+    """``limit=`` plans from one sequential read per tar it needs (never a seek per member) and
+    opens no tar past them; tars read to their end get an index, so the next plan does not open them."""
+    import io
+    import tarfile
+
+    from pipeline.cache import sources
+
+    def tar_of(t: int) -> bytes:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tf:
+            for i in range(3):
+                for member, body in ((f"sa_{3 * t + i}.jpg", bytes(4000)), (f"sa_{3 * t + i}.json", b"{}")):
+                    info = tarfile.TarInfo(member)
+                    info.size = len(body)
+                    tf.addfile(info, io.BytesIO(body))
+        return buf.getvalue()
+
+    tars = [str(tmp_path / f"sa_{t:06d}.tar") for t in range(5)]
+    for t, tar in enumerate(tars):
+        Storage().write_bytes(tar, tar_of(t))
+    out, opened = str(tmp_path / "cache"), []
+
+    class Sequential(io.BufferedReader):
+        def seek(self, *args):
+            raise AssertionError("planning seeked in a tar")
+
+    real_open = Storage.open
+    monkeypatch.setattr(Storage, "open", lambda self, url, mode="rb", **kw: opened.append(url) or (
+        Sequential(real_open(self, url, mode, **kw).detach()) if url.endswith(".tar") else real_open(self, url, mode, **kw)))
+    first = sources.plan_tar_limit(tars, Storage(), 5, out)
+    assert first == [(tars[0], ["sa_0.jpg", "sa_1.jpg", "sa_2.jpg"]), (tars[1], ["sa_3.jpg", "sa_4.jpg"])]
+    assert sorted(u for u in opened if u.endswith(".tar")) == tars[:2]  # the rest are never opened
+    assert [sources.read_tar_index(Storage(), out, t) is not None for t in tars] == [True, False, False, False, False]
+    opened.clear()  # tar 0 from its index; then tars 1 and 2 at once (3 images a tar, 4 still needed)
+    plan = sources.plan_tar_limit(tars, Storage(), 7, out)
+    assert plan == [*first[:1], (tars[1], ["sa_3.jpg", "sa_4.jpg", "sa_5.jpg"]), (tars[2], ["sa_6.jpg"])]
+    assert sorted(u for u in opened if u.endswith(".tar")) == tars[1:3]
+    assert [sources.read_tar_index(Storage(), out, t) is not None for t in tars] == [True, True, True, False, False]
+    opened.clear()
+    assert sources.plan_tar_limit(tars, Storage(), 7, out) == plan
+    assert not [u for u in opened if u.endswith(".tar")]  # indexed tars are not read again
