@@ -202,7 +202,7 @@ def _powers(n: int) -> np.ndarray:
     return np.cumprod(np.append(np.uint64(1), np.full(max(n, 1) - 1, _HASH_PRIME, np.uint64)), dtype=np.uint64)
 
 
-def key_hashes(keys: pa.Array, chunk: int = 1 << 16) -> np.ndarray:
+def key_hashes(keys: pa.Array, chunk: int = 1 << 13) -> np.ndarray:
     """A 64-bit polynomial hash of every string of `keys` (no nulls), computed on the array's bytes
     `chunk` strings at a time: no Python object per key. Equal strings hash equal; a collision of
     different ones is possible, so equal hashes are only candidates."""
@@ -341,6 +341,7 @@ def read_samples(store: Storage, output: str, version: int | None = None,
             check(part)
         parts.append(part.select(SAMPLE_COLUMNS))
         hashes.append(key_hashes(part.column("key").combine_chunks()))
+        pa.default_memory_pool().release_unused()
     samples = pa.concat_tables(parts) if parts else schema.empty_table()
     del parts
     found = dt.version()

@@ -42,7 +42,8 @@ PLANNER = 2  # recorded in checkpoints: a mid-epoch position means something onl
 class SampleTable:
     """What planning needs of a manifest, as arrays: rows sorted by (shard, key)."""
 
-    keys: pa.Array  # sample keys, shard after shard
+    source_keys: pa.ChunkedArray  # sample keys as the manifest's table holds them (shared, not copied)
+    key_row: np.ndarray  # int64 per row: its key's index in `source_keys`
     shard_names: pa.Array  # sorted; shard c holds rows shard_start[c]:shard_start[c + 1]
     shard_start: np.ndarray  # int64, one more than there are shards
     size: np.ndarray  # int32 per row: its image size, an index into `sizes`
@@ -50,26 +51,48 @@ class SampleTable:
 
     @classmethod
     def from_table(cls, rows: pa.Table) -> "SampleTable":
-        """From a table with columns key, shard, height and width (a cache's `samples`, any order)."""
+        """From a table with columns key, shard, height and width (a cache's `samples`, any order);
+        its key column is shared, not copied."""
         shard = rows.column("shard")
         shard = (shard if pa.types.is_dictionary(shard.type) else pc.dictionary_encode(shard)).unify_dictionaries()
         names = shard.chunk(0).dictionary if shard.num_chunks else pa.array([], pa.string())
         rank = np.argsort(np.argsort(names.to_numpy(zero_copy_only=False), kind="stable"))  # codes -> name order
+        rank = rank.astype(np.int32)
         codes = np.concatenate([rank[c.indices.to_numpy()] for c in shard.chunks]) if shard.num_chunks else \
-            np.zeros(0, np.int64)
-        order = pc.sort_indices(pa.table({"shard": codes, "key": rows.column("key")}),
-                                [("shard", "ascending"), ("key", "ascending")]).to_numpy()
+            np.zeros(0, np.int32)
+        keys = rows.column("key")
+        order = pc.sort_indices(pa.table({"shard": codes, "key": keys}),
+                                [("shard", "ascending"), ("key", "ascending")]).to_numpy().view(np.int64)
         codes = codes[order]
         bounds = np.searchsorted(codes, np.arange(len(names) + 1))
+        del codes
         used = np.flatnonzero(np.diff(bounds))  # shards with samples (a dictionary may name others)
-        hw = (rows.column("height").to_numpy().astype(np.int64) << 32) | rows.column("width").to_numpy().astype(np.int64)
-        sizes, size = np.unique(hw[order], return_inverse=True)
-        return cls(rows.column("key").take(order).combine_chunks(),
-                   names.take(np.argsort(rank)[used]), np.append(bounds[used], len(codes)).astype(np.int64),
-                   size.astype(np.int32), np.stack([sizes >> 32, sizes & 0xFFFFFFFF], axis=1).astype(np.int32))
+        hw = rows.column("height").to_numpy().astype(np.int64)
+        hw <<= 32
+        hw |= rows.column("width").to_numpy()
+        sizes, size = np.unique(hw, return_inverse=True)
+        del hw
+        size = size.astype(np.int32)[order]
+        return cls(keys if isinstance(keys, pa.ChunkedArray) else pa.chunked_array([keys]), order,
+                   names.take(np.argsort(rank)[used]), np.append(bounds[used], len(order)).astype(np.int64),
+                   size, np.stack([sizes >> 32, sizes & 0xFFFFFFFF], axis=1).astype(np.int32))
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self.key_row)
+
+    def keys_of(self, rows: np.ndarray) -> pa.Array:
+        """The keys of `rows`, in that order (taken chunk by chunk: a take from a chunked array
+        would first copy every key into one)."""
+        at = self.key_row[np.asarray(rows, dtype=np.int64)]
+        starts = np.cumsum([0] + [len(c) for c in self.source_keys.chunks])
+        chunk = np.searchsorted(starts, at, side="right") - 1
+        by_chunk = np.argsort(chunk, kind="stable")
+        at, chunk = at[by_chunk], chunk[by_chunk]
+        cuts = np.searchsorted(chunk, np.arange(self.source_keys.num_chunks + 1))
+        parts = [self.source_keys.chunk(c).take(pa.array(at[cuts[c]:cuts[c + 1]] - starts[c]))
+                 for c in range(self.source_keys.num_chunks) if cuts[c + 1] > cuts[c]]
+        taken = pa.concat_arrays(parts) if parts else pa.array([], self.source_keys.type)
+        return taken.take(pa.array(np.argsort(by_chunk)))
 
     @property
     def num_shards(self) -> int:
@@ -248,7 +271,7 @@ def plan_epoch(table: SampleTable, *, seed: int, epoch: int, rank: int, world_si
         streamed = order[b.kept[b.stream_bounds[s]:b.stream_bounds[s + 1]]]  # in stream order: shard runs
         shard = np.searchsorted(table.shard_start, streamed, side="right") - 1
         runs = shard[np.append(True, shard[1:] != shard[:-1])] if len(shard) else shard
-        plans.append(WorkerPlan(table.keys.take(pa.array(rows)), b.bounds[lo:hi + 1] - b.bounds[lo],
+        plans.append(WorkerPlan(table.keys_of(rows), b.bounds[lo:hi + 1] - b.bounds[lo],
                                 table.shard_names.take(pa.array(runs)).to_pylist()))
     return EpochPlan(plans, steps, step_samples)
 

@@ -26,7 +26,7 @@ def _table(n_shards=7, per_shard=5, sizes=SIZES) -> SampleTable:
 
 
 def _size_of(table: SampleTable) -> dict[str, tuple[int, int]]:
-    return {k: tuple(table.sizes[c]) for k, c in zip(table.keys.to_pylist(), table.size)}
+    return {k: tuple(table.sizes[c]) for k, c in zip(table.keys_of(np.arange(len(table))).to_pylist(), table.size)}
 
 
 def _keys(plans) -> list[str]:
@@ -72,12 +72,12 @@ def test_the_plan_at_scale_100k_samples_on_64_ranks():
     layout = {"world_size": 64, "loader_workers": 4, "batch_size": 8, "shuffle_buffer": 16}
     done = trained_positions(table, **kw, layout=layout, steps=20)
     order = epoch_order(table, **kw)
-    first = table.keys.take(pa.array(order[done])).to_pylist()
+    first = table.keys_of(order[done]).to_pylist()
     trained = [k for p in plans for b in p.ordered_batches()[:20] for k in b]
     assert sorted(first) == sorted(trained)
     rest = [plan_epoch(table, **kw, rank=r, world_size=48, workers=2, batch_size=8, shuffle_buffer=16, done=done,
                        segment=1) for r in range(48)]
-    assert sorted(first + _keys(rest)) == sorted(table.keys.to_pylist())
+    assert sorted(first + _keys(rest)) == sorted(table.keys_of(np.arange(len(table))).to_pylist())
 
 
 def _layout(world, workers, batch=1):
@@ -89,7 +89,7 @@ def _layout(world, workers, batch=1):
 def test_a_segment_on_a_new_layout_trains_the_rest_of_the_epoch_once(old, new, steps):
     """Steps done on one layout, the rest re-planned on another (twice): every sample once."""
     table, kw = _table(), dict(seed=0, epoch=2)
-    order = table.keys.take(pa.array(epoch_order(table, **kw))).to_pylist()
+    order = table.keys_of(epoch_order(table, **kw)).to_pylist()
     done = trained_positions(table, **kw, layout=_layout(*old), steps=steps)
     first = [order[i] for i in np.flatnonzero(done)]
     assert 0 < len(first) < len(order)
@@ -134,7 +134,7 @@ def test_a_batch_holds_samples_of_one_bucket_window_of_its_stream():
         "width": pa.array([64] * n, pa.int32())}))
     plan = plan_epoch(table, seed=0, epoch=0, rank=0, world_size=1, workers=1, batch_size=4, shuffle_buffer=1,
                       bucket_window=8)
-    position = {k: i for i, k in enumerate(table.keys.to_pylist())}  # one shard, no shuffle: key order
+    position = {k: i for i, k in enumerate(table.keys_of(np.arange(len(table))).to_pylist())}  # one shard, no shuffle: key order
     assert sorted(_keys([plan])) == sorted(position)
     for b in plan.ordered_batches():
         spread = [position[k] for k in b]
@@ -280,3 +280,17 @@ def test_the_held_out_set_is_capped_at_the_images_of_lowest_hash():
     table = pa.table({"key": pa.chunked_array([keys[:3333], keys[3333:]]), "shard": ["s"] * len(keys)})
     train, held = split_manifest(table, 0.02, max_images=10)
     assert set(held.column("key").to_pylist()) == capped and train.num_rows + held.num_rows == len(keys)
+
+
+def test_a_sample_table_shares_the_manifests_key_chunks_and_takes_keys_chunk_by_chunk():
+    keys = [f"k{i:03d}" for i in range(300)]
+    rows = pa.table({"key": pa.chunked_array([keys[:100], keys[100:101], keys[101:]]),
+                     "shard": [f"s{i % 7}" for i in range(300)], "height": [224] * 300, "width": [224] * 300})
+    table = SampleTable.from_table(rows)
+    assert table.source_keys.num_chunks == 3  # the manifest's keys, not a copy
+    assert table.source_keys.chunk(2).buffers()[2].address == rows.column("key").chunk(2).buffers()[2].address
+    flat = SampleTable.from_table(rows.combine_chunks())
+    wanted = np.random.default_rng(0).permutation(300)[:120]
+    assert table.keys_of(wanted).to_pylist() == flat.keys_of(wanted).to_pylist()
+    assert table.keys_of(np.arange(300)).to_pylist() == sorted(keys, key=lambda k: (f"s{int(k[1:]) % 7}", k))
+    assert table.keys_of(np.array([], np.int64)).to_pylist() == []
