@@ -23,7 +23,7 @@ import shutil
 import urllib.parse
 import uuid
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, Iterator
 
 import fsspec
 
@@ -208,6 +208,36 @@ class Storage:
             found = [p for p in found if p.lower().endswith(tuple(s.lower() for s in suffixes))]
         proto = protocol(url)
         return sorted(p if proto == "file" else f"{proto}://{p}" for p in found)
+
+    def iter_files(self, url: str, suffixes: tuple[str, ...] | None = None, page: int = 10_000) -> Iterator[list[str]]:
+        """The URLs of the files under `url` as `list_files` names them, a page of at most `page` at a
+        time, unsorted. On S3 the listing is read page by page and kept by no one (`list_files`
+        would hold every object's detail dict, and s3fs would cache them), so listing millions of
+        objects costs what the caller keeps of them."""
+        ends = tuple(s.lower() for s in suffixes) if suffixes else None
+        fs, path = self.filesystem(url)
+        proto = protocol(url)
+        if proto not in ("s3", "s3a") or not hasattr(fs, "_iterdir") or not fs.exists(path) or fs.isfile(path):
+            found = self.list_files(url, suffixes)
+            for lo in range(0, len(found), page):
+                yield found[lo:lo + page]
+            return
+        from fsspec.asyn import sync
+
+        bucket, _, prefix = path.partition("/")
+        entries = fs._iterdir(bucket, delimiter="", prefix=prefix.rstrip("/") + "/" if prefix else "")
+
+        async def next_page() -> list[str]:
+            names = []
+            async for info in entries:
+                if info["type"] == "file" and (ends is None or info["name"].lower().endswith(ends)):
+                    names.append(f"{proto}://{info['name']}")
+                    if len(names) >= page:
+                        break
+            return names
+
+        while names := sync(fs.loop, next_page):
+            yield names
 
     def relative(self, url: str, base: str) -> str:
         """The path of `url` below `base`, ``/``-separated (both listed by this storage)."""

@@ -42,7 +42,7 @@ from pipeline.config import check
 from pipeline.storage import Storage
 from pipeline.train import validation
 
-STEPS = ["open", "plan", "val_split", "resume_plan"]
+STEPS = ["open", "plan", "val_split", "resume_plan", "list"]
 
 
 @dataclass(kw_only=True)
@@ -147,6 +147,8 @@ def _step(step: str, url: str, options: dict, cfg: ScaleBench) -> dict:
         out, seconds, peak = _measured(lambda: {
             "resume_state_bytes": len(pickle.dumps(_resume_state(Storage(options), url), protocol=5))})  # what the driver holds
         return {"resume_plan_s": seconds, "resume_peak_gb": peak, **out}
+    if step == "list":
+        return _list_step(cfg)
     cache = open_cache(url, options)
     if step == "val_split":
         out, seconds, peak = _measured(lambda: {
@@ -161,6 +163,27 @@ def _step(step: str, url: str, options: dict, cfg: ScaleBench) -> dict:
             batch_size=cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer).steps}
     out, seconds, peak = _measured(plan)
     return {"plan_s": seconds, "plan_peak_gb": peak, **out}
+
+
+def _list_step(cfg: ScaleBench) -> dict:
+    """The cache job's driver on a first run over a folder of `cfg.samples` images: listing it and
+    turning it into work items (`job.work_items`). The storage's pages are synthetic (SA-1B's
+    names, 1,000 a page in S3's lexicographic order, made as they are consumed): what is measured
+    is what the driver keeps of a listing, not the object store's latency."""
+    from pipeline.cache import job
+
+    names = sorted(f"sa_{i}.jpg" for i in range(cfg.samples))  # outside the measurement: S3's order
+
+    def pages(self, url, suffixes=None, page=1000):
+        for lo in range(0, len(names), page):
+            yield [f"{url.rstrip('/')}/{n}" for n in names[lo:lo + page]]
+
+    with tempfile.TemporaryDirectory() as work:
+        Storage.iter_files = pages
+        run = job.CacheConfig(source=work, output=os.path.join(work, "cache"), pretrained=None)
+        empty = shards.committed_keys(Storage(), run.output)
+        (items, listed), seconds, peak = _measured(lambda: job.work_items(run, Storage(), empty))
+        return {"list_s": seconds, "list_peak_gb": peak, "listed": listed, "list_items_bytes": items.images.nbytes}
 
 
 def _child() -> None:

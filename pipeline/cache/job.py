@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 import numpy as np
+import pyarrow as pa
 
 import spar
 from pipeline import __version__, storage
@@ -200,27 +201,61 @@ def claim_output(cfg: CacheConfig, store: Storage, compute_dtype: str | None = N
     return fp
 
 
-def work_items(cfg: CacheConfig, store: Storage, done: shards.Committed) -> tuple[list[dict], int, bool]:
-    """(items to compute, source images listed, whether items are tars to expand).
+@dataclass
+class WorkItems:
+    """What a run computes: tar items (dicts, one per tar), or images as (name, view) rows of
+    `root` + name."""
 
-    Tar sources are expanded on the workers, one per tar; a tar's item carries the digests of its
-    own committed keys (`shards.Committed.in_tar`), not the whole set. With ``limit=N`` the driver
-    first decides which members are the first N (tars in natural order, members in tar order) by
-    `sources.plan_tar_limit`, so a rerun or an extension with a larger N picks the same images first.
+    tars: list[dict] | None = None
+    root: str = ""
+    images: pa.Table | None = None
+
+    def __len__(self) -> int:
+        return len(self.tars) if self.tars is not None else self.images.num_rows
+
+
+def image_row(row: dict, *, root: str) -> dict:
+    """Ray Data map: a (name, view) row of `WorkItems.images` -> the row `augment_row` reads."""
+    source = root + row["name"]
+    key = sources.make_key(source)
+    return {"key": key, "sample_key": f"{key}_v{row['view']}", "source": source, "view": int(row["view"])}
+
+
+def work_items(cfg: CacheConfig, store: Storage, done: shards.Committed) -> tuple[WorkItems, int]:
+    """(what to compute, source images listed: -1 for tars without a limit).
+
+    Tar sources are expanded on the workers, one item per tar; a tar's item carries the digests of
+    its own committed keys (`shards.Committed.in_tar`), not the whole set. With ``limit=N`` the
+    driver first decides which members are the first N (tars in natural order, members in tar
+    order) by `sources.plan_tar_limit`, so a rerun or an extension with a larger N picks the same
+    images first. Other sources become a table of (image name below the listed root, view) that
+    are not committed yet, keyed `sources.LIST_CHUNK` images at a time: ~25 bytes an image to do.
     """
     kind = sources.source_kind(cfg.source, store)
     if kind == "tars":
         tars = sources.list_tars(cfg.source, store)
         if cfg.limit is None:
-            return [{"tar": t, "done": done.in_tar(t).digests.tobytes()} for t in tars], -1, True
+            return WorkItems(tars=[{"tar": t, "done": done.in_tar(t).digests.tobytes()} for t in tars]), -1
         plan = sources.plan_tar_limit(tars, store, cfg.limit, cfg.output)
-        return ([{"tar": t, "members": names, "done": done.in_tar(t).digests.tobytes()} for t, names in plan],
-                sum(len(n) for _, n in plan), True)
-    listed = sources.list_source(cfg.source, store)[: cfg.limit]
-    items = [{"key": it.key, "sample_key": f"{it.key}_v{v}", "source": it.uri, "view": v}
-             for it in listed for v in range(cfg.views)]
-    committed = done.keys.contains([it["sample_key"] for it in items])
-    return [it for it, c in zip(items, committed) if not c], len(listed), False
+        return (WorkItems(tars=[{"tar": t, "members": names, "done": done.in_tar(t).digests.tobytes()}
+                                for t, names in plan]), sum(len(n) for _, n in plan))
+    listed = sources.list_images(cfg.source, store, kind, check=False).head(cfg.limit)
+    rows, views, hashes = [], [], []
+    for lo in range(0, len(listed), sources.LIST_CHUNK):
+        keys = [sources.make_key(u) for u in listed.uris(lo, lo + sources.LIST_CHUNK)]
+        hashes.append(shards.key_hashes(pa.array(keys, pa.string())))
+        for v in range(cfg.views):
+            todo = np.flatnonzero(~done.keys.contains([f"{k}_v{v}" for k in keys])).astype(np.int32)
+            rows.append(todo + lo)
+            views.append(np.full(len(todo), v, np.int8 if cfg.views < 128 else np.int32))
+    sources.check_unique(listed, np.concatenate(hashes) if hashes else np.zeros(0, np.uint64))
+    del hashes
+    rows, views = (np.concatenate(rows), np.concatenate(views)) if rows else (np.zeros(0, np.int32), np.zeros(0, np.int8))
+    if cfg.views == 1 and len(rows) == len(listed):  # nothing committed yet: every name, as listed
+        return WorkItems(root=listed.root, images=pa.table({"name": listed.names, "view": views})), len(listed)
+    by_image = np.lexsort((views, rows))  # image by image, views in order
+    images = pa.table({"name": listed.names.take(pa.array(rows[by_image])), "view": views[by_image]})
+    return WorkItems(root=listed.root, images=images), len(listed)
 
 
 def expand_tar(row: dict, *, views: int, store: Storage, output: str) -> Iterator[dict]:
@@ -304,17 +339,21 @@ def teacher_pool(cfg: CacheConfig):
                       min_actors=t.min_actors, max_actors=t.max_actors)
 
 
-def build_dataset(cfg: CacheConfig, store: Storage, items: list[dict], is_tars: bool, fp: dict, run: str, pool):
+def build_dataset(cfg: CacheConfig, store: Storage, items: WorkItems, fp: dict, run: str, pool):
     """The streaming Ray Data pipeline for `items` (not executed yet) on the actor `pool`."""
     import ray
 
     t = cfg.teacher
     log.info("teacher: %s, %d images per call, %s", pool.describe(), t.batch_images, fp["compute_dtype"])
     read_cpus = cfg.read_cpus if cfg.read_cpus > 0 else (1.0 if pool.num_gpus else 0.5)
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
-    if is_tars:
+    if items.tars is not None:
+        ds = ray.data.from_items(items.tars, override_num_blocks=max(1, min(len(items), 1000)))
         ds = ds.flat_map(expand_tar, fn_kwargs={"views": cfg.views, "store": store, "output": cfg.output},
                          num_cpus=read_cpus)
+    else:
+        step = -(-len(items) // 1000)  # at most 1,000 blocks
+        ds = ray.data.from_arrow([items.images.slice(lo, step) for lo in range(0, len(items), step)])
+        ds = ds.map(image_row, fn_kwargs={"root": items.root}, num_cpus=read_cpus)
     ds = ds.map(augment_row, num_cpus=read_cpus, fn_kwargs={
         "seed": cfg.seed, "cfg": cfg.augment, "max_pixels": cfg.max_pixels, "min_source_side": cfg.min_source_side,
         "max_aspect": cfg.max_aspect, "image_encoding": cfg.image_encoding, "png_level": cfg.png_compress_level,
@@ -351,13 +390,13 @@ def run(cfg: CacheConfig) -> dict:
         store.write_text(storage.join(cfg.output, "config.yaml"), to_yaml(cfg))
         store.write_text(storage.join(cfg.output, "runs", run_id, "config.yaml"), to_yaml(cfg))
         done = shards.committed_keys(store, cfg.output)  # 16 bytes a key
-        items, listed, is_tars = work_items(cfg, store, done)
+        items, listed = work_items(cfg, store, done)
         log.info("fingerprint %s; %d samples already committed (manifest version %d); %d work items",
                  fp["fingerprint"][:19], len(done), done.version, len(items))
         require_on_every_node(storage.join(cfg.output, "teacher.json"), "the cache output")
         if items:
-            dataset = build_dataset(cfg, store, items, is_tars, fp, run_id, pool)
-            expected = -1 if is_tars and listed < 0 else (len(items) if not is_tars else listed * cfg.views - len(done))
+            dataset = build_dataset(cfg, store, items, fp, run_id, pool)
+            expected = len(items) if items.tars is None else (-1 if listed < 0 else listed * cfg.views - len(done))
             progress = Progress(log, "cache progress, samples", expected, cfg.progress_every_s)
             for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
                 for k in ("samples", "errors", "bytes", "windows"):

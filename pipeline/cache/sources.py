@@ -31,6 +31,10 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Iterator
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from pipeline import storage
 from pipeline.samples import BUILTIN, builtin_uris
 from pipeline.storage import Storage
@@ -50,12 +54,25 @@ class SourceItem:
     member: str | None = None
 
 
+# parses to itself and its path ends in a name: /local/path, or scheme://host/path (lower-case scheme,
+# no user info, query, fragment or parameters, no second URL inside)
+_PLAIN_URI = re.compile(r"(?!.*://.*://)(/(?!/)(?!.*://)|[a-z][a-z0-9+.-]*://[^/@?#;:]+/)[^?#;]*[^/?#;]")
+_NOT_KEY = re.compile(r"[^A-Za-z0-9_-]+")
+
+
 def make_key(uri: str) -> str:
     """Stable, unique, dot-free key of a URI: ``<readable stem>_<12 hex of sha1(uri)>``. The URI's
     query string and user info are left out: a re-signed URL names the same image."""
+    if _PLAIN_URI.fullmatch(uri):  # the common case, without URL parsing: the same key (tested)
+        name = uri.rsplit("/", 1)[1]
+        if name not in (".", ".."):
+            return _key(name, uri)
     uri = storage.public_url(uri)
-    stem = PurePosixPath(urllib.parse.urlparse(uri).path or uri).name.split(".")[0]
-    stem = re.sub(r"[^A-Za-z0-9_-]+", "-", stem)[:48].strip("-") or "img"
+    return _key(PurePosixPath(urllib.parse.urlparse(uri).path or uri).name, uri)
+
+
+def _key(name: str, uri: str) -> str:
+    stem = _NOT_KEY.sub("-", name.split(".")[0])[:48].strip("-") or "img"
     return f"{stem}_{hashlib.sha1(uri.encode()).hexdigest()[:12]}"
 
 
@@ -72,7 +89,8 @@ def _expand_braces(pattern: str) -> list[str]:
 
 
 def source_kind(source: str, store: Storage) -> str:
-    """``builtin`` | ``list`` | ``tars`` | ``images`` for a source string."""
+    """``builtin`` | ``list`` | ``tars`` | ``images`` for a source string. A folder is ``images`` if
+    it holds an image file (the listing stops at the first one), else ``tars`` if it holds tars."""
     if source == BUILTIN:
         return "builtin"
     low = source.lower()
@@ -80,31 +98,104 @@ def source_kind(source: str, store: Storage) -> str:
         return "list"
     if low.endswith(".tar") or ("{" in source and ".tar" in low):
         return "tars"
-    files = store.list_files(source, suffixes=(".tar",) + IMAGE_EXTENSIONS)
-    has_tars = any(f.lower().endswith(".tar") for f in files)
-    has_images = any(not f.lower().endswith(".tar") for f in files)
-    if has_tars and not has_images:
-        return "tars"
-    return "images"
+    has_tars = False
+    for page in store.iter_files(source, suffixes=(".tar",) + IMAGE_EXTENSIONS):
+        if any(not f.lower().endswith(".tar") for f in page):
+            return "images"
+        has_tars = has_tars or bool(page)
+    return "tars" if has_tars else "images"
+
+
+def natural_bytes(text: str) -> bytes:
+    """`natural_key` as bytes that sort the same way, so millions of names sort as one arrow array:
+    a text part ends in a NUL; a digit run is its value's length and its value, then a byte that
+    puts a run with leading zeros (followed by the run itself and a NUL) between ``0`` and every
+    other run of its value, as the tuples' comparison of the runs does (``0 < 00``, ``01 < 1``)."""
+    parts = re.split(r"(\d+)", text)
+    out = []
+    for i, part in enumerate(parts):
+        if i % 2:
+            value = str(int(part))
+            tie = (b"\x00" if value == "0" else b"\x02") if value == part else b"\x01" + part.encode() + b"\0"
+            out.append(len(value).to_bytes(2, "big") + value.encode() + tie)
+        else:
+            out.append(part.encode() + b"\0")
+    return b"".join(out)
+
+
+@dataclass(frozen=True)
+class SourceList:
+    """A source's images in natural order: image i is ``root + names[i]``. One arrow array of names
+    relative to the listed folder: ~20 bytes an SA-1B image, no Python object per image."""
+
+    root: str
+    names: pa.Array
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def uris(self, lo: int = 0, hi: int | None = None) -> list[str]:
+        return [self.root + n for n in self.names[lo:hi].to_pylist()]
+
+    def head(self, n: int | None) -> "SourceList":
+        return self if n is None else SourceList(self.root, self.names[:n])
+
+
+LIST_CHUNK = 1 << 16  # names encoded, keyed or checked at a time
+
+
+def list_images(source: str, store: Storage, kind: str | None = None, check: bool = True) -> SourceList:
+    """The images of a non-tar source (`source_kind` ``builtin``, ``list`` or ``images``), unique,
+    in natural URI order, with their keys checked for collisions (`check_unique`, unless `check` is
+    false: the caller does). A folder is listed page by page (`Storage.iter_files`) and kept as
+    names below it; each page is reduced to arrow as it comes."""
+    kind = kind or source_kind(source, store)
+    if kind == "builtin":
+        root, pages = "", [builtin_uris()]
+    elif kind == "list":
+        root, pages = "", [_read_list(source, store)]
+    elif kind == "images":
+        if not store.exists(source):
+            raise FileNotFoundError(f"source {source!r} does not exist")
+        fs, path = store.filesystem(source)
+        root = "" if fs.isfile(path) else _listing_root(source, store)
+        pages = store.iter_files(source, suffixes=IMAGE_EXTENSIONS)
+    else:
+        raise ValueError(f"{source} is a tar source: its images are listed by its tars")
+    names, order = [], []
+    for page in pages:
+        if any(not u.startswith(root) for u in page):
+            raise ValueError(f"listing {source} gave {page[0]!r}, not under {root!r}")
+        page = [u[len(root):] for u in page]
+        names.append(pa.array(page, pa.string()))
+        order.append(pa.array([natural_bytes(u) for u in page], pa.binary()))
+    names = pa.concat_arrays(names) if names else pa.array([], pa.string())
+    order = pc.sort_indices(pa.chunked_array(order, pa.binary()))  # merges the pages' sorts: no copy of them
+    names = names.take(order)
+    del order
+    if len(names) > 1:
+        names = names.filter(pa.concat_arrays([pa.array([True]), pc.not_equal(names[1:], names[:-1])]))
+    listed = SourceList(root, names)
+    if check:
+        check_unique(listed)
+    return listed
+
+
+def _listing_root(source: str, store: Storage) -> str:
+    """What `Storage.list_files` puts before a file's path below the folder `source`."""
+    _, path = store.filesystem(source)
+    proto = storage.protocol(source)
+    return (path if proto == "file" else f"{proto}://{path}").rstrip("/") + "/"
 
 
 def list_source(source: str, store: Storage) -> list[SourceItem]:
     """All items of a source in natural URI order (tars in natural order, then member by member in tar
-    order), so ``limit=N`` takes the first N as a person counts them."""
+    order), so ``limit=N`` takes the first N as a person counts them. One Python object an item:
+    for small sources and tests; the cache job uses `list_images` (and `plan_tar_limit`)."""
     kind = source_kind(source, store)
-    if kind == "builtin":
-        uris = builtin_uris()
-    elif kind == "list":
-        uris = _read_list(source, store)
-    elif kind == "tars":
+    if kind == "tars":
         return [item for tar in list_tars(source, store) for item, _ in iter_tar_images(tar, store)]  # streams every tar
-    else:
-        if not store.exists(source):
-            raise FileNotFoundError(f"source {source!r} does not exist")
-        uris = store.list_files(source, suffixes=IMAGE_EXTENSIONS)
-    items = [SourceItem(make_key(u), u) for u in sorted(set(uris), key=natural_key)]
-    _check_unique(items)
-    return items
+    return [SourceItem(make_key(u), u) for u in list_images(source, store, kind).uris()]
 
 
 def list_tars(source: str, store: Storage) -> list[str]:
@@ -133,11 +224,23 @@ def _read_list(source: str, store: Storage) -> list[str]:
     return [e if "://" in e or e.startswith("/") else storage.join(base, e) for e in entries]
 
 
-def _check_unique(items: list[SourceItem]) -> None:
+def check_unique(listed: SourceList, hashes: np.ndarray | None = None) -> None:
+    """Refuse two URIs with one key (a 48-bit hash collision between images of the same stem). By
+    a 64-bit hash of every key (`hashes`, in `listed`'s order, if the caller has them), sorted and
+    compared with its neighbour's; only equal hashes are looked at key by key."""
+    from pipeline.cache.shards import key_hashes
+
+    if hashes is None:
+        hashes = np.concatenate([np.zeros(0, np.uint64)] + [
+            key_hashes(pa.array([make_key(u) for u in listed.uris(lo, lo + LIST_CHUNK)], pa.string()))
+            for lo in range(0, len(listed), LIST_CHUNK)])
+    hashes = np.sort(hashes)
+    if not (hashes[1:] == hashes[:-1]).any():
+        return
     seen: dict[str, str] = {}
-    for it in items:
-        if seen.setdefault(it.key, it.uri) != it.uri:
-            raise ValueError(f"key collision: {it.uri} and {seen[it.key]} share key {it.key}")
+    for uri in listed.uris():
+        if seen.setdefault(make_key(uri), uri) != uri:
+            raise ValueError(f"key collision: {uri} and {seen[make_key(uri)]} share key {make_key(uri)}")
 
 
 @dataclass(frozen=True)

@@ -221,6 +221,25 @@ def test_sa1b_tars_with_limit_take_the_first_images_in_tar_order(ray_cluster, st
         assert (requests, read) == (1, len(images[8])), (requests, read, tar_bytes)
 
 
+def test_an_image_prefix_is_listed_a_page_at_a_time_in_natural_order(storage_root):
+    """Listing a source folder never holds the storage's detail of every object (nor lets s3fs
+    cache it): pages of names, reduced to one arrow array below the folder."""
+    from pipeline.cache.sources import list_images, source_kind
+
+    src = storage.join(storage_root, "images")
+    put_files(src, {f"sa_{i}.jpg": b"x" for i in range(25)} | {"sub/sa_1.png": b"x", "readme.md": b"x"})
+    store = Storage()
+    pages = list(store.iter_files(src, suffixes=(".jpg", ".png"), page=10))
+    assert [len(p) for p in pages] == [10, 10, 6]
+    assert sorted(u for p in pages for u in p) == store.list_files(src, suffixes=(".jpg", ".png"))
+    if src.startswith("s3://"):
+        assert not store.filesystem(src)[0].dircache  # nothing of the listing kept by s3fs
+    assert source_kind(src, store) == "images"
+    listed = list_images(src, store)
+    assert listed.names.to_pylist() == [f"sa_{i}.jpg" for i in range(25)] + ["sub/sa_1.png"]
+    assert listed.uris(0, 1) == [storage.join(src, "sa_0.jpg")]
+
+
 def test_open_cache_errors(tmp_path):
     with pytest.raises(CacheError, match="not a teacher cache"):
         open_cache(str(tmp_path / "nothing"))

@@ -193,3 +193,58 @@ def test_limit_over_tars_reads_each_needed_tar_once_in_sequence_and_indexes_thos
     opened.clear()
     assert sources.plan_tar_limit(tars, Storage(), 7, out) == plan
     assert not [u for u in opened if u.endswith(".tar")]  # indexed tars are not read again
+
+
+def test_natural_bytes_sort_as_natural_keys_do():
+    """The arrow sort of a listing orders names exactly as `natural_key` (so `limit=` picks the same images)."""
+    import random
+
+    from pipeline.cache.sources import natural_bytes, natural_key
+
+    rng = random.Random(0)
+    alphabet = ["0", "00", "1", "01", "9", "10", "123", "_", "-", ".", "/", "a", "b", "sa", "é", "٣", ""]
+    names = {"".join(rng.choice(alphabet) for _ in range(rng.randint(0, 6))) for _ in range(20000)}
+    assert sorted(names, key=natural_bytes) == sorted(names, key=natural_key)
+
+
+def test_a_folder_is_listed_as_names_below_it_in_natural_order_and_once(tmp_path, monkeypatch):
+    from pipeline.cache.sources import list_images
+
+    for name in ("b/sa_10.jpg", "b/sa_9.jpg", "a/x.png", "sa_2.jpg", "notes.txt"):
+        Storage().write_bytes(str(tmp_path / "src" / name), b"x")
+    monkeypatch.chdir(tmp_path)
+    listed = list_images(str(tmp_path / "src"), Storage())
+    assert listed.root == str(tmp_path / "src") + "/"
+    assert listed.names.to_pylist() == ["a/x.png", "b/sa_9.jpg", "b/sa_10.jpg", "sa_2.jpg"]
+    assert listed.head(2).uris() == [str(tmp_path / "src" / "a/x.png"), str(tmp_path / "src" / "b/sa_9.jpg")]
+    Storage().write_text("list.txt", "src/sa_2.jpg\nsrc/a/x.png\n# a comment\nsrc/sa_2.jpg\n")
+    assert list_images(str(tmp_path / "list.txt"), Storage()).uris() == [str(tmp_path / "src/a/x.png"),
+                                                                        str(tmp_path / "src/sa_2.jpg")]
+    single = list_images(str(tmp_path / "src" / "sa_2.jpg"), Storage())
+    assert (single.root, single.names.to_pylist()) == ("", [str(tmp_path / "src" / "sa_2.jpg")])
+
+
+def test_make_keys_fast_path_gives_the_keys_url_parsing_gives():
+    """Keys are stable across versions: the unparsed fast path agrees with parsing every URI."""
+    import hashlib
+    import random
+    import re
+    import urllib.parse
+    from pathlib import PurePosixPath
+
+    from pipeline import storage
+    from pipeline.cache import sources
+
+    def parsed(uri: str) -> str:
+        uri = storage.public_url(uri)
+        stem = PurePosixPath(urllib.parse.urlparse(uri).path or uri).name.split(".")[0]
+        stem = re.sub(r"[^A-Za-z0-9_-]+", "-", stem)[:48].strip("-") or "img"
+        return f"{stem}_{hashlib.sha1(uri.encode()).hexdigest()[:12]}"
+
+    rng = random.Random(0)
+    parts = ["s3://", "S3://", "gs://", "https://", "/", "b", "bucket", "u:p@", "@", ".", "..", "a.jpg", "x y", "é",
+             "?q=1", "#m", ";p", "%20", ":8080", "//", "sa_1.JPG", "-", "_", ","]
+    uris = ["".join(rng.choice(parts) for _ in range(rng.randint(1, 8))) for _ in range(20_000)]
+    uris += ["s3://bucket/sa1b/sa_1.jpg", "/data/sa1b/a b/sa_2.png", "gs://b/x/.", "/x/..", "s3://b/sa.tar#sa_3.jpg"]
+    fast = sum(bool(sources._PLAIN_URI.fullmatch(u)) for u in uris)
+    assert [sources.make_key(u) for u in uris] == [parsed(u) for u in uris] and fast > 200
