@@ -2,7 +2,13 @@
 
     read + decode + augment + PNG   CPU tasks            (pipeline.cache.augment.augment_row)
     sliding-window teacher          actor pool, 1 GPU each (pipeline.cache.teacher.TeacherActor)
-    shard + manifest commit         CPU tasks            (write_batch -> pipeline.cache.shards.commit_shard)
+    shard tars                      CPU tasks            (write_batch -> pipeline.cache.shards.write_shard)
+    manifest commits                the driver           (group commits: pipeline.cache.shards.commit)
+
+The driver commits the shards the writers wrote, several at a time (`shards_per_commit`, or what
+`commit_every_s` gathered): one writer of the manifest's log instead of one per writer task, and a
+few thousand commits for SA-1B instead of one per shard (each later commit replays more of the log,
+and concurrent ones retry; `benchmark.py commits`). A commit holds whole shards, atomically.
 
 Re-running the same command resumes: committed (key, view) pairs are not recomputed.
 """
@@ -83,6 +89,8 @@ class CacheConfig:
     max_failed_fraction: float = 0.05  # exit non-zero if more of this run's inputs fail
     orphan_retention_s: float = 3600.0  # tars no commit names are deleted once older (> any tar-to-commit time)
     manifest_checkpoint_every: int = 1000  # shards between the driver's compactions + checkpoints of the manifest
+    shards_per_commit: int = 64  # the driver commits written shards once this many wait ...
+    commit_every_s: float = 10.0  # ... or the oldest has waited this long (a crash recomputes what waits)
     progress_every_s: float = 30.0  # the driver logs samples done / total, windows/s, bytes and an ETA; 0 = only at the end
     png_compress_level: int = 1  # 0-9: PNG is lossless at every level; 1 is fast
     read_cpus: float = -1.0  # CPUs per read/augment task; -1 = 1 with GPUs, else 0.5 (fits beside CPU actors)
@@ -103,6 +111,8 @@ class CacheConfig:
         check(0 <= self.max_failed_fraction <= 1, "max_failed_fraction must be in [0, 1]")
         check(self.orphan_retention_s >= 0 and self.manifest_checkpoint_every >= 1,
               "orphan_retention_s must be >= 0 and manifest_checkpoint_every >= 1")
+        check(self.shards_per_commit >= 1 and self.commit_every_s >= 0,
+              "shards_per_commit must be >= 1 and commit_every_s >= 0")
         check(self.limit is None or self.limit >= 1, "limit must be >= 1")
         spec = spar.get_spec(self.backbone)
         crop = self.crop or spec.window
@@ -304,8 +314,9 @@ def expand_tar(row: dict, *, views: int, store: Storage, output: str) -> Iterato
 
 def write_batch(batch: dict[str, np.ndarray], *, output: str, image_ext: str, store: Storage,
                 run: str) -> dict[str, np.ndarray]:
-    """Ray Data stage: commit one shard (and record errors) from a batch of teacher outputs (the
-    image member, column ``image_member``, is stored as ``<key>.<image_ext>``)."""
+    """Ray Data stage: write one shard's tar (and record errors) from a batch of teacher outputs (the
+    image member, column ``image_member``, is stored as ``<key>.<image_ext>``); its manifest rows
+    go to the driver, which commits them (column ``rows``: Arrow IPC, empty if no sample)."""
     samples, rows, errors = [], [], []
     for i in range(len(batch["sample_key"])):
         key, source = str(batch["sample_key"][i]), str(batch["source"][i])
@@ -324,10 +335,49 @@ def write_batch(batch: dict[str, np.ndarray], *, output: str, image_ext: str, st
                      "image_checksum": meta["image_checksum"], "target_checksum": meta["target_checksum"],
                      "windows": meta["windows"]})
     shards.write_errors(store, output, errors, run)
-    shard = shards.commit_shard(store, output, samples, rows, run) if samples else {"shard": "", "bytes": 0}
-    return {"shard": np.array([shard["shard"]]), "samples": np.array([len(samples)]),
-            "errors": np.array([len(errors)]), "bytes": np.array([shard["bytes"]]),
-            "windows": np.array([int(np.sum(batch["windows"]))])}
+    written = shards.write_shard(store, output, samples, rows, run) if samples else None
+    return {"shard": np.array([written.column("shard")[0].as_py() if written else ""]),
+            "samples": np.array([len(samples)]), "errors": np.array([len(errors)]),
+            "bytes": np.array([written.column("shard_bytes")[0].as_py() if written else 0]),
+            "windows": np.array([int(np.sum(batch["windows"]))]),
+            "rows": np.array([_ipc(written) if written else b""], dtype=object)}
+
+
+def _ipc(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+class GroupCommit:
+    """The driver's commits of written shards: one append per `shards_per_commit` shards or per
+    `commit_every_s` seconds since the oldest waiting one, and of whatever waits when the run ends
+    or fails (`close`)."""
+
+    def __init__(self, cfg: CacheConfig, store: Storage):
+        self.cfg, self.store, self.waiting, self.since, self.commits = cfg, store, [], 0.0, 0
+
+    def add(self, rows: bytes) -> None:
+        if rows:
+            if not self.waiting:
+                self.since = time.monotonic()
+            self.waiting.append(pa.ipc.open_stream(rows).read_all())
+        if self.waiting and (len(self.waiting) >= self.cfg.shards_per_commit
+                             or time.monotonic() - self.since >= self.cfg.commit_every_s):
+            self.flush()
+
+    def flush(self) -> None:
+        if self.waiting:
+            shards.commit(self.store, self.cfg.output, self.waiting)
+            self.waiting, self.commits = [], self.commits + 1
+
+    def close(self) -> None:
+        """Commit what waits; if that fails, the run's error stands and the tars are orphans."""
+        try:
+            self.flush()
+        except Exception as e:  # noqa: BLE001  (already failing: the first error is the one to raise)
+            log.error("could not commit %d written shards (they are recomputed by a rerun): %s", len(self.waiting), e)
 
 
 def teacher_pool(cfg: CacheConfig):
@@ -379,7 +429,7 @@ def run(cfg: CacheConfig) -> dict:
     store = Storage(cfg.storage_options)
     started = init_ray(cfg.ray_address, cfg.num_cpus)
     t0 = time.perf_counter()
-    totals = {"samples": 0, "errors": 0, "bytes": 0, "windows": 0, "shards": 0}
+    totals = {"samples": 0, "errors": 0, "bytes": 0, "windows": 0, "shards": 0, "commits": 0}
     try:
         # the precision is part of the fingerprint and follows the actors' devices: decided before the claim
         pool = teacher_pool(cfg)
@@ -398,13 +448,22 @@ def run(cfg: CacheConfig) -> dict:
             dataset = build_dataset(cfg, store, items, fp, run_id, pool)
             expected = len(items) if items.tars is None else (-1 if listed < 0 else listed * cfg.views - len(done))
             progress = Progress(log, "cache progress, samples", expected, cfg.progress_every_s)
-            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-                for k in ("samples", "errors", "bytes", "windows"):
-                    totals[k] += int(np.sum(batch[k]))
-                progress.update(totals["samples"] + totals["errors"], _rates(totals, progress))
-                before, totals["shards"] = totals["shards"], totals["shards"] + int(np.sum(batch["samples"] > 0))
-                if before // cfg.manifest_checkpoint_every != totals["shards"] // cfg.manifest_checkpoint_every:
-                    shards.finish(store, cfg.output)  # keeps opening the manifest cheap during long jobs
+            commits = GroupCommit(cfg, store)
+            try:
+                for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                    for k in ("samples", "errors", "bytes", "windows"):
+                        totals[k] += int(np.sum(batch[k]))
+                    for rows in batch["rows"]:
+                        commits.add(rows)
+                    progress.update(totals["samples"] + totals["errors"], _rates(totals, progress))
+                    before, totals["shards"] = totals["shards"], totals["shards"] + int(np.sum(batch["samples"] > 0))
+                    if before // cfg.manifest_checkpoint_every != totals["shards"] // cfg.manifest_checkpoint_every:
+                        commits.flush()
+                        shards.finish(store, cfg.output)  # keeps opening the manifest cheap during long jobs
+                commits.flush()
+            finally:
+                commits.close()
+            totals["commits"] = commits.commits
             progress.update(totals["samples"] + totals["errors"], _rates(totals, progress), force=True)
         shards.finish(store, cfg.output)
     finally:
@@ -433,6 +492,7 @@ def _summarize(cfg: CacheConfig, store: Storage, run_id: str, totals: dict, befo
         "failed_fraction": totals["errors"] / attempted if attempted else 0.0,
         "committed_total": samples_now.num_rows, "manifest_version": version,
         "keys_committed_twice": len(set(duplicates.column("key").to_pylist())), "shards_written": totals["shards"],
+        "manifest_commits": totals["commits"],
         "bytes_written": totals["bytes"], "seconds": seconds,
         "images_per_s": totals["samples"] / seconds if seconds else 0.0,
         "windows_per_s": totals["windows"] / seconds if seconds else 0.0,

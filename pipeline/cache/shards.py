@@ -8,8 +8,9 @@
     <output>/runs/<id>/            config.yaml and summary.json of every run
     <output>/sources/<key>.json    the image members of each source tar read to its end (name, offset, size)
 
-Committing a shard: its tar is written first, under a name derived from its content, then all its
-rows are appended to the manifest in one Delta transaction. Delta's optimistic concurrency (an
+Committing shards: each tar is written first, under a name derived from its content (`write_shard`),
+then the rows of one or several written shards are appended to the manifest in one Delta
+transaction (`commit`; the cache job's driver commits its writers' shards in groups). Delta's optimistic concurrency (an
 atomic create-if-absent of the next log entry: a hard link locally, a conditional PUT on object
 stores) makes the append atomic and safe with any number of concurrent writers, jobs or Ray tasks,
 with no lock service. A tar that no committed row names is an orphan (a writer that died between
@@ -158,18 +159,32 @@ def _write_tar(store: Storage, url: str, samples: list[dict]) -> tuple[int, str]
         return _tar_into(raw, samples)
 
 
-def commit_shard(store: Storage, output: str, samples: list[dict], rows: list[dict], run: str) -> dict:
-    """Write one shard's tar, then commit it: one Delta append of all its rows. `samples` are tar
-    member dicts, `rows` their manifest rows (without the shard fields). Returns the shard's fields."""
+def write_shard(store: Storage, output: str, samples: list[dict], rows: list[dict], run: str) -> pa.Table:
+    """Write one shard's tar, named by its content, and return its manifest rows (`rows` with the
+    shard's fields): what `commit` makes part of the cache. `samples` are tar member dicts."""
     nbytes, sha = _tar_into(None, samples)  # a hashing pass names the tar by its content
     name = sha[:32]
     written, check = _write_tar(store, shard_url(output, name), samples)
     if (written, check) != (nbytes, sha):
         raise RuntimeError(f"shard {name}: tar bytes changed between passes")
-    committed = time.time()
     shard = {"shard": name, "tar": f"shards/{name}.tar", "shard_samples": len(rows), "shard_bytes": nbytes,
-             "shard_sha256": sha, "run": run, "committed": committed}
-    _append(store, output, MANIFEST, pa.Table.from_pylist([dict(r, **shard) for r in rows], schema=SAMPLE_SCHEMA))
+             "shard_sha256": sha, "run": run, "committed": time.time()}
+    return pa.Table.from_pylist([dict(r, **shard) for r in rows], schema=SAMPLE_SCHEMA)
+
+
+def commit(store: Storage, output: str, written: list[pa.Table]) -> None:
+    """Commit shards `write_shard` wrote: one Delta append of all their rows, so the shards become
+    part of the cache together or not at all (their ``committed`` time is this commit's)."""
+    rows = pa.concat_tables(written)
+    _append(store, output, MANIFEST, rows.set_column(rows.schema.get_field_index("committed"), "committed",
+                                                     pa.repeat(pa.scalar(time.time(), pa.float64()), rows.num_rows)))
+
+
+def commit_shard(store: Storage, output: str, samples: list[dict], rows: list[dict], run: str) -> dict:
+    """Write one shard's tar, then commit it alone (`write_shard`, `commit`). Returns its fields."""
+    written = write_shard(store, output, samples, rows, run)
+    commit(store, output, [written])
+    name, nbytes, sha = (written.column(c)[0].as_py() for c in ("shard", "shard_bytes", "shard_sha256"))
     return {"shard": name, "samples": len(rows), "bytes": nbytes, "sha256": sha}
 
 

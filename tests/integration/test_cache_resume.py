@@ -33,7 +33,7 @@ def _commits(out: str) -> int:
 def test_sigkill_then_rerun_resumes_exactly_once(ray_cluster, tmp_path):
     src, out = str(tmp_path / "images"), str(tmp_path / "cache")
     put_files(src, good_images(N))
-    args = [*TINY, f"source={src}", f"output={out}", "shard_size=1", "teacher.batch_images=1"]
+    args = [*TINY, f"source={src}", f"output={out}", "shard_size=1", "teacher.batch_images=1", "shards_per_commit=2"]
     log = open(tmp_path / "first-run.log", "wb")
     proc = subprocess.Popen([sys.executable, "jobs/cache_teacher.py", *args, "num_cpus=2"], cwd=REPO,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -232,7 +232,6 @@ def test_make_keys_fast_path_gives_the_keys_url_parsing_gives():
     import urllib.parse
     from pathlib import PurePosixPath
 
-    from pipeline import storage
     from pipeline.cache import sources
 
     def parsed(uri: str) -> str:
