@@ -1,18 +1,16 @@
 """The manifest as a Delta Lake table, on local disk and on the S3 server: concurrent writers, a
-clean-up beside a live job, the cost of opening, and training runs pinned to one version."""
+clean-up beside a live job, and the cost of opening. (Training runs pinned to one version while their
+caches grow: test_safe_runs.py, in the ZeRO-3 resume.)"""
 from __future__ import annotations
 
 import pytest
 
-import csv
 import json
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from jobs import cache_teacher, train_student
 from pipeline import open_cache, storage
 from pipeline.bench.s3proxy import CountingProxy
 from pipeline.cache import shards
@@ -94,48 +92,3 @@ def test_opening_a_finished_cache_costs_a_constant_number_of_requests(s3_endpoin
             assert len(open_cache(out, store)) == n
             cost[n] = proxy.requests()
     assert abs(cost[20] - cost[5]) <= 3, cost  # 4x the commits, the same requests
-
-
-def _metrics(run_dir: Path, kind: str) -> list[dict]:
-    with open(run_dir / "metrics.csv") as f:
-        return [r for r in csv.DictReader(f) if r["kind"] == kind]
-
-
-def test_training_reads_its_pinned_versions_while_the_caches_grow(local_cache, tmp_path, monkeypatch):
-    """The cache is extended after the driver pinned its version and before the workers read it,
-    and again between two runs of the same command: the run reads exactly its pinned samples, each
-    once per epoch, from start to resume. With ``val_cache=`` (another cache by the same teacher)
-    nothing of the training cache is held out, and the student is scored on every sample of the
-    other cache, at the version pinned at the start, even once that cache has grown."""
-    import pipeline.train.job as train_job
-
-    src, out, runs = str(tmp_path / "src"), str(tmp_path / "cache"), str(tmp_path / "runs")
-    put_files(src, good_images(9))
-    cache_teacher.main([*TINY, f"source={src}", f"output={out}", "limit=4"])
-    pinned = open_cache(out)
-    held = f"{tmp_path}/held-out"  # a copy of the session's local cache: this test makes it grow
-    shutil.copytree(local_cache.url, held)
-    fit = train_job._fit
-
-    def extend_then_fit(*args, **kwargs):
-        cache_teacher.main([*TINY, f"source={src}", f"output={out}", "limit=6"])  # a second job extends it
-        assert len(open_cache(out)) == 6
-        return fit(*args, **kwargs)
-
-    monkeypatch.setattr(train_job, "_fit", extend_then_fit)
-    argv = [f"cache={out}", f"output={runs}", "name=pinned", "data.loader_workers=1", "log_every=1",
-            f"val_cache={held}", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5"]  # 5 held-out: uneven shares
-    train_student.main([*argv, "epochs=1"])
-    monkeypatch.setattr(train_job, "_fit", fit)
-    cache_teacher.main([*TINY, f"source={src}", f"output={out}", "limit=9"])  # grows again before the resume
-    cache_teacher.main([*TINY, f"source={src}", f"output={held}", "limit=2"])  # the validation cache grows too
-    assert len(open_cache(held)) == len(local_cache.files) + 2
-    train_student.main([*argv, "epochs=2"])
-    run_dir = tmp_path / "runs" / "pinned"
-    info = json.loads((run_dir / "student.json").read_text())
-    assert info["cache_version"] == pinned.version and len(open_cache(out)) == 9
-    assert [int(r["samples"]) for r in _metrics(run_dir, "epoch")] == [4, 4]  # the pinned 4, every epoch: none held out
-    assert [int(r["epoch"]) for r in _metrics(run_dir, "epoch")] == [0, 1]
-    assert info["validation"]["cache"] == held and info["validation"]["ratio"] < 1.5
-    vals = _metrics(run_dir, "val")
-    assert [int(r["samples"]) for r in vals] == [len(local_cache.files)] * 3  # at the start and each epoch's end

@@ -19,13 +19,13 @@ from jobs import cache_teacher, train_student
 from pipeline import open_cache, storage
 from pipeline.storage import Storage
 from pipeline.train.epochs import SampleTable, plan_epoch
-from pipeline.train.validation import split_manifest
-from tests.integration.conftest import SharedCache
+from tests.images import good_images
+from tests.integration.conftest import TINY, SharedCache, put_files
 
 pytestmark = pytest.mark.slow  # end to end: left out of the quick loop, `pytest -m "not slow"`
 
 BASE = ["batch_size=1", "lr=1e-3", "log_every=1", "record_keys=true", "scaling.cpus_per_worker=0.5",
-        "checkpoint_every=1", "val_fraction=0"]  # every sample trains: the tests count them
+        "val_fraction=0"]  # every sample trains: the tests count them (checkpoints: at max_steps and each epoch's end)
 
 
 @pytest.fixture(scope="module")
@@ -129,22 +129,21 @@ def test_a_resume_with_another_seed_is_refused_before_any_worker_starts(five, pa
     assert {p: p.stat().st_mtime_ns for p in (out / "cut").rglob("*") if p.is_file()} == files
 
 
-def _check_every_sample_once(five: str, run: Path, val_fraction: float, last: tuple[int, int]) -> None:
-    """Epoch 0 trained each of its samples once (none of its tail skipped, none repeated), its row
-    reports the loss of all of them, and epoch 1 followed the plan of an uninterrupted run on the
-    `last` layout (ranks, loader processes)."""
+def _check_every_sample_once(train_rows, run: Path, last: tuple[int, int], validates: bool = False) -> None:
+    """Each epoch trained every one of `train_rows` (the manifest rows the run trains on): epoch 0 each
+    once (none of its tail skipped, none repeated), and its row reports the loss of all of them; epoch 1
+    followed the plan of an uninterrupted run on the `last` layout (ranks, loader processes). A run that
+    `validates` scored its baseline once, whatever the resumes."""
     rows = _keys(str(run))
-    manifest = open_cache(five).samples
-    train_rows = split_manifest(manifest, val_fraction)[0] if val_fraction else manifest
     keys = train_rows.column("key").to_pylist()
     epoch0 = [r for r in rows if r["epoch"] == 0]
     assert sorted(r["key"] for r in epoch0) == sorted(keys)  # each once: none skipped, none repeated
     epochs = [r for r in _metrics(str(run)) if r["kind"] == "epoch"]
     assert [int(r["epoch"]) for r in epochs] == [0, 1]
     vals = [int(r["step"]) for r in _metrics(str(run)) if r["kind"] == "val"]
-    if val_fraction:
-        assert vals[0] == 0 and vals.count(0) == 1  # the baseline, once, whatever the resumes
-    assert int(epochs[0]["samples"]) == len(keys)
+    if validates:
+        assert vals[0] == 0 and vals.count(0) == 1
+    assert [int(r["samples"]) for r in epochs] == [len(keys)] * 2
     true_loss = sum(r["loss"] for r in epoch0) / len(epoch0)  # batch_size=1: one row per batch
     assert float(epochs[0]["loss"]) == pytest.approx(true_loss, rel=1e-5)
 
@@ -164,18 +163,49 @@ def test_a_resume_on_more_ranks_and_loader_processes_sees_every_sample_once(five
     run = padding_runs.parent / "branch" / "cut"
     args = [f"cache={five}", f"output={run.parent}", "name=cut", *PADDING]
     train_student.main([*args, "scaling.num_workers=3", "data.loader_workers=3"])
-    _check_every_sample_once(five, run, 0.0, last=(3, 3))
+    _check_every_sample_once(open_cache(five).samples, run, last=(3, 3))
 
 
-def test_a_resume_on_fewer_ranks_with_zero3_sees_every_sample_once(five, tmp_path):
-    """ZeRO-3 (parameters sharded too), one image held out (validation on uneven rank shares):
-    checkpointed after one step on 3 ranks x 1 loader process, resumed on a single rank x 2."""
-    run = tmp_path / "runs" / "elastic"
-    args = [f"cache={five}", f"output={tmp_path / 'runs'}", "name=elastic", "epochs=2", "zero_stage=3", *BASE,
-            "val_fraction=0.02"]
+def test_a_zero3_resume_on_fewer_ranks_reads_its_pinned_versions_while_the_caches_grow(local_cache, tmp_path,
+                                                                                       monkeypatch):
+    """ZeRO-3 (parameters sharded too), checkpointed after one step on 3 ranks x 1 loader process and
+    resumed on a single rank x 2: epoch 0 trains each sample once, epoch 1 follows the new layout's plan.
+    Meanwhile the caches grow: the training cache is extended after the driver pinned its version and
+    before the workers read it, and again before the resume; the run reads exactly its pinned samples,
+    from start to resume. With ``val_cache=`` (another cache by the same teacher; 5 samples: uneven rank
+    shares) nothing of the training cache is held out, and the student is scored on every sample of the
+    other cache, at the version pinned at the start, even once that cache has grown."""
+    import pipeline.train.job as train_job
+
+    src, out, runs = str(tmp_path / "src"), str(tmp_path / "cache"), tmp_path / "runs"
+    put_files(src, good_images(9))
+    cache_teacher.main([*TINY, f"source={src}", f"output={out}", "limit=4"])
+    pinned = open_cache(out)
+    held = f"{tmp_path}/held-out"  # a copy of the session's local cache: this test makes it grow
+    shutil.copytree(local_cache.url, held)
+    fit = train_job._fit
+
+    def extend_then_fit(*args, **kwargs):
+        cache_teacher.main([*TINY, f"source={src}", f"output={out}", "limit=6"])  # a second job extends it
+        assert len(open_cache(out)) == 6
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(train_job, "_fit", extend_then_fit)
+    args = [f"cache={out}", f"output={runs}", "name=elastic", "epochs=2", "zero_stage=3", *BASE, f"val_cache={held}"]
     train_student.main([*args, "scaling.num_workers=3", "data.loader_workers=1", "max_steps=1"])
+    monkeypatch.setattr(train_job, "_fit", fit)
+    cache_teacher.main([*TINY, f"source={src}", f"output={out}", "limit=9"])  # grows again before the resume
+    cache_teacher.main([*TINY, f"source={src}", f"output={held}", "limit=2"])  # the validation cache grows too
+    assert len(open_cache(held)) == len(local_cache.files) + 2
     train_student.main([*args, "scaling.num_workers=1", "data.loader_workers=2"])
-    _check_every_sample_once(five, run, 0.02, last=(1, 2))
+
+    run = runs / "elastic"
+    _check_every_sample_once(open_cache(out, version=pinned.version).samples, run, last=(1, 2), validates=True)
+    info = _student(str(run))
+    assert info["cache_version"] == pinned.version and len(pinned) == 4 and len(open_cache(out)) == 9
+    assert info["validation"]["cache"] == held and info["validation"]["ratio"] < 1.5
+    vals = [r for r in _metrics(str(run)) if r["kind"] == "val"]
+    assert [int(r["samples"]) for r in vals] == [len(local_cache.files)] * 3  # at the start and each epoch's end
 
 
 class _Plant:
