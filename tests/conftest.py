@@ -40,3 +40,17 @@ def vitb16():
 
     return spar.load_backbone("maskclip", pretrained=None)
 
+
+
+def pytest_collection_finish(session):
+    """A test module may define ``start_early()``: called once collection has selected any of its tests,
+    it starts a scenario that runs in processes of its own (its own Ray cluster) beside the tests before
+    it; its test then waits for the result."""
+    if session.config.option.collectonly:
+        return
+    started = set()
+    for item in session.items:
+        module = getattr(item, "module", None)
+        if module is not None and hasattr(module, "start_early") and module not in started:
+            started.add(module)
+            module.start_early()
