@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import tarfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -87,7 +88,7 @@ class CacheConfig:
     min_source_side: int = 32  # sources with a shorter side are recorded as too small
     max_aspect: float = 10.0  # sources more elongated than this are recorded (memory bound)
     max_failed_fraction: float = 0.05  # exit non-zero if more of this run's inputs fail
-    orphan_retention_s: float = 3600.0  # tars no commit names are deleted once older (> any tar-to-commit time)
+    orphan_retention_s: float = 3600.0  # tars no commit names are deleted once older: > every writing job's commit_every_s
     manifest_checkpoint_every: int = 1000  # shards between the driver's compactions + checkpoints of the manifest
     shards_per_commit: int = 64  # the driver commits written shards once this many wait ...
     commit_every_s: float = 10.0  # ... or the oldest has waited this long (a crash recomputes what waits)
@@ -352,32 +353,60 @@ def _ipc(table: pa.Table) -> bytes:
 
 class GroupCommit:
     """The driver's commits of written shards: one append per `shards_per_commit` shards or per
-    `commit_every_s` seconds since the oldest waiting one, and of whatever waits when the run ends
-    or fails (`close`)."""
+    `commit_every_s` seconds since the oldest waiting one arrived (checked every second, also while no
+    shard arrives: a tar waits that long for its commit at most, and clean-ups delete uncommitted tars
+    older than their retention), and of whatever waits when the run ends or fails (`close`)."""
 
     def __init__(self, cfg: CacheConfig, store: Storage):
         self.cfg, self.store, self.waiting, self.since, self.commits = cfg, store, [], 0.0, 0
+        self.lock, self.stopped, self.error = threading.Lock(), threading.Event(), None
+        self.timer = threading.Thread(target=self._commit_when_due, name="group-commit", daemon=True)
+        self.timer.start()
 
     def add(self, rows: bytes) -> None:
-        if rows:
-            if not self.waiting:
-                self.since = time.monotonic()
-            self.waiting.append(pa.ipc.open_stream(rows).read_all())
-        if self.waiting and (len(self.waiting) >= self.cfg.shards_per_commit
-                             or time.monotonic() - self.since >= self.cfg.commit_every_s):
-            self.flush()
+        with self.lock:
+            self._raise_timer_error()
+            if rows:
+                if not self.waiting:
+                    self.since = time.monotonic()
+                self.waiting.append(pa.ipc.open_stream(rows).read_all())
+            if len(self.waiting) >= self.cfg.shards_per_commit or self._due():
+                self._commit()
 
     def flush(self) -> None:
-        if self.waiting:
-            shards.commit(self.store, self.cfg.output, self.waiting)
-            self.waiting, self.commits = [], self.commits + 1
+        with self.lock:
+            self._raise_timer_error()
+            self._commit()
 
     def close(self) -> None:
         """Commit what waits; if that fails, the run's error stands and the tars are orphans."""
+        self.stopped.set()
+        self.timer.join()
         try:
             self.flush()
         except Exception as e:  # noqa: BLE001  (already failing: the first error is the one to raise)
             log.error("could not commit %d written shards (they are recomputed by a rerun): %s", len(self.waiting), e)
+
+    def _due(self) -> bool:
+        return bool(self.waiting) and time.monotonic() - self.since >= self.cfg.commit_every_s
+
+    def _commit(self) -> None:
+        if self.waiting:
+            shards.commit(self.store, self.cfg.output, self.waiting)
+            self.waiting, self.commits = [], self.commits + 1
+
+    def _commit_when_due(self) -> None:
+        while not self.stopped.wait(min(1.0, max(self.cfg.commit_every_s / 4, 0.05))):
+            with self.lock:
+                if self.error is None and self._due():
+                    try:
+                        self._commit()
+                    except Exception as e:  # noqa: BLE001  (raised in the driver's thread, at its next call)
+                        self.error = e
+
+    def _raise_timer_error(self) -> None:
+        if self.error is not None:
+            raise self.error
 
 
 def teacher_pool(cfg: CacheConfig):

@@ -109,11 +109,14 @@ def test_a_shard_is_committed_by_one_manifest_append(tmp_path):
 
 def test_the_drivers_group_commit_makes_several_written_shards_part_of_the_cache_in_one_append(tmp_path):
     """Writers write tars and hand their rows on; the driver commits whole shards, several an
-    append: after `shards_per_commit` of them, after `commit_every_s`, and what waits at the end."""
+    append: after `shards_per_commit` of them, after `commit_every_s` (also while no shard arrives),
+    and what waits at the end."""
+    import time
+
     from pipeline.cache.job import CacheConfig, GroupCommit, _ipc
 
     out = _new_cache(tmp_path)
-    batches = [[_sample(f"k{s}-{i}", seed=3 * s + i)[0] for i in range(3)] for s in range(5)]
+    batches = [[_sample(f"k{s}-{i}", seed=3 * s + i)[0] for i in range(3)] for s in range(4)]
     written = [shards.write_shard(Storage(), out, b, _rows(b), run="r") for b in batches]
     assert open_cache(out, require_samples=False).version == 0  # tars written, nothing committed
     group = GroupCommit(CacheConfig(output=out, pretrained=None, shards_per_commit=2, commit_every_s=3600), Storage())
@@ -122,15 +125,19 @@ def test_the_drivers_group_commit_makes_several_written_shards_part_of_the_cache
     cache = open_cache(out)
     assert (cache.version, len(cache), group.commits) == (1, 6, 1)  # shards 0 and 1, together
     assert len(set(cache.manifest.column("committed").to_pylist())) == 1
-    group.cfg.commit_every_s = 0.0
-    group.add(_ipc(written[3]))  # shard 2 waited longer than commit_every_s: 2 and 3 together
+    group.cfg.commit_every_s = 0.2  # shard 2 waits; no other arrives: committed alone, within a second
+    deadline = time.monotonic() + 30
+    while group.commits < 2:
+        assert time.monotonic() < deadline, "the waiting shard was not committed"
+        time.sleep(0.05)
     group.cfg.commit_every_s = 3600
-    group.add(_ipc(written[4]))
+    assert (open_cache(out).version, len(open_cache(out))) == (2, 9)
+    group.add(_ipc(written[3]))
     assert open_cache(out).version == 2
     group.close()  # what waits at the end
     cache = open_cache(out)
-    assert (cache.version, len(cache), group.commits) == (3, 15, 3) and cache.verify() == []
-    assert cache.shards.num_rows == 5
+    assert (cache.version, len(cache), group.commits) == (3, 12, 3) and cache.verify() == []
+    assert cache.shards.num_rows == 4
 
 
 def test_orphan_tars_are_removed_only_after_the_retention(tmp_path):
