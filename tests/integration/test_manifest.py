@@ -51,8 +51,10 @@ def test_two_cache_jobs_at_once_beside_a_cleanup_loop_lose_nothing(ray_cluster, 
     put_files(src, good_images(n))
     orphan = shards.shard_url(out, "0" * 32)  # left by a writer that died before its commit
     shards._write_tar(Storage(), orphan, [_sample("dead", seed=99)[0]])
+    # each job commits what it wrote within 2 s (commit_every_s), well inside the clean-up's retention
     args = [sys.executable, "jobs/cache_teacher.py", *TINY, f"source={src}", f"output={out}", "shard_size=1",
-            "teacher.batch_images=1", f"ray_address={ray.get_runtime_context().gcs_address}"]  # the session's cluster
+            "teacher.batch_images=1", "commit_every_s=2",
+            f"ray_address={ray.get_runtime_context().gcs_address}"]  # the session's cluster
     logs = [open(tmp_path / f"job{i}.log", "wb") for i in range(2)]
     procs = [subprocess.Popen(args, cwd=REPO, stdout=f, stderr=subprocess.STDOUT) for f in logs]
     removed, deadline = [], time.monotonic() + 600
