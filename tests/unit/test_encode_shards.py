@@ -116,7 +116,7 @@ def test_the_drivers_group_commit_makes_several_written_shards_part_of_the_cache
     from pipeline.cache.job import CacheConfig, GroupCommit, _ipc
 
     out = _new_cache(tmp_path)
-    batches = [[_sample(f"k{s}-{i}", seed=3 * s + i)[0] for i in range(3)] for s in range(4)]
+    batches = [[_sample(f"k{s}-{i}", seed=3 * s + i)[0] for i in range(3)] for s in range(6)]
     written = [shards.write_shard(Storage(), out, b, _rows(b), run="r") for b in batches]
     assert open_cache(out, require_samples=False).version == 0  # tars written, nothing committed
     group = GroupCommit(CacheConfig(output=out, pretrained=None, shards_per_commit=2, commit_every_s=3600), Storage())
@@ -137,7 +137,18 @@ def test_the_drivers_group_commit_makes_several_written_shards_part_of_the_cache
     group.close()  # what waits at the end
     cache = open_cache(out)
     assert (cache.version, len(cache), group.commits) == (3, 12, 3) and cache.verify() == []
-    assert cache.shards.num_rows == 4
+    # the same check on arrival (its timer stopped, so only the arrival can commit): shard 4 waited
+    # longer than commit_every_s when shard 5 arrived: 4 and 5 together
+    arrival = GroupCommit(CacheConfig(output=out, pretrained=None, shards_per_commit=64, commit_every_s=3600),
+                          Storage())
+    arrival.stopped.set()
+    arrival.timer.join()
+    arrival.add(_ipc(written[4]))
+    arrival.cfg.commit_every_s = 0.0
+    arrival.add(_ipc(written[5]))
+    cache = open_cache(out)
+    assert (cache.version, len(cache), arrival.commits) == (4, 18, 1) and cache.verify() == []
+    assert cache.shards.num_rows == 6
 
 
 def test_orphan_tars_are_removed_only_after_the_retention(tmp_path):
