@@ -12,11 +12,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet  # noqa: F401  (pa.parquet)
 import pytest
 
-from pipeline import open_cache, storage
+from pipeline import open_cache
 from pipeline.cache import shards
 from pipeline.storage import Storage
 from tests.images import good_images
