@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.bench import MODES
+from pipeline.bench import MODES, mode
 from pipeline.bench.common import save_result
 from pipeline.cli import print_result, run_job
 
@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in MODES:
         raise SystemExit(f"usage: benchmark.py {{{'|'.join(MODES)}}} [key=value ...]")
-    schema, bench = MODES[argv[0]]
+    schema, bench = mode(argv[0])
 
     def measure(cfg):
         result = bench(cfg)

@@ -18,15 +18,25 @@
 """
 from __future__ import annotations
 
-from pipeline.bench.cache import CacheBench, bench_cache
-from pipeline.bench.commits import CommitBench, bench_commits
-from pipeline.bench.loader import LoaderBench, bench_loader
-from pipeline.bench.manifest import ManifestBench, bench_manifest
-from pipeline.bench.scale import ScaleBench, bench_scale
-from pipeline.bench.teacher import SpeedupBench, TeacherBench, bench_speedup, bench_teacher
-from pipeline.bench.train import TrainBench, bench_train
+import importlib
+from typing import Callable
 
-MODES = {"teacher": (TeacherBench, bench_teacher), "speedup": (SpeedupBench, bench_speedup),
-         "cache": (CacheBench, bench_cache), "train": (TrainBench, bench_train),
-         "loader": (LoaderBench, bench_loader), "manifest": (ManifestBench, bench_manifest),
-         "scale": (ScaleBench, bench_scale), "commits": (CommitBench, bench_commits)}
+# mode -> (module, config class, function); a mode's module is imported when it runs, so the
+# measuring processes of `scale` import what their step needs and nothing else (no torch)
+MODES = {
+    "teacher": ("teacher", "TeacherBench", "bench_teacher"),
+    "speedup": ("teacher", "SpeedupBench", "bench_speedup"),
+    "cache": ("cache", "CacheBench", "bench_cache"),
+    "train": ("train", "TrainBench", "bench_train"),
+    "loader": ("loader", "LoaderBench", "bench_loader"),
+    "manifest": ("manifest", "ManifestBench", "bench_manifest"),
+    "scale": ("scale", "ScaleBench", "bench_scale"),
+    "commits": ("commits", "CommitBench", "bench_commits"),
+}
+
+
+def mode(name: str) -> tuple[type, Callable[..., dict]]:
+    """(config class, benchmark function) of mode `name`."""
+    module, schema, bench = MODES[name]
+    loaded = importlib.import_module(f"pipeline.bench.{module}")
+    return getattr(loaded, schema), getattr(loaded, bench)

@@ -25,9 +25,7 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
-import spar
 from pipeline.cache.reader import UnsafeName, iter_raw_shard, shard_url
 from pipeline.storage import Storage
 
@@ -151,6 +149,9 @@ def score(engine, held: HeldOut, device: torch.device, padding: torch.Tensor) ->
     """(sum of per-sample feature MSE, samples) of this rank's held-out samples. Every rank runs the
     same number of forward passes (a rank with fewer samples runs `padding`, uncounted): under
     ZeRO-3 a forward pass is a collective."""
+    import torch  # here, not above: the split's readers (the epoch planner's benchmark) need no torch
+
+    import spar
     from pipeline.train.loader import target_to_float
 
     total, n = 0.0, 0
