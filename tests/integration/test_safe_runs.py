@@ -17,6 +17,8 @@ import torch
 import spar
 from jobs import cache_teacher, train_student
 from pipeline import open_cache, storage
+from pipeline.cache import shards
+from pipeline.cache.reader import iter_raw_shard
 from pipeline.storage import Storage
 from pipeline.train.epochs import SampleTable, plan_epoch
 from tests.images import good_images
@@ -72,6 +74,8 @@ def _reference_weights(cache_url: str, rows: list[dict], lr: float) -> dict[str,
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
+ROW = ("source", "view", "height", "width", "grid_h", "grid_w", "target_bytes", "image_checksum", "target_checksum",
+       "windows")  # a manifest row's fields besides its key and shard (what a writer commits)
 PADDING = ["epochs=2", "zero_stage=2", *BASE]  # with 2 ranks x 2 loader processes
 
 
@@ -166,19 +170,35 @@ def test_a_resume_on_more_ranks_and_loader_processes_sees_every_sample_once(five
     _check_every_sample_once(open_cache(five).samples, run, last=(3, 3))
 
 
+def _grow(cache_url: str, samples_from: str, n: int) -> None:
+    """Commit the first `n` samples of the cache `samples_from` (keys new to `cache_url`, the same teacher)
+    to `cache_url`, a shard each, as the cache job commits them: another writer growing the cache."""
+    source = open_cache(samples_from)
+    rows = {r["key"]: r for r in source.manifest.to_pylist()}
+    for url in source.shard_urls():
+        for raw in iter_raw_shard(url, Storage()):
+            if n == 0:
+                return
+            key = raw["__key__"]
+            members = {k: bytes(v) for k, v in raw.items() if not k.startswith("__")}
+            shards.commit_shard(Storage(), cache_url, [dict(members, __key__=key)],
+                                [{k: rows[key][k] for k in ROW} | {"key": key}], run="grow")
+            n -= 1
+
+
 def test_a_zero3_resume_on_fewer_ranks_reads_its_pinned_versions_while_the_caches_grow(local_cache, tmp_path,
                                                                                        monkeypatch):
-    """ZeRO-3 (parameters sharded too), checkpointed after one step on 3 ranks x 1 loader process and
+    """ZeRO-3 (parameters sharded too), checkpointed after one step on 2 ranks x 1 loader process and
     resumed on a single rank x 2: epoch 0 trains each sample once, epoch 1 follows the new layout's plan.
-    Meanwhile the caches grow: the training cache is extended after the driver pinned its version and
-    before the workers read it, and again before the resume; the run reads exactly its pinned samples,
-    from start to resume. With ``val_cache=`` (another cache by the same teacher; 5 samples: uneven rank
+    Meanwhile the caches grow: a second cache job extends the training cache after the driver pinned
+    its version and before the workers read it, and another writer commits to it before the resume;
+    the run reads exactly its pinned samples, from start to resume. With ``val_cache=`` (another cache by the same teacher; 5 samples: uneven rank
     shares) nothing of the training cache is held out, and the student is scored on every sample of the
     other cache, at the version pinned at the start, even once that cache has grown."""
     import pipeline.train.job as train_job
 
     src, out, runs = str(tmp_path / "src"), str(tmp_path / "cache"), tmp_path / "runs"
-    put_files(src, good_images(9))
+    put_files(src, good_images(6))
     cache_teacher.main([*TINY, f"source={src}", f"output={out}", "limit=4"])
     pinned = open_cache(out)
     held = f"{tmp_path}/held-out"  # a copy of the session's local cache: this test makes it grow
@@ -192,10 +212,10 @@ def test_a_zero3_resume_on_fewer_ranks_reads_its_pinned_versions_while_the_cache
 
     monkeypatch.setattr(train_job, "_fit", extend_then_fit)
     args = [f"cache={out}", f"output={runs}", "name=elastic", "epochs=2", "zero_stage=3", *BASE, f"val_cache={held}"]
-    train_student.main([*args, "scaling.num_workers=3", "data.loader_workers=1", "max_steps=1"])
+    train_student.main([*args, "scaling.num_workers=2", "data.loader_workers=1", "max_steps=1"])
     monkeypatch.setattr(train_job, "_fit", fit)
-    cache_teacher.main([*TINY, f"source={src}", f"output={out}", "limit=9"])  # grows again before the resume
-    cache_teacher.main([*TINY, f"source={src}", f"output={held}", "limit=2"])  # the validation cache grows too
+    _grow(held, out, 2)  # the validation cache grows (by samples of the training cache's, new to it)
+    _grow(out, local_cache.url, 3)  # and the training cache again, before the resume
     assert len(open_cache(held)) == len(local_cache.files) + 2
     train_student.main([*args, "scaling.num_workers=1", "data.loader_workers=2"])
 
