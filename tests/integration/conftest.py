@@ -150,15 +150,6 @@ def s3_cache(ray_cluster, s3_endpoint) -> SharedCache:
     return _shared_cache(f"{root}/images", f"{root}/cache", good_images(6, seed=0), "views=2")
 
 
-@pytest.fixture(scope="session")
-def s3_held_out(ray_cluster, s3_cache) -> SharedCache:
-    """4 other images, by the same teacher as `s3_cache`, beside it on the S3 server."""
-    from tests.images import good_images
-
-    root = s3_cache.url.rsplit("/", 1)[0]
-    return _shared_cache(f"{root}/held-out-images", f"{root}/held-out", good_images(4, seed=100))
-
-
 @pytest.fixture(params=["local_cache", pytest.param("s3_cache", marks=pytest.mark.slow)])
 def shared_cache(request) -> SharedCache:
     """Each shared cache in turn (a test of what every storage must do)."""

@@ -37,9 +37,8 @@ def _csv_rows(run_dir: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def caches(s3_cache, s3_held_out):
-    """The root of the session's training cache on the S3 server (``<root>/cache``: 6 images x 2 views)
-    and, beside it, a held-out cache of 4 other images by the same teacher (``<root>/held-out``)."""
+def caches(s3_cache):
+    """The root of the session's training cache on the S3 server (``<root>/cache``: 6 images x 2 views)."""
     return s3_cache.url.rsplit("/", 1)[0]
 
 
@@ -63,8 +62,8 @@ def test_loss_decreases_and_ranks_agree(trained):
 
 def test_validation_holds_out_whole_source_images_and_scores_them_at_every_epoch(trained):
     """Whole source images are held out, never trained, and scored against the untrained baseline at
-    each epoch's end. (Whether the student gets closer is asserted on the 4 images of the held-out
-    cache, in `test_distillation_beats_the_untrained_single_pass_on_held_out_images`: one held-out
+    each epoch's end. (Whether the student gets closer is asserted on the 5 other images of the
+    session's local cache, by the same teacher, in `test_distillation_beats_the_untrained_single_pass_on_held_out_images`: one held-out
     image after 20 steps is too few to say either way.)"""
     from pipeline.train.validation import held_out, source_of
 
@@ -110,14 +109,17 @@ def test_exported_student_reproduces_in_job_features(trained, tmp_path):
     assert torch.equal(teacher.blocks[0].mlp.c_fc.weight, bb.blocks[0].mlp.c_fc.weight)  # frozen stays
 
 
-def test_distillation_beats_the_untrained_single_pass_on_held_out_images(trained, tmp_path):
+def test_distillation_beats_the_untrained_single_pass_on_held_out_images(trained, local_cache, tmp_path):
+    """On images it never trained on (the session's local cache: 5 other images, the same teacher)."""
+    held = open_cache(local_cache.url)
+    assert held.fingerprint["fingerprint"] == open_cache(f"{trained['root']}/cache").fingerprint["fingerprint"]
     local = tmp_path / "student.safetensors"
     Storage().download(storage.join(trained["run_dir"], "student.safetensors"), str(local))
     student = spar.load_backbone("maskclip-test", pretrained=str(local))
     untrained = spar.load_backbone("maskclip-test", pretrained=None)
     mse_student, mse_untrained = [], []
     with torch.no_grad():
-        for s in open_cache(f"{trained['root']}/held-out"):
+        for s in held:
             x = untrained.normalize(torch.from_numpy(s["image"]))
             target = torch.from_numpy(s["target"])[None]
             mse_student.append(float(spar.feature_loss(student.dense(x), target)))
@@ -189,7 +191,7 @@ def test_a_rerun_continues_from_the_checkpoint_and_a_killed_worker_from_the_last
     run_dir = trained["run_dir"]
     before = json.loads(Storage().read_text(storage.join(run_dir, "student.json")))["steps"]
     snapshot = storage.join(run_dir, "checkpoint_manager_snapshot.json")
-    args = [f"cache={trained['root']}/cache", f"output={trained['out']}", "name=tiny", "epochs=8", "checkpoint_every=5",
+    args = [f"cache={trained['root']}/cache", f"output={trained['out']}", "name=tiny", "epochs=6", "checkpoint_every=5",
             "max_failures=2", "record_keys=true", *TRAIN]
     result: dict = {}
     job = threading.Thread(target=lambda: result.update(metrics=train_student.main(args)))
@@ -206,17 +208,17 @@ def test_a_rerun_continues_from_the_checkpoint_and_a_killed_worker_from_the_last
         os.kill(workers[-1].pid, signal.SIGKILL)
     finally:
         job.join(timeout=600)
-    assert not job.is_alive() and result["metrics"]["step"] == before + 4 * 5  # four more epochs, not eight
+    assert not job.is_alive() and result["metrics"]["step"] == before + 2 * 5  # two more epochs, not six
     info = json.loads(Storage().read_text(storage.join(run_dir, "student.json")))
-    assert info["steps"] == 8 * 5 and len(set(info["rank_weight_digests"])) == 1
+    assert info["steps"] == 6 * 5 and len(set(info["rank_weight_digests"])) == 1
 
     steps = [int(r["step"]) for r in _csv_rows(run_dir) if r["kind"] == "step"]
-    assert steps == sorted(steps) and len(steps) == len(set(steps)) and steps[-1] == 8 * 5  # appended once each
+    assert steps == sorted(steps) and len(steps) == len(set(steps)) and steps[-1] == 6 * 5  # appended once each
     cache = open_cache(f"{trained['root']}/cache")
     rows = []
     for url in Storage().list_files(storage.join(run_dir, "keys")):
         rows += [line.split(",") for line in Storage().read_text(url).splitlines()[1:]]
     trained_steps = [(int(step), int(rank)) for _, step, rank, _, _ in rows]
     assert len(trained_steps) == len(set(trained_steps))  # each step once per rank: resumed from the last checkpoint
-    assert {int(step) for _, step, _, _, _ in rows} == set(range(8 * 5))
+    assert {int(step) for _, step, _, _, _ in rows} == set(range(6 * 5))
     assert {key for _, _, _, key, _ in rows} == set(cache.keys()) - held_out(cache.keys(), 0.02)  # the same split
