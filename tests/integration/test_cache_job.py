@@ -60,7 +60,7 @@ def check_round_trip(cache_url: str, files: dict[str, bytes], encoding: str, vie
         name = meta["source"].rsplit("/", 1)[1]
         decoded = decode_image(files[name], max_pixels=10**8)
         view, plan = augment(decoded, 0, meta["source_key"], meta["view"], aug)
-        assert plan == meta["augment"] and np.array_equal(view, sample["image"])
+        assert sample["image"].dtype == np.uint8 and plan == meta["augment"] and np.array_equal(view, sample["image"])
         assert meta["source_key"] == make_key(meta["source"]) and key == f"{meta['source_key']}_v{meta['view']}"
     assert seen == set(manifest) and len(seen) == len(files) * views
     assert sum(cache.shards.column("samples").to_pylist()) == len(seen)
