@@ -14,3 +14,14 @@ def test_scale_bench_measures_every_step_of_a_synthetic_cache():
     for step in ("open", "plan", "resume"):
         assert result[f"{step}_s" if step != "resume" else "resume_plan_s"] > 0
         assert result[f"{step}_peak_gb"] >= 0
+
+
+def test_a_measuring_process_imports_no_torch():
+    """Each step runs in a fresh process that imports what the step needs: the planner, the split and
+    the manifest readers, not torch (whose import every step would otherwise pay)."""
+    import subprocess
+    import sys
+
+    code = "import sys; from pipeline.bench.scale import _child; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
