@@ -74,8 +74,6 @@ def _reference_weights(cache_url: str, rows: list[dict], lr: float) -> dict[str,
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
-ROW = ("source", "view", "height", "width", "grid_h", "grid_w", "target_bytes", "image_checksum", "target_checksum",
-       "windows")  # a manifest row's fields besides its key and shard (what a writer commits)
 PADDING = ["epochs=2", "zero_stage=2", *BASE]  # with 2 ranks x 2 loader processes
 
 
@@ -181,8 +179,8 @@ def _grow(cache_url: str, samples_from: str, n: int) -> None:
                 return
             key = raw["__key__"]
             members = {k: bytes(v) for k, v in raw.items() if not k.startswith("__")}
-            shards.commit_shard(Storage(), cache_url, [dict(members, __key__=key)],
-                                [{k: rows[key][k] for k in ROW} | {"key": key}], run="grow")
+            # its manifest row as it was; write_shard sets the new shard's fields
+            shards.commit_shard(Storage(), cache_url, [dict(members, __key__=key)], [rows[key]], run="grow")
             n -= 1
 
 
@@ -192,9 +190,10 @@ def test_a_zero3_resume_on_fewer_ranks_reads_its_pinned_versions_while_the_cache
     resumed on a single rank x 2: epoch 0 trains each sample once, epoch 1 follows the new layout's plan.
     Meanwhile the caches grow: a second cache job extends the training cache after the driver pinned
     its version and before the workers read it, and another writer commits to it before the resume;
-    the run reads exactly its pinned samples, from start to resume. With ``val_cache=`` (another cache by the same teacher; 5 samples: uneven rank
-    shares) nothing of the training cache is held out, and the student is scored on every sample of the
-    other cache, at the version pinned at the start, even once that cache has grown."""
+    the run reads exactly its pinned samples, from start to resume. With ``val_cache=`` (another cache
+    by the same teacher; 5 samples: uneven rank shares) nothing of the training cache is held out, and
+    the student is scored on every sample of the other cache, at the version pinned at the start, even
+    once that cache has grown."""
     import pipeline.train.job as train_job
 
     src, out, runs = str(tmp_path / "src"), str(tmp_path / "cache"), tmp_path / "runs"

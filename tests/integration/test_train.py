@@ -63,8 +63,9 @@ def test_loss_decreases_and_ranks_agree(trained):
 def test_validation_holds_out_whole_source_images_and_scores_them_at_every_epoch(trained):
     """Whole source images are held out, never trained, and scored against the untrained baseline at
     each epoch's end. (Whether the student gets closer is asserted on the 5 other images of the
-    session's local cache, by the same teacher, in `test_distillation_beats_the_untrained_single_pass_on_held_out_images`: one held-out
-    image after 20 steps is too few to say either way.)"""
+    session's local cache, by the same teacher, in
+    `test_distillation_beats_the_untrained_single_pass_on_held_out_images`: one held-out image after
+    20 steps is too few to say either way.)"""
     from pipeline.train.validation import held_out, source_of
 
     cache = open_cache(f"{trained['root']}/cache")
