@@ -28,6 +28,7 @@ IMAGE_MEMBERS = {"raw": "image.npy", "png": "png"}
 IMAGE_ENCODINGS = tuple(IMAGE_MEMBERS)
 DEFAULT_IMAGE_ENCODING = "raw"
 TARGET_EXT, SCALE_EXT, META_EXT = "target.npy", "target_scale.npy", "json"
+IMAGE_MEMBER = "image_member"  # the column of the encoded image (raw .npy or PNG bytes) between the job's stages
 
 if TYPE_CHECKING:  # the writer side quantizes torch tensors; readers decode with numpy alone
     import torch

@@ -19,11 +19,10 @@ import spar
 from spar.weights import verified_weights
 from pipeline.devices import pick_device, use_compute_dtype
 from pipeline.storage import Storage
-from pipeline.cache.encode import META_EXT, SCALE_EXT, TARGET_EXT, encode_members, quantize
+from pipeline.cache.encode import IMAGE_MEMBER, META_EXT, SCALE_EXT, TARGET_EXT, encode_members, quantize
 
 log = logging.getLogger(__name__)
 
-IMAGE_MEMBER = "image_member"  # the encoded image (raw .npy or PNG bytes), made by the read tasks
 MEMBER_COLUMNS = (IMAGE_MEMBER, TARGET_EXT, SCALE_EXT, META_EXT)  # tar members, as output columns
 
 

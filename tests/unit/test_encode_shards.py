@@ -113,7 +113,8 @@ def test_the_drivers_group_commit_makes_several_written_shards_part_of_the_cache
     and what waits at the end."""
     import time
 
-    from pipeline.cache.job import CacheConfig, GroupCommit, _ipc
+    from pipeline.cache.job import CacheConfig, GroupCommit
+    from pipeline.cache.tasks import _ipc
 
     out = _new_cache(tmp_path)
     batches = [[_sample(f"k{s}-{i}", seed=3 * s + i)[0] for i in range(3)] for s in range(6)]

@@ -125,3 +125,20 @@ def test_the_cache_reader_loads_without_torch():
             "print(sorted(m for m in ('torch', 'webdataset', 'open_clip', 'deepspeed') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_the_cache_jobs_cpu_tasks_load_without_torch():
+    """Ray Data's read, augment and write tasks import their functions' modules in every worker
+    process they run in: those hold numpy, Arrow and the storage client, not torch (~2.5 CPU-s and
+    ~300 MB a process), which only the teacher actors need."""
+    import subprocess
+    import sys
+
+    from pipeline.cache import job, tasks
+
+    assert job.expand_tar is tasks.expand_tar and job.image_row is tasks.image_row
+    assert job.write_batch is tasks.write_batch and job.augment_row.__module__ == "pipeline.cache.augment"
+    code = ("import sys; import pipeline.cache.tasks, pipeline.cache.augment; "
+            "print(sorted(m for m in ('torch', 'open_clip', 'deepspeed', 'timm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
