@@ -57,7 +57,8 @@ def scenarios(source: str, output: str, runs: str, gpu_source: str, gpu_output: 
 def cache(cluster: Cluster, nodes: list, source: str, output: str) -> dict:
     result: dict = {}
     job = threading.Thread(target=lambda: result.update(summary=cache_teacher.main(
-        [*TINY, f"source={source}", f"output={output}", "shard_size=2", "teacher.batch_images=1"])))
+        [*TINY, f"source={source}", f"output={output}", "shard_size=2", "teacher.batch_images=1",
+         "shards_per_commit=1"])))  # each shard commits as it lands: the first commit is mid-job
     job.start()
     deadline, actor_nodes = time.monotonic() + 240, set()
     while job.is_alive() and not (actor_nodes and shards.committed_shards(Storage(), output)):
