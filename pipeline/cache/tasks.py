@@ -1,7 +1,7 @@
 """The cache job's CPU tasks, as Ray Data runs them: read a source, write a shard.
 
 They import no torch (nor anything that does): a read, augment or write worker process holds only
-numpy, Arrow and the storage client, not the ~2 CPU-seconds and ~300 MB of torch that only the
+numpy, Arrow and the storage client, not the ~2 CPU-seconds and ~450 MB (peak RSS) of torch that only the
 teacher actors need (`tests/unit/test_layout.py` keeps it so).
 """
 from __future__ import annotations

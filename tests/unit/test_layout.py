@@ -130,7 +130,7 @@ def test_the_cache_reader_loads_without_torch():
 def test_the_cache_jobs_cpu_tasks_load_without_torch():
     """Ray Data's read, augment and write tasks import their functions' modules in every worker
     process they run in: those hold numpy, Arrow and the storage client, not torch (~2 CPU-s and
-    ~300 MB a process), which only the teacher actors need."""
+    ~450 MB peak RSS a process), which only the teacher actors need."""
     import subprocess
     import sys
 
