@@ -1,7 +1,17 @@
 """A local S3 server (moto's, for benchmarks and tests) and a counting HTTP proxy in front of any
 S3-compatible server: how many storage requests an operation costs, whatever client makes them
-(s3fs, delta-rs). Both run as processes of their own (clients that hold the GIL while they wait on
-the network must not share a process with the server).
+(s3fs, delta-rs), and, given a fault rate, an object store that fails the way real ones do. Both
+run as processes of their own (clients that hold the GIL while they wait on the network must not
+share a process with the server).
+
+Faults (`FAULT_KINDS`), each request drawn with probability ``faults`` from a seeded generator:
+``503`` (SlowDown), ``500`` (InternalError), ``429`` (TooManyRequests), ``reset`` (the connection
+reset before any answer; nothing forwarded), ``half_body`` (forwarded; the answer's headers and
+half its body, then a reset: a GET cut mid-stream; bodiless answers are reset instead), and
+``unanswered`` (a PUT, POST or DELETE forwarded, so the store applies it, then a reset instead of
+the answer; a GET or HEAD drawn for it is forwarded unharmed and not counted). ``GET /__faults__``
+answers the faults injected per kind; ``POST /__faults__?rate=0.1&kinds=503,reset&seed=3`` sets
+the rate (and kinds, seed) from then on.
 
 The proxy's ``GET /__requests__`` answers the number of requests forwarded so far, ``GET /__traffic__``
 the requests and response body bytes per path (JSON), and ``POST /__reset__`` zeroes both.
@@ -14,6 +24,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import random
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -22,6 +35,10 @@ import urllib.parse
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+FAULT_KINDS = ("503", "500", "429", "reset", "half_body", "unanswered")
+_ERRORS = {"503": ("SlowDown", "Please reduce your request rate."),
+           "500": ("InternalError", "We encountered an internal error. Please try again."),
+           "429": ("TooManyRequests", "Too many requests.")}
 _HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
 
 
@@ -39,11 +56,49 @@ def signed_by(headers, path: str) -> str | None:
     return cred.split("/", 1)[0] or None
 
 
-def serve(upstream: str, port: int, admit: str | None = None) -> None:
+def _rate(rate: float | str) -> float:
+    rate = float(rate)
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"fault rate {rate} is not in [0, 1]")
+    return rate
+
+
+def _kinds(kinds: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    kinds = tuple(kinds.split(",") if isinstance(kinds, str) else kinds)
+    unknown = [k for k in kinds if k not in FAULT_KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"fault kinds {kinds} are not a choice of {FAULT_KINDS}")
+    return kinds
+
+
+def _fault_settings(query: dict[str, list[str]], storm: dict) -> dict:
+    """The settings a ``POST /__faults__?rate=&kinds=&seed=`` query changes (ValueError if bad)."""
+    changed = {"rate": _rate(query.get("rate", [storm["rate"]])[0])}
+    if query.get("kinds"):
+        changed["kinds"] = _kinds(query["kinds"][0])
+    if query.get("seed"):
+        changed["rng"] = random.Random(int(query["seed"][0]))
+    return changed
+
+
+def serve(upstream: str, port: int, admit: str | None = None, faults: float = 0.0,
+          kinds: tuple[str, ...] | None = None, seed: int = 0) -> None:
     """Forward every request to `upstream`, counting them (blocks); with `admit`, only those signed
-    with that access key id (others: 403 AccessDenied)."""
+    with that access key id (others: 403 AccessDenied); with `faults`, that share of them faulted
+    (`FAULT_KINDS`, or only `kinds`), drawn from ``random.Random(seed)``."""
     target = urllib.parse.urlparse(upstream)
     lock, count, traffic = threading.Lock(), [0], {}  # traffic: path -> [requests, response body bytes]
+    storm = {"rate": _rate(faults), "kinds": _kinds(kinds or FAULT_KINDS), "rng": random.Random(seed), "seen": {}}
+
+    def draw(method: str) -> str | None:
+        with lock:
+            if not storm["rate"] or storm["rng"].random() >= storm["rate"]:
+                return None
+            kind = storm["rng"].choice(storm["kinds"])
+            if kind == "unanswered" and method not in ("PUT", "POST", "DELETE"):
+                return None
+            storm["seen"][kind] = storm["seen"].get(kind, 0) + 1
+            return kind
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -67,23 +122,61 @@ def serve(upstream: str, port: int, admit: str | None = None) -> None:
             if self.command != "HEAD":
                 self.wfile.write(body)
 
-        def _forward(self) -> None:
-            if self.path == "/__requests__":
-                return self._reply(200, str(count[0]).encode())
-            if self.path == "/__traffic__":
-                with lock:
-                    return self._reply(200, json.dumps(traffic).encode())
-            if self.path == "/__reset__":
-                with lock:
+        def _reset(self) -> None:
+            """Drop the connection with a TCP reset, answering nothing more."""
+            self.close_connection = True
+            try:
+                self.wfile.flush()
+            except OSError:
+                pass
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
+
+        def _control(self) -> bool:
+            """Answer a control request (``/__requests__``, ``/__traffic__``, ``/__faults__``,
+            ``/__reset__``); False for any other, which is the store's."""
+            url = urllib.parse.urlparse(self.path)
+            status, answer = 200, None
+            with lock:  # what to answer; answered outside, a slow client must not hold the lock
+                if url.path == "/__requests__":
+                    answer = str(count[0])
+                elif url.path == "/__traffic__":
+                    answer = json.dumps(traffic)
+                elif url.path == "/__reset__":
                     count[0] = 0
                     traffic.clear()
-                return self._reply(200, b"0")
+                    storm["seen"].clear()
+                    answer = "0"
+                elif url.path == "/__faults__" and self.command == "POST":
+                    try:
+                        storm.update(_fault_settings(urllib.parse.parse_qs(url.query), storm))
+                        answer = "ok"
+                    except ValueError as e:
+                        status, answer = 400, str(e)
+                elif url.path == "/__faults__":
+                    answer = json.dumps(storm["seen"])
+            if answer is None:
+                return False
+            self._reply(status, answer.encode())
+            return True
+
+        def _forward(self) -> None:
+            if self._control():
+                return
             with lock:
                 count[0] += 1
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else None
             if admit is not None and signed_by(self.headers, self.path) != admit:
                 return self._reply(403, _DENIED, [("Content-Type", "application/xml")])
+            fault = draw(self.command)
+            if fault in _ERRORS:
+                code, message = _ERRORS[fault]
+                body = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+                        f"<Message>{message}</Message></Error>").encode()
+                return self._reply(int(fault), body, [("Content-Type", "application/xml")])
+            if fault == "reset":
+                return self._reset()
             conn = http.client.HTTPConnection(target.hostname, target.port, timeout=120)
             headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
             conn.request(self.command, self.path, body=body, headers=headers)
@@ -94,16 +187,29 @@ def serve(upstream: str, port: int, admit: str | None = None) -> None:
                 seen = traffic.setdefault(urllib.parse.urlparse(self.path).path, [0, 0])
                 seen[0] += 1
                 seen[1] += len(data) if self.command != "HEAD" else 0
+            if fault == "unanswered" or (fault == "half_body" and (self.command == "HEAD" or len(data) < 2)):
+                return self._reset()
+            if fault == "half_body":  # the full length announced, half of it sent
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in _HOP and k.lower() != "content-length":
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data[:len(data) // 2])
+                return self._reset()
             self._reply(resp.status, data, resp.getheaders())
 
         do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
 
-    ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+        request_queue_size = 1024  # delta-rs and s3fs open many connections at once
+
+    Server(("127.0.0.1", port), Handler).serve_forever()
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -137,11 +243,15 @@ class CountingProxy:
     `serve`)."""
 
     def __init__(self, upstream: str, admit: str | None = None):
+        self._spawn("the counting proxy", upstream, admit)
+
+    def _spawn(self, what: str, upstream: str, *options) -> None:
+        """Run ``serve(upstream, <a free port>, *options)`` in a process and wait for it to answer."""
         self.port = _free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
-        code = f"from pipeline.bench.s3proxy import serve; serve({upstream!r}, {self.port}, {admit!r})"
-        self.proc = subprocess.Popen([sys.executable, "-c", code])
-        _wait(f"{self.endpoint}/__requests__", self.proc, "the counting proxy")
+        args = ", ".join(repr(a) for a in (upstream, self.port, *options))
+        self.proc = subprocess.Popen([sys.executable, "-c", f"from pipeline.bench.s3proxy import serve; serve({args})"])
+        _wait(f"{self.endpoint}/__requests__", self.proc, what)
 
     def requests(self) -> int:
         """Requests forwarded since the start or the last `reset`."""
@@ -157,6 +267,7 @@ class CountingProxy:
         return sum(v[0] for v in hits), sum(v[1] for v in hits)
 
     def reset(self) -> None:
+        """Zero the counts: requests, traffic and (`FaultyProxy`) faults."""
         urllib.request.urlopen(urllib.request.Request(f"{self.endpoint}/__reset__", method="POST"), timeout=10).read()
 
     def close(self) -> None:
@@ -168,3 +279,29 @@ class CountingProxy:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class FaultyProxy(CountingProxy):
+    """The proxy failing a share `faults` of the requests it forwards (`FAULT_KINDS`, or only
+    `kinds`; seeded): ``with FaultyProxy(upstream, 0.1) as p: ... p.faults()``."""
+
+    def __init__(self, upstream: str, faults: float = 0.0, kinds: tuple[str, ...] | None = None, seed: int = 0,
+                 admit: str | None = None):
+        kinds = _kinds(kinds) if kinds else None  # here, so that a bad one is not a failed start
+        self._spawn("the fault-injecting proxy", upstream, admit, _rate(faults), kinds, int(seed))
+
+    def faults(self) -> dict[str, int]:
+        """Faults injected per kind since the start or the last `reset`."""
+        with urllib.request.urlopen(f"{self.endpoint}/__faults__", timeout=10) as r:
+            return json.loads(r.read())
+
+    def set_faults(self, rate: float, kinds: list[str] | tuple[str, ...] | None = None,
+                   seed: int | None = None) -> None:
+        """Fail `rate` of the requests from now on (of `kinds`, drawn from a generator seeded `seed`)."""
+        query = {"rate": rate}
+        if kinds:
+            query["kinds"] = ",".join(kinds)
+        if seed is not None:
+            query["seed"] = seed
+        request = urllib.request.Request(f"{self.endpoint}/__faults__?{urllib.parse.urlencode(query)}", method="POST")
+        urllib.request.urlopen(request, timeout=10).read()

@@ -255,14 +255,12 @@ def _read_deepspeed_json(url: str | None, store: Storage) -> dict:
 def _ray_storage(cfg: TrainConfig, store: Storage) -> dict:
     """`storage_path` (and `storage_filesystem`) for Ray Train's checkpoints.
 
-    A local output is an absolute path. A remote one is a URI that Ray opens with pyarrow's own
-    filesystems (credentials and endpoint from the environment), unless the job has
-    `storage_options`: then checkpoints go through the same fsspec filesystem as everything else, so
-    an `endpoint_url` or key given there applies to them too.
+    A local output is an absolute path. A remote one goes through the same fsspec filesystem as
+    everything else (`Storage.pyarrow_filesystem`): the job's `storage_options` (an `endpoint_url`,
+    keys) and its retry policy apply to checkpoints too, and a checkpoint file appears whole or not
+    at all.
     """
     if storage.is_local(cfg.output):
         return {"storage_path": storage.resolve(cfg.output)}
-    if not store.options_for(cfg.output):
-        return {"storage_path": public_url(cfg.output)}
     fs, path = store.pyarrow_filesystem(cfg.output)
     return {"storage_path": path, "storage_filesystem": fs}

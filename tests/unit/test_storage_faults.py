@@ -1,0 +1,148 @@
+"""The storage layer against a real S3 server (moto) behind a proxy that injects faults: every
+operation retried, streams resumed, writes never half-visible, appends never doubled, permanent
+errors at once."""
+from __future__ import annotations
+
+import io
+import tarfile
+import time
+import uuid
+
+import boto3
+import pyarrow as pa
+import pytest
+
+from pipeline import retry
+from pipeline.bench.s3proxy import CountingProxy, FaultyProxy, start_moto
+from pipeline.cache import shards, sources
+from pipeline.retry import StorageError
+from pipeline.storage import Storage
+
+FAST = {"deadline_s": 60, "initial_s": 0.01, "max_backoff_s": 0.2}
+
+
+@pytest.fixture(scope="module")
+def moto():
+    endpoint, proc = start_moto()
+    yield endpoint
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture
+def bucket(moto):
+    name = f"faults-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=moto, aws_access_key_id="testing", aws_secret_access_key="testing",
+                 region_name="us-east-1").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def proxy(moto):
+    with FaultyProxy(moto, faults=0.0, seed=0) as p:
+        yield p
+
+
+def store_via(endpoint: str, **policy) -> Storage:
+    return Storage({"endpoint_url": endpoint, "key": "testing", "secret": "testing",
+                    "client_kwargs": {"region_name": "us-east-1"}, "retry": {**FAST, **policy}})
+
+
+def image_tar(n: int, size: int = 20_000) -> tuple[bytes, dict[str, bytes]]:
+    members = {f"img_{i:02d}.jpg": bytes([i]) * size for i in range(n)}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue(), members
+
+
+def test_reads_and_writes_come_through_every_kind_of_fault(proxy, bucket):
+    store = store_via(proxy.endpoint)
+    retry.take_counts()
+    proxy.set_faults(0.25, seed=1)
+    payloads = {f"s3://{bucket}/k/{i:03d}.bin": bytes([i]) * (3000 + i) for i in range(16)}
+    for url, data in payloads.items():
+        store.write_bytes(url, data)
+    for url, data in payloads.items():
+        assert store.read_bytes(url) == data
+        assert store.read_range(url, 100, 900) == data[100:900]
+        assert store.size(url) == len(data) and store.exists(url)
+    assert sorted(u for page in store.iter_files(f"s3://{bucket}/k", page=7) for u in page) == sorted(payloads)
+    assert store.list_files(f"s3://{bucket}/k") == sorted(payloads)
+    proxy.set_faults(0.0)
+    faults = proxy.faults()
+    assert sum(faults.values()) > 10, faults
+    assert set(faults) >= {"503", "500", "429", "reset"}, faults
+
+
+def test_a_tar_stream_cut_mid_way_resumes_at_its_offset(proxy, bucket):
+    """Every GET answers half its body and then resets: the stream is still read whole, member by member."""
+    tar, members = image_tar(10)
+    Storage({"endpoint_url": proxy.endpoint, "key": "testing", "secret": "testing"}).write_bytes(
+        f"s3://{bucket}/src/a.tar", tar)
+    store = store_via(proxy.endpoint)
+    for seed in range(4):
+        proxy.set_faults(0.5, kinds=["half_body"], seed=seed)
+        got = {item.member: data for item, data in sources.iter_tar_images(f"s3://{bucket}/src/a.tar", store)}
+        proxy.set_faults(0.0)
+        assert got == members
+    assert proxy.faults().get("half_body", 0) >= 2
+
+
+def test_a_failed_upload_leaves_nothing_under_its_name(proxy, bucket):
+    """A multipart upload that keeps failing is aborted: no object appears, not even a truncated one."""
+    store = Storage({**store_via(proxy.endpoint).options, "retry": {"deadline_s": 1, "initial_s": 0.01},
+                     "config_kwargs": {"retries": {"max_attempts": 1}}})  # botocore's own retries off
+    url = f"s3://{bucket}/shards/big.tar"
+    data = bytes(range(256)) * (24 << 12)  # ~6 MB: more than one 5 MB part
+    proxy.set_faults(1.0, kinds=["reset"], seed=3)
+    with pytest.raises(StorageError) as raised:
+        store.write_stream(url, lambda f: f.write(data))
+    proxy.set_faults(0.0)
+    assert raised.value.transient and url in str(raised.value)
+    assert not store.exists(url)
+    proxy.set_faults(0.2, seed=4)  # with faults that let it through: whole, once
+    store = store_via(proxy.endpoint)
+    store.write_stream(url, lambda f: [f.write(data[i:i + (1 << 20)]) for i in range(0, len(data), 1 << 20)])
+    proxy.set_faults(0.0)
+    assert store.read_bytes(url) == data
+
+
+def test_a_delta_append_whose_answer_is_lost_is_committed_once(proxy, bucket):
+    """Every log PUT is applied and its answer lost (half the time): each append lands exactly once."""
+    store = store_via(proxy.endpoint)
+    output = f"s3://{bucket}/cache"
+    shards.create_tables(store, output)
+    rows = [{"key": f"k{i}", "source": "s", "reason": "r"} for i in range(6)]
+    proxy.set_faults(0.5, kinds=["unanswered"], seed=5)
+    for i in range(0, 6, 2):
+        shards.write_errors(store, output, rows[i:i + 2], run="r1")
+    proxy.set_faults(0.0)
+    assert proxy.faults().get("unanswered", 0) > 0
+    table = shards.open_table(store, output, shards.ERRORS)
+    keys = table.to_pyarrow_table(columns=["key"]).column("key").to_pylist()
+    assert sorted(keys) == [f"k{i}" for i in range(6)]  # none lost, none twice
+    assert table.version() == 3  # the create, then one commit per append
+
+
+def test_permanent_errors_fail_at_once_naming_the_url(moto, bucket):
+    """Wrong credentials (403) and missing objects are not retried: the URL is in the error."""
+    with CountingProxy(moto, admit="AKIARIGHTKEY") as gate:
+        store = Storage({"endpoint_url": gate.endpoint, "key": "AKIAWRONGKEY", "secret": "x"})
+        t0 = time.monotonic()
+        for op in (lambda u: store.read_bytes(u), lambda u: store.write_bytes(u, b"x"), lambda u: store.exists(u)):
+            url = f"s3://{bucket}/denied.bin"
+            with pytest.raises(PermissionError, match=f"s3://{bucket}/denied.bin"):
+                op(url)
+        assert time.monotonic() - t0 < 10
+        assert gate.requests() <= 12  # s3fs's own tries, no more
+    store = store_via(moto)
+    with pytest.raises(FileNotFoundError, match=f"s3://{bucket}/missing.bin"):
+        store.read_bytes(f"s3://{bucket}/missing.bin")
+    retry.take_counts()
+    with pytest.raises(FileNotFoundError):
+        store.read_range(f"s3://{bucket}/missing.bin", 0, 10)
+    assert retry.take_counts() == {}
