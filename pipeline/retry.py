@@ -183,6 +183,9 @@ def merge(total: dict[str, int], more: dict[str, int] | None) -> dict[str, int]:
     return total
 
 
+GAVE_UP = "still failing after"  # in the message of a transient error past its deadline (Ray Data matches it)
+
+
 class StorageError(OSError):
     """A storage operation that failed for good: permanently, or transiently past its deadline
     (`transient` tells which). Its message names the operation, the URL and the attempts."""
@@ -239,6 +242,6 @@ def _final(e: BaseException, kind: str | None, operation: str, url: str, attempt
             return type(e)(f"{operation} {url}: {_short(e)}")
         return StorageError(f"{operation} {url} failed: {type(e).__name__}: {_short(e)}", url=url,
                             operation=operation, transient=False)
-    return StorageError(f"{operation} {url} still failing after {attempts} attempts in {elapsed:.0f} s "
+    return StorageError(f"{operation} {url} {GAVE_UP} {attempts} attempts in {elapsed:.0f} s "
                         f"(transient {kind} errors; the last: {type(e).__name__}: {_short(e)})",
                         url=url, operation=operation, transient=True)

@@ -102,29 +102,43 @@ def augment_row(row: dict, *, seed: int, cfg: AugmentConfig, max_pixels: int, mi
     """Ray Data stage ``row -> row``: read, decode, augment and encode (raw ``.npy`` or PNG) one
     (source, view); ``image_member`` holds the encoded bytes.
 
-    Bad inputs become rows with an ``error`` reason (recorded later); storage and decode failures
-    are bad inputs, anything else is a bug and raises.
+    Bad inputs become rows with an ``error`` reason (recorded later): decode failures and missing
+    or denied files are bad inputs; a storage fault that outlasted the retries is recorded as
+    ``transient: ...`` (the input is tried again by the next run); anything else is a bug and raises.
+    Column ``retries`` carries the storage retries this row's stages made (JSON, see `pipeline.retry`).
     """
     from pipeline.samples import read_bytes
     from pipeline.cache.encode import encode_image
+    from pipeline.cache.tasks import failure_reason, retries_taken
     from pipeline.codecs import BadImage, decode_image
     from pipeline.storage import public_url
 
     out = {"key": row["key"], "sample_key": row["sample_key"], "source": row["source"], "view": row["view"],
-           "image": _PLACEHOLDER, "image_member": b"", "meta": "", "error": ""}
+           "image": _PLACEHOLDER, "image_member": b"", "meta": "", "error": "", "lost": row.get("lost", 0),
+           "retries": row.get("retries", "")}
     if row.get("error"):  # recorded upstream (an unreadable tar)
         return dict(out, error=row["error"])
     try:
         data = row["data"] if row.get("data") is not None else read_bytes(row["source"], store)
         image = decode_image(data, max_pixels=max_pixels, min_side=min_source_side, max_aspect=max_aspect)
     except BadImage as e:
-        return dict(out, error=str(e))
-    except OSError as e:  # unreadable: missing file, permission, storage error after retries
-        return dict(out, error=f"unreadable: {type(e).__name__}: {e}")
+        out["error"] = str(e)
+    except OSError as e:  # missing, denied (bad input), or a storage fault past its retries (transient)
+        out["error"] = failure_reason(e, "unreadable")
+    if taken := retries_taken():  # this read's own retries, with those of the row's earlier stages
+        out["retries"] = json.dumps(_merge_json(out["retries"], taken)) if out["retries"] else taken
+    if out["error"]:
+        return out
     view, plan = augment(image, seed, row["key"], int(row["view"]), cfg)
     meta = {"key": row["sample_key"], "source_key": row["key"], "source": public_url(row["source"]),
             "view": int(row["view"]), "augment": plan, "seed": seed}
     return dict(out, image=view, image_member=encode_image(view, image_encoding, png_level), meta=json.dumps(meta))
+
+
+def _merge_json(a: str, b: str) -> dict:
+    from pipeline.retry import merge
+
+    return merge(merge({}, json.loads(a)), json.loads(b))
 
 
 _PLACEHOLDER = np.zeros((1, 1, 3), dtype=np.uint8)  # keeps the column's type for error rows

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 import spar
-from pipeline import __version__, storage
+from pipeline import __version__, retry, storage
 from pipeline.cache import shards, sources
 from pipeline.cache.augment import AugmentConfig, augment_row
 from pipeline.cache.encode import DEFAULT_IMAGE_ENCODING, ENCODINGS, IMAGE_ENCODINGS, IMAGE_MEMBERS
@@ -334,6 +334,12 @@ def build_dataset(cfg: CacheConfig, store: Storage, items: WorkItems, fp: dict, 
 
     t = cfg.teacher
     log.info("teacher: %s, %d images per call, %s", pool.describe(), t.batch_images, fp["compute_dtype"])
+    # What the storage layer's retries could not save (a store down past the deadline) fails a task:
+    # Ray Data runs it again, twice. Safe for every task here: a shard's tar is named by its bytes and
+    # is committed by the driver from the one attempt that returned; reads only read.
+    context = ray.data.DataContext.get_current()
+    context.retried_map_errors = [retry.GAVE_UP]
+    context.max_map_retries = max(context.max_map_retries, 2)
     read_cpus = cfg.read_cpus if cfg.read_cpus > 0 else (1.0 if pool.num_gpus else 0.5)
     if items.tars is not None:
         ds = ray.data.from_items(items.tars, override_num_blocks=max(1, min(len(items), 1000)))
@@ -368,7 +374,8 @@ def run(cfg: CacheConfig) -> dict:
     store = Storage(cfg.storage_options)
     started = init_ray(cfg.ray_address, cfg.num_cpus)
     t0 = time.perf_counter()
-    totals = {"samples": 0, "errors": 0, "bytes": 0, "windows": 0, "shards": 0, "commits": 0}
+    totals = {"samples": 0, "errors": 0, "transient": 0, "bytes": 0, "windows": 0, "shards": 0, "commits": 0}
+    retries = retry.merge({}, retry.take_counts())  # this run's storage retries, every process's
     try:
         # the precision is part of the fingerprint and follows the actors' devices: decided before the claim
         pool = teacher_pool(cfg)
@@ -390,8 +397,10 @@ def run(cfg: CacheConfig) -> dict:
             commits = GroupCommit(cfg, store)
             try:
                 for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-                    for k in ("samples", "errors", "bytes", "windows"):
+                    for k in ("samples", "errors", "transient", "bytes", "windows"):
                         totals[k] += int(np.sum(batch[k]))
+                    for taken in batch["retries"]:
+                        retry.merge(retries, json.loads(taken))
                     for rows in batch["rows"]:
                         commits.add(rows)
                     progress.update(totals["samples"] + totals["errors"], _rates(totals, progress))
@@ -410,7 +419,8 @@ def run(cfg: CacheConfig) -> dict:
             import ray
 
             ray.shutdown()
-    return _summarize(cfg, store, run_id, totals, len(done), listed, time.perf_counter() - t0)
+    return _summarize(cfg, store, run_id, totals, retry.merge(retries, retry.take_counts()), len(done), listed,
+                      time.perf_counter() - t0)
 
 
 def _rates(totals: dict, progress: Progress) -> str:
@@ -418,16 +428,17 @@ def _rates(totals: dict, progress: Progress) -> str:
 
     seconds = max(time.monotonic() - progress.t0, 1e-9)
     return (f"{totals['windows'] / seconds:.3g} windows/s, {totals['bytes'] / 1e9:.3g} GB written, "
-            f"{totals['errors']} failed")
+            f"{totals['errors']} failed ({totals['transient']} for storage faults)")
 
 
-def _summarize(cfg: CacheConfig, store: Storage, run_id: str, totals: dict, before: int, listed: int,
-               seconds: float) -> dict:
+def _summarize(cfg: CacheConfig, store: Storage, run_id: str, totals: dict, retries: dict, before: int,
+               listed: int, seconds: float) -> dict:
     samples_now, version, duplicates = shards.read_samples(store, cfg.output)
     attempted = totals["samples"] + totals["errors"]
     summary = {
         "run": run_id, "output": public_url(cfg.output), "source_images": listed,
         "already_committed": before, "computed": totals["samples"], "failed": totals["errors"],
+        "failed_transient": totals["transient"],
         "failed_fraction": totals["errors"] / attempted if attempted else 0.0,
         "committed_total": samples_now.num_rows, "manifest_version": version,
         "keys_committed_twice": len(set(duplicates.column("key").to_pylist())), "shards_written": totals["shards"],
@@ -435,6 +446,7 @@ def _summarize(cfg: CacheConfig, store: Storage, run_id: str, totals: dict, befo
         "bytes_written": totals["bytes"], "seconds": seconds,
         "images_per_s": totals["samples"] / seconds if seconds else 0.0,
         "windows_per_s": totals["windows"] / seconds if seconds else 0.0,
+        "storage_retries": sum(retries.values()), "storage_retries_by_kind": retries,
     }
     shards.write_json(store, storage.join(cfg.output, "runs", run_id, "summary.json"), summary)
     log.info("summary: %s", json.dumps(summary))

@@ -28,8 +28,9 @@ import io
 import json
 import logging
 import os
-import tempfile
+import threading
 import time
+import uuid
 
 from typing import Callable, Iterator
 
@@ -37,8 +38,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import storage
-from pipeline.storage import Storage
+from pipeline import retry, storage
+from pipeline.storage import Storage, public_url
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +87,38 @@ def delta_options(store: Storage, url: str) -> dict[str, str]:
         out["AWS_ALLOW_HTTP"] = "true"
     if "AWS_ENDPOINT_URL" in out and "AWS_REGION" not in out and not os.environ.get("AWS_REGION"):
         out["AWS_REGION"] = os.environ.get("AWS_DEFAULT_REGION", "us-east-1")  # signing needs one; servers ignore it
-    return out
+    return {**out, **_delta_retry(store)}
 
 
-def _commit_properties():
+def _delta_retry(store: Storage) -> dict[str, str]:
+    """The storage's retry policy in object_store's names: its own retries of a request (a body cut
+    mid-stream is resumed with a range read) within the policy's deadline and backoff cap; what
+    still fails is retried by the storage layer around the whole operation."""
+    p = store.policy
+    return {"retry_timeout": f"{max(1, round(p.deadline_s))}s", "backoff_config.max_backoff": f"{int(p.max_backoff_s * 1000)}ms",
+            "backoff_config.init_backoff": f"{int(p.initial_s * 1000)}ms"}
+
+
+def _commit_properties(app_transactions=None):
     from deltalake import CommitProperties
 
-    return CommitProperties(max_commit_retries=_MAX_COMMIT_RETRIES)
+    return CommitProperties(max_commit_retries=_MAX_COMMIT_RETRIES, app_transactions=app_transactions)
+
+
+_WRITER = {"id": None, "next": 0}  # this process's Delta app id and its next transaction version
+_WRITER_LOCK = threading.Lock()
+
+
+def _next_transaction():
+    """A Delta app transaction (app id, version) unique to this append: one app id per process (a
+    checkpoint keeps one entry per app id, so not one per commit), versions counting up."""
+    from deltalake import Transaction
+
+    with _WRITER_LOCK:
+        if _WRITER["id"] is None or _WRITER.get("pid") != os.getpid():
+            _WRITER.update(id=f"spar-{uuid.uuid4().hex}", next=0, pid=os.getpid())
+        _WRITER["next"] += 1
+        return Transaction(app_id=_WRITER["id"], version=_WRITER["next"])
 
 
 def create_tables(store: Storage, output: str) -> None:
@@ -103,21 +129,52 @@ def create_tables(store: Storage, output: str) -> None:
 
     for table, schema in ((MANIFEST, SAMPLE_SCHEMA), (ERRORS, ERROR_SCHEMA)):
         url = table_url(output, table)
-        if DeltaTable.is_deltatable(url, storage_options=delta_options(store, url)):
-            continue
-        try:
-            DeltaTable.create(url, schema=schema, mode="ignore", storage_options=delta_options(store, url))
-        except DeltaError:  # another driver created it first
-            if not DeltaTable.is_deltatable(url, storage_options=delta_options(store, url)):
-                raise
+        opts = delta_options(store, url)
+
+        def create() -> None:
+            if DeltaTable.is_deltatable(url, storage_options=opts):
+                return
+            try:
+                DeltaTable.create(url, schema=schema, mode="ignore", storage_options=opts)
+            except DeltaError:  # another driver created it first
+                if not DeltaTable.is_deltatable(url, storage_options=opts):
+                    raise
+
+        store.call("manifest", url, create)
 
 
 def _append(store: Storage, output: str, table: str, rows: pa.Table) -> None:
-    from deltalake import write_deltalake
+    """One Delta append of `rows`, unambiguous under faults. The log entry is a conditional PUT: when
+    its answer is lost after the store applied it, delta-rs either raises (a reset) or retries, finds
+    the version taken, and would commit the same rows again. So the append carries an app
+    transaction of its own: delta-rs's retry then fails as a conflict with itself, and whenever a
+    try's outcome is unknown the log is read (`transaction_version`) before anything is appended
+    again."""
+    from deltalake import DeltaTable, write_deltalake
+    from deltalake.exceptions import CommitFailedError
 
     url = table_url(output, table)
-    write_deltalake(url, rows, mode="append", storage_options=delta_options(store, url),
-                    commit_properties=_commit_properties())
+    opts = delta_options(store, url)
+    txn = _next_transaction()
+
+    def landed() -> bool:
+        return (DeltaTable(url, storage_options=opts).transaction_version(txn.app_id) or 0) >= txn.version
+
+    def append() -> None:
+        try:
+            write_deltalake(url, rows, mode="append", storage_options=opts,
+                            commit_properties=_commit_properties([txn]))
+        except Exception as e:
+            ours = isinstance(e, CommitFailedError) and "Concurrent transaction" in str(e)
+            if not ours and retry.classify(e) is None:
+                raise  # permanent: nothing was appended
+            if store.call("manifest", url, landed):
+                log.info("%s: an append whose answer was lost is in the log (transaction %s/%d): not repeated",
+                         public_url(url), txn.app_id, txn.version)
+                return
+            raise
+
+    store.call("commit", url, append)
 
 
 class _HashingWriter(io.RawIOBase):
@@ -146,17 +203,9 @@ def _tar_into(raw, samples: list[dict]) -> tuple[int, str]:
 
 
 def _write_tar(store: Storage, url: str, samples: list[dict]) -> tuple[int, str]:
-    """Write the tar (atomically: a temp file renamed locally, one upload on object stores)."""
-    if storage.is_local(url):
-        path = storage.local_path(url)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".tar")
-        with os.fdopen(fd, "wb") as raw:
-            n, sha = _tar_into(raw, samples)
-        os.replace(tmp, path)
-        return n, sha
-    with store.open(url, "wb") as raw:  # an object appears only when its upload completes
-        return _tar_into(raw, samples)
+    """Write the tar, never half-visible: a temp file renamed locally; on object stores an upload
+    aborted if it fails (and written again under the retry policy), its size checked once done."""
+    return store.write_stream(url, lambda raw: _tar_into(raw, samples))
 
 
 def write_shard(store: Storage, output: str, samples: list[dict], rows: list[dict], run: str) -> pa.Table:
@@ -202,9 +251,13 @@ def open_table(store: Storage, output: str, table: str = MANIFEST, version: int 
 
     url = table_url(output, table)
     opts = delta_options(store, url)
-    if version is None and not DeltaTable.is_deltatable(url, storage_options=opts):
-        return None
-    return DeltaTable(url, version=version, storage_options=opts)
+
+    def load():
+        if version is None and not DeltaTable.is_deltatable(url, storage_options=opts):
+            return None
+        return DeltaTable(url, version=version, storage_options=opts)
+
+    return store.call("manifest", url, load)
 
 
 SAMPLE_COLUMNS = ["key", "shard", "height", "width"]  # what training and validation read of every sample
@@ -383,7 +436,7 @@ def read_manifest(store: Storage, output: str, version: int | None = None,
     if dt is None:
         return schema.empty_table(), -1, SAMPLE_SCHEMA.empty_table().select(dup_columns)
     read = None if columns is None else list(dict.fromkeys([*columns, "committed"]))
-    rows = dt.to_pyarrow_table(columns=read)
+    rows = store.call("manifest", table_url(output), lambda: dt.to_pyarrow_table(columns=read))
     rows = rows.cast(SAMPLE_SCHEMA if columns is None else pa.schema([SAMPLE_SCHEMA.field(c) for c in read]))
     rows = rows.sort_by([("committed", "ascending"), ("shard", "ascending"), ("key", "ascending")])
     keys = rows.column("key")
@@ -392,8 +445,8 @@ def read_manifest(store: Storage, output: str, version: int | None = None,
         return rows.select(schema.names), dt.version(), SAMPLE_SCHEMA.empty_table().select(dup_columns)
     samples = rows.filter(first).select(schema.names)
     dup_keys = pc.unique(rows.filter(pc.invert(first)).column("key"))
-    duplicates = open_table(store, output, MANIFEST, dt.version()).to_pyarrow_table(columns=dup_columns) \
-        if columns is not None else rows
+    duplicates = store.call("manifest", table_url(output), lambda: open_table(
+        store, output, MANIFEST, dt.version()).to_pyarrow_table(columns=dup_columns)) if columns is not None else rows
     duplicates = duplicates.filter(pc.is_in(duplicates.column("key"), value_set=dup_keys)).select(dup_columns)
     duplicates = duplicates.cast(SAMPLE_SCHEMA.empty_table().select(dup_columns).schema).sort_by(
         [("committed", "ascending"), ("shard", "ascending"), ("key", "ascending")])
@@ -433,7 +486,7 @@ def read_errors(store: Storage, output: str, committed: set[str]) -> pa.Table:
     if dt is None:
         return ERROR_SCHEMA.empty_table().select(["key", "source", "reason"])
     latest: dict[str, dict] = {}
-    for row in dt.to_pyarrow_table().sort_by("recorded").to_pylist():
+    for row in store.call("manifest", table_url(output, ERRORS), dt.to_pyarrow_table).sort_by("recorded").to_pylist():
         if row["key"] not in committed:
             latest[row["key"]] = row
     table = pa.Table.from_pylist(list(latest.values()), schema=ERROR_SCHEMA)
@@ -453,9 +506,10 @@ def finish(store: Storage, output: str, small_files: int = 4, target_size: int =
         try:
             if len(dt.file_uris()) > small_files:
                 # files reaching target_size are left alone: a long job does not rewrite its history
-                dt.optimize.compact(target_size=target_size, commit_properties=_commit_properties())
-            dt.create_checkpoint()
-        except DeltaError as e:
+                store.call("compact", table_url(output, table), lambda: dt.optimize.compact(
+                    target_size=target_size, commit_properties=_commit_properties()))
+            store.call("checkpoint", table_url(output, table), dt.create_checkpoint)
+        except (DeltaError, OSError) as e:
             log.warning("could not compact / checkpoint %s: %s", table_url(output, table), e)
 
 
@@ -466,7 +520,8 @@ def clean_orphans(store: Storage, output: str, retention_s: float) -> list[str]:
     Every committed row counts, the duplicates of a key included: a shard whose keys all came second
     in a race is still what a snapshot from before the first commit reads."""
     dt = open_table(store, output, MANIFEST)
-    named = set(dt.to_pyarrow_table(columns=["tar"]).column("tar").to_pylist()) if dt is not None else set()
+    named = set(store.call("manifest", table_url(output), lambda: dt.to_pyarrow_table(columns=["tar"]))
+                .column("tar").to_pylist()) if dt is not None else set()
     now, removed = time.time(), []
     for url in store.list_files(storage.join(output, "shards")):
         rel = f"shards/{url.rsplit('/', 1)[1]}"

@@ -158,7 +158,7 @@ def list_images(source: str, store: Storage, kind: str | None = None, check: boo
         if not store.exists(source):
             raise FileNotFoundError(f"source {source!r} does not exist")
         fs, path = store.filesystem(source)
-        root = "" if fs.isfile(path) else _listing_root(source, store)
+        root = "" if store.call("stat", source, lambda: fs.isfile(path)) else _listing_root(source, store)
         pages = store.iter_files(source, suffixes=IMAGE_EXTENSIONS)
     else:
         raise ValueError(f"{source} is a tar source: its images are listed by its tars")
@@ -326,8 +326,9 @@ def list_tar_images(tar_url: str, store: Storage, limit: int, index: list[TarMem
     """Names of the first `limit` image members of a tar, in tar order, from one sequential read of
     the tar that stops at the last of them: requests in proportion to the bytes read (the storage's
     read-ahead blocks), never one per member. `index` receives every image member passed, as
-    `iter_tar_images` fills it. A tar that breaks off keeps the members listed before the break
-    (streaming it records the error)."""
+    `iter_tar_images` fills it. A tar that breaks off (truncated, corrupt) keeps the members listed
+    before the break (streaming it records the error); a storage fault that outlasts the retries
+    raises (`pipeline.retry.StorageError`), so a listing never depends on which requests failed."""
     names: list[str] = []
     try:
         with store.open(tar_url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tf:
@@ -339,6 +340,8 @@ def list_tar_images(tar_url: str, store: Storage, limit: int, index: list[TarMem
                     if index is not None:
                         index.append(TarMember(m.name, m.offset_data, m.size))
     except (tarfile.TarError, OSError, EOFError) as e:
+        if getattr(e, "transient", False):  # a storage fault past the retries: the next tar must not fill
+            raise  # the limit in its place, or `limit=` would not be the first N (a rerun lists it again)
         log.warning("listing %s stopped after %d images: %s", storage.public_url(tar_url), len(names), e)
         if index is not None:
             index.clear()  # incomplete: no index is written

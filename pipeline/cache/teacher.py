@@ -89,7 +89,7 @@ class TeacherActor:
         seconds = (time.perf_counter() - t) / max(1, len(todo))
         return {
             "sample_key": batch["sample_key"], "source": batch["source"], "view": batch["view"],
-            "error": np.array(errors, dtype=object),
+            "error": np.array(errors, dtype=object), "lost": batch["lost"], "retries": batch["retries"],
             **{name: np.array(values, dtype=object) for name, values in cols.items()},
             "windows": np.array(windows, dtype=np.int64),
             "teacher_s": np.full(n, seconds if todo else 0.0),

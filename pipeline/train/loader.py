@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline import retry
 from pipeline.cache.reader import decode_stored, iter_raw_shard, shard_url
 from pipeline.train.epochs import EpochPlan
 from pipeline.storage import Storage
@@ -104,7 +105,8 @@ def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 def _collate(samples: list[dict], worker: int, index: int) -> dict:
     out = {"keys": [s["key"] for s in samples], "image": _stack([s["image"] for s in samples]),
-           "target": _stack([s["target"] for s in samples]), "worker": worker, "index": index}
+           "target": _stack([s["target"] for s in samples]), "worker": worker, "index": index,
+           "retries": sum(retry.take_counts().values())}  # this loader process's storage retries since its last batch
     if "scale" in samples[0]:
         out["scale"] = _stack([s["scale"] for s in samples])
     return out

@@ -21,6 +21,7 @@ import torch
 
 import spar
 from spar.weights import verified_weights
+from pipeline import retry
 from pipeline.cache.reader import open_cache
 from pipeline.devices import keep_freed_memory
 from pipeline.logs import duration, rank_zero_info
@@ -45,6 +46,7 @@ class Window:
     wait: float = 0.0
     samples: int = 0
     tokens: int = 0
+    retries: int = 0  # storage retries of the loader processes (each read retried in place)
     t0: float = field(default_factory=time.perf_counter)
 
     def add(self, batch: dict, loss: float) -> None:
@@ -54,14 +56,17 @@ class Window:
         self.tokens += n * batch["target"].shape[1] * batch["target"].shape[2]
         self.loss += loss
         self.n += 1
+        self.retries += int(batch.get("retries", 0))
 
     def row(self, step: int, epoch: int, lr: float, world: int, device: torch.device) -> dict:
         """The metrics row of this window, summed over ranks."""
-        loss_sum, n, samples, tokens, wait = all_sum([self.loss, self.n, self.samples, self.tokens, self.wait], device)
+        own = sum(retry.take_counts().values())  # this rank's: checkpoints, metrics, key records
+        loss_sum, n, samples, tokens, wait, retries = all_sum(
+            [self.loss, self.n, self.samples, self.tokens, self.wait, self.retries + own], device)
         elapsed = time.perf_counter() - self.t0
         return {"kind": "step", "step": step, "epoch": epoch, "loss": loss_sum / max(n, 1),
                 "samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed,
-                "data_wait_share": wait / world / elapsed, "lr": lr}
+                "data_wait_share": wait / world / elapsed, "lr": lr, "storage_retries": int(retries)}
 
 
 class Trainer:

@@ -13,7 +13,7 @@ class Metrics:
     """Rank-0 metrics: CSV + TensorBoard in a local dir, mirrored to the run dir."""
 
     COLUMNS = ("kind", "step", "epoch", "loss", "samples_per_s", "tokens_per_s", "data_wait_share", "lr", "samples",
-               "val_mse", "baseline_mse", "val_ratio")
+               "val_mse", "baseline_mse", "val_ratio", "storage_retries")
 
     def __init__(self, run_dir: str, store: Storage, enabled: bool):
         self.run_dir, self.store, self.enabled = run_dir, store, enabled

@@ -9,6 +9,7 @@ import time
 import uuid
 
 import boto3
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -146,3 +147,50 @@ def test_permanent_errors_fail_at_once_naming_the_url(moto, bucket):
     with pytest.raises(FileNotFoundError):
         store.read_range(f"s3://{bucket}/missing.bin", 0, 10)
     assert retry.take_counts() == {}
+
+
+class _BreaksAfter(Storage):
+    """A local storage whose reads of `victim` fail for good (a transient fault past its retries)
+    once `after` bytes have been read."""
+
+    def __init__(self, victim: str, after: int):
+        super().__init__({})
+        object.__setattr__(self, "victim", victim)
+        object.__setattr__(self, "after", after)
+
+    def open(self, url, mode="rb", **kwargs):
+        f = super().open(url, mode, **kwargs)
+        if url != self.victim:
+            return f
+        store = self
+
+        class Breaking(io.RawIOBase):
+            def readable(self):
+                return True
+
+            def readinto(self, b):
+                if f.tell() >= store.after:
+                    raise StorageError(f"read {url} {retry.GAVE_UP} 9 attempts", url=url, operation="read",
+                                       transient=True)
+                data = f.read(min(len(b), store.after - f.tell()))
+                b[:len(data)] = data
+                return len(data)
+
+        return io.BufferedReader(Breaking())
+
+
+def test_a_source_tar_unreadable_past_the_retries_counts_every_image_it_lost_as_transient(tmp_path):
+    """Not one failure for the tar, and not a bad input: each image not cached is counted, as transient."""
+    from pipeline.cache.tasks import TRANSIENT, expand_tar
+    from pipeline.cache.shards import KeySet
+
+    tar, members = image_tar(10)
+    path = tmp_path / "a.tar"
+    path.write_bytes(tar)
+    store = _BreaksAfter(str(path), after=len(tar) * 3 // 10)  # ~3 of 10 members read
+    rows = list(expand_tar({"tar": str(path), "done": KeySet(np.empty(0, shards._DIGEST)).digests.tobytes()},
+                           views=2, store=store, output=str(tmp_path / "cache")))
+    good, [error] = [r for r in rows if not r["error"]], [r for r in rows if r["error"]]
+    assert len(good) == 2 * 2 and error["error"].startswith(TRANSIENT) and str(path) in error["error"]
+    assert error["lost"] == (10 - 2) * 2  # estimated from the bytes left: 8 images x 2 views
+    assert sources.read_tar_index(store, str(tmp_path / "cache"), str(path)) is None  # incomplete: no index
