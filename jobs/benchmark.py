@@ -1,6 +1,7 @@
 """Measure throughput: `python jobs/benchmark.py <mode> [preset.yaml] [key=value ...]`.
 
-Modes: teacher, speedup, cache, train (see `pipeline/bench/`: one module per mode, with its keys).
+Modes: teacher, speedup, cache, train, loader, manifest, scale, commits, faults (see `pipeline/bench/`: one
+module per mode, with its keys).
 """
 from __future__ import annotations
 

@@ -16,6 +16,9 @@ is what every storage operation of the project runs under.
 
 Retries are counted per process (`counts`, `take_counts`) and logged as warnings naming the
 operation, the URL and the error, so a job can report them in its summary and metrics.
+
+``SPAR_STORAGE_RETRY=off`` in the environment bypasses this layer (plain client calls, no resumed
+reads, no size checks): only for measuring what it costs (``benchmark.py faults``).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import collections
 import errno
 import http.client
 import logging
+import os
 import random
 import re
 import socket
@@ -198,12 +202,19 @@ class StorageError(OSError):
         return self.strerror
 
 
+def enabled() -> bool:
+    """False when ``SPAR_STORAGE_RETRY=off`` (see the module docstring)."""
+    return os.environ.get("SPAR_STORAGE_RETRY", "on") != "off"
+
+
 def call(policy: RetryPolicy, operation: str, url: str, fn: Callable[[], T],
          on_retry: Callable[[BaseException], None] | None = None) -> T:
     """``fn()`` under `policy`: transient errors are retried (each counted and logged, `on_retry`
     called before the next try), permanent ones raised at once. The error that ends it is raised
     with the URL named: as it was for a permanent one whose text already names the URL, else as a
     `StorageError` from it."""
+    if not enabled():
+        return fn()
     start, attempt = time.monotonic(), 0
     while True:
         attempt += 1

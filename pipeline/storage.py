@@ -117,20 +117,25 @@ class Storage:
         return fsspec.core.url_to_fs(str(url), **{**_DEFAULTS.get(proto, {}), **self.options_for(url)})
 
     def open(self, url: str, mode: str = "rb", **kwargs) -> IO:
-        """Open a file for reading (local: also for writing; parent dirs are created). `kwargs` go
-        to the remote filesystem's ``open`` (e.g. ``block_size``) and are ignored for local files.
+        """Open a file for reading or writing (local writes create parent dirs). `kwargs` go to the
+        remote filesystem's ``open`` (e.g. ``block_size``) and are ignored for local files.
 
         A remote file opened for reading resumes where it stopped when a read fails transiently
-        (a stream cut mid-way continues from its byte offset). Remote writes go through
-        `write_bytes`, `upload` or `write_stream`, which retry and are never half-visible."""
+        (a stream cut mid-way continues from its byte offset). One opened for writing (``wb``) is
+        spooled to a local temp file and uploaded whole when it is closed (`upload`: retried,
+        size-checked), and not at all if the ``with`` block raised: never half-visible."""
         if is_local(url):
             path = local_path(url)
             if "w" in mode or "a" in mode:
                 os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             return open(path, mode)
+        if mode == "wb":
+            return _UploadOnClose(self, url)
         if mode not in ("rb", "r"):
-            raise ValueError(f"{url}: remote files open for reading only (mode {mode!r}): write with "
-                             "write_bytes, upload or write_stream")
+            raise ValueError(f"{url}: remote files open as 'rb', 'r' or 'wb', not {mode!r}")
+        if not retry.enabled():
+            fs, path = self.filesystem(url)
+            return fs.open(path, mode, **kwargs)
         reader = io.BufferedReader(_ResumingReader(self, url, kwargs), buffer_size=1 << 20)
         return io.TextIOWrapper(reader, encoding="utf-8") if mode == "r" else reader
 
@@ -245,6 +250,8 @@ class Storage:
     def _check_size(self, url: str, size: int) -> None:
         """Raise a transient error if the object at `url` is not `size` bytes (an upload whose last
         answer was lost, then retried, or a store that acknowledged what it did not keep)."""
+        if not retry.enabled():
+            return
         fs, path = self.filesystem(url)
         found = fs.info(path).get("size")
         if found != size:
@@ -333,7 +340,7 @@ class Storage:
             for item in answer.get("Contents", []):
                 if ends is None or item["Key"].lower().endswith(ends):
                     names.append(f"{proto}://{bucket}/{item['Key']}")
-            if len(names) >= page:
+            while len(names) >= page:
                 yield names[:page]
                 names = names[page:]
             if not answer.get("IsTruncated"):
@@ -559,5 +566,18 @@ class _UploadOnClose(io.RawIOBase):
             self.local.close()
             self.store.upload(self.local.name, self.url)
         finally:
+            self.discard()
+
+    def discard(self) -> None:
+        """Drop what was written: nothing is uploaded."""
+        if not self.local.closed:
+            self.local.close()
+        if os.path.exists(self.local.name):
             os.remove(self.local.name)
-            super().close()
+        super().close()
+
+    def __exit__(self, kind, value, tb) -> None:
+        if kind is not None:  # the writer failed: upload nothing
+            self.discard()
+        else:
+            self.close()

@@ -13,7 +13,8 @@
                            epoch, the validation split, the cache job's rerun state and its listing of the
                            source, each in a fresh process
     commits  (commits.py)  manifest commits: latency, throughput, conflicts at 1 / 4 / 16 writers; after 100K commits
-    s3proxy.py             moto's S3 server and a request-counting proxy, each in a process of its own
+    faults   (faults.py)   the storage retry layer's cost with no faults (cache job, loader); the cache job at 1% / 10% faults
+    s3proxy.py             moto's S3 server and a request-counting (and fault-injecting) proxy, each in a process of its own
     common.py              timing, the GEMM ceiling, the one synthetic-cache builder, saving results
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ MODES = {
     "manifest": ("manifest", "ManifestBench", "bench_manifest"),
     "scale": ("scale", "ScaleBench", "bench_scale"),
     "commits": ("commits", "CommitBench", "bench_commits"),
+    "faults": ("faults", "FaultBench", "bench_faults"),
 }
 
 

@@ -43,24 +43,26 @@ class LoaderBench:
         check(self.images >= 2 and self.passes >= 1, "images must be >= 2 and passes >= 1")
 
 
-def loader_rate(cache_url: str, *, workers: int = 1, passes: int = 1, verify: bool = True) -> float:
+def loader_rate(cache_url: str, *, workers: int = 1, passes: int = 1, verify: bool = True,
+                store: Storage | None = None) -> float:
     """Decoded samples/s the training loader delivers with `workers` processes (batch 1) reading
-    the cache `passes` times over, all in one DataLoader (as in an epoch of a large cache); the
-    first sample (process start-up) is excluded."""
+    the cache `passes` times over (through `store`), all in one DataLoader (as in an epoch of a
+    large cache); the first sample (process start-up) is excluded."""
     from pipeline.cache.reader import open_cache
     import numpy as np
     import pyarrow as pa
 
     from pipeline.train import epochs, loader
 
-    table = epochs.SampleTable.from_table(open_cache(cache_url).samples)
+    store = store or Storage()
+    table = epochs.SampleTable.from_table(open_cache(cache_url, store).samples)
     plan = epochs.plan_epoch(table, seed=0, epoch=0, rank=0, world_size=1, workers=workers, batch_size=1,
                              shuffle_buffer=8)
     repeated = epochs.EpochPlan([epochs.WorkerPlan(pa.concat_arrays([w.keys] * passes), np.arange(len(w) * passes + 1),
                                                    w.shards * passes) for w in plan.workers],
                                 plan.steps * passes, plan.step_samples * passes)
     n, t = -1, 0.0
-    for _ in loader.make_loader(cache_url, Storage(), repeated, verify=verify):
+    for _ in loader.make_loader(cache_url, store, repeated, verify=verify):
         n += 1
         if n == 0:
             t = time.perf_counter()

@@ -14,7 +14,7 @@ import torch
 import spar
 from jobs import cache_teacher
 from pipeline import open_cache, storage
-from pipeline.bench.s3proxy import CountingProxy
+from pipeline.bench.s3proxy import FaultyProxy
 from pipeline.cache.augment import AugmentConfig, augment
 from pipeline.cache.reader import CacheError, shard_url
 from pipeline.cache.sources import make_key
@@ -180,7 +180,8 @@ def _sa1b_tar(members: list[str], images: list[bytes]) -> bytes:
 def test_sa1b_tars_with_limit_take_the_first_images_in_tar_order(ray_cluster, storage_root):
     """SA-1B as it ships: ``limit=N`` caches the first N images, tars in natural order and members in
     tar order (not sorted), and a larger limit later adds exactly the next ones (so a rerun takes the
-    same N)."""
+    same N). On S3 both runs go through a proxy that fails 10% of the requests (every fault kind,
+    credentials in ``storage_options``): the same N, every key once, every shard whole."""
     src, out = storage.join(storage_root, "sa1b"), storage.join(storage_root, "cache")
     images = list(good_images(9).values())
     layout = {"sa_000000.tar": ["sa_1", "sa_2", "sa_3"], "sa_000001.tar": ["sa_10", "sa_4", "sa_5"],
@@ -188,22 +189,29 @@ def test_sa1b_tars_with_limit_take_the_first_images_in_tar_order(ray_cluster, st
     for t, (tar, names) in enumerate(layout.items()):
         put_files(src, {tar: _sa1b_tar(names, images[3 * t:3 * t + 3])})
     order = [make_key(f"{storage.join(src, tar)}#{n}.jpg") for tar, names in layout.items() for n in names]
-    first = run_job(f"source={src}/", f"output={out}", "limit=5")
-    assert (first["source_images"], first["computed"], first["failed"]) == (5, 5, 0)
-    assert sorted(k.rsplit("_v", 1)[0] for k in open_cache(out).keys()) == sorted(order[:5])
-    more = run_job(f"source={src}/", f"output={out}", "limit=8")  # the same first five, and the next three
-    assert (more["already_committed"], more["computed"], more["committed_total"]) == (5, 3, 8)
-    assert sorted(k.rsplit("_v", 1)[0] for k in open_cache(out).keys()) == sorted(order[:8])
-    if not src.startswith("s3://"):
-        return
-    # Every tar was read to its end once, so the cache indexes their members: extending it plans
-    # limit= from the indexes, reads no byte of the two tars whose images are all committed nor of the
-    # committed images of the third, and reads the one image it needs by one ranged read, not its tar.
-    tar_bytes = sum(Storage().size(storage.join(src, tar)) for tar in layout)  # for the messages
-    prefix = "/" + src.split("://", 1)[1] + "/"
-    with CountingProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
-        via = f"storage_options.endpoint_url={proxy.endpoint}"
-        last = run_job(f"source={src}/", f"output={out}", "limit=9", via)
+    remote = src.startswith("s3://")
+    with FaultyProxy(os.environ["AWS_ENDPOINT_URL"], faults=0.1 if remote else 0.0, seed=3) as proxy:
+        via = [f"storage_options.endpoint_url={proxy.endpoint}", "storage_options.key=testing",
+               "storage_options.secret=testing", "storage_options.retry.max_backoff_s=1"] if remote else []
+        first = run_job(f"source={src}/", f"output={out}", "limit=5", *via)
+        assert (first["source_images"], first["computed"], first["failed"]) == (5, 5, 0)
+        assert sorted(k.rsplit("_v", 1)[0] for k in open_cache(out).keys()) == sorted(order[:5])
+        more = run_job(f"source={src}/", f"output={out}", "limit=8", *via)  # the same first five, and the next three
+        assert (more["already_committed"], more["computed"], more["committed_total"]) == (5, 3, 8)
+        assert sorted(k.rsplit("_v", 1)[0] for k in open_cache(out).keys()) == sorted(order[:8])
+        proxy.set_faults(0.0)
+        if not remote:
+            return
+        faults = proxy.faults()
+        assert sum(faults.values()) >= 5, faults  # the storm happened
+        assert more["keys_committed_twice"] == 0 and open_cache(out).verify() == []
+        # Every tar was read to its end once, so the cache indexes their members: extending it plans
+        # limit= from the indexes, reads no byte of the two tars whose images are all committed nor of the
+        # committed images of the third, and reads the one image it needs by one ranged read, not its tar.
+        tar_bytes = sum(Storage().size(storage.join(src, tar)) for tar in layout)  # for the messages
+        prefix = "/" + src.split("://", 1)[1] + "/"
+        proxy.reset()
+        last = run_job(f"source={src}/", f"output={out}", "limit=9", *via)
         assert (last["already_committed"], last["computed"], last["committed_total"]) == (8, 1, 9)
         requests, read = proxy.traffic(prefix)
         assert (requests, read) == (1, len(images[8])), (requests, read, tar_bytes)

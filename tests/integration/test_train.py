@@ -92,6 +92,34 @@ def test_checkpoints_and_artifacts_land_on_s3(trained):
     assert any(f.startswith("events.out.tfevents") for f in files)
 
 
+def test_a_run_through_a_fault_storm_ends_with_the_same_weights(trained, s3_endpoint):
+    """The same run with every request to S3 (manifest, shards, checkpoints, metrics, key records)
+    going through a proxy that fails 10% of them, every fault kind, credentials in
+    ``storage_options``: the data order is deterministic and every read is retried in place, so
+    the student is the same, bit for bit."""
+    from safetensors.numpy import load
+
+    from pipeline.bench.s3proxy import FaultyProxy
+
+    root = trained["root"]
+    with FaultyProxy(s3_endpoint, faults=0.1, seed=12) as proxy:
+        storm = train_student.main([f"cache={root}/cache", f"output={root}/storm", "name=tiny", "epochs=4",
+                                    "record_keys=true", *TRAIN, f"storage_options.endpoint_url={proxy.endpoint}",
+                                    "storage_options.key=testing", "storage_options.secret=testing",
+                                    "storage_options.retry.max_backoff_s=1"])
+        proxy.set_faults(0.0)
+        faults = proxy.faults()
+    assert sum(faults.values()) >= 10 and len(faults) >= 4, faults
+    calm, stormy = (load(Storage().read_bytes(f"{run}/student.safetensors"))
+                    for run in (trained["run_dir"], f"{root}/storm/tiny"))
+    assert calm.keys() == stormy.keys() and all((calm[k] == stormy[k]).all() for k in calm)
+    assert storm["loss"] == trained["metrics"]["loss"]
+    rows = _csv_rows(f"{root}/storm/tiny")
+    assert [r["step"] for r in rows if r["kind"] == "step"] == [r["step"] for r in _csv_rows(trained["run_dir"])
+                                                               if r["kind"] == "step"]
+    assert all(r["storage_retries"] != "" for r in rows if r["kind"] == "step")
+
+
 def test_exported_student_reproduces_in_job_features(trained, tmp_path):
     run_dir = trained["run_dir"]
     info = json.loads(Storage().read_text(storage.join(run_dir, "student.json")))
