@@ -211,7 +211,7 @@ class Storage:
             fs.put_file(local, path)
             self._check_size(url, size)
 
-        self.call("write", url, put, on_retry=lambda e: self._discard(url))
+        self.call("write", url, put)
 
     def write_stream(self, url: str, produce) -> Any:
         """Write a file by ``produce(f)`` writing into the binary file `f`, and return what it
@@ -245,7 +245,8 @@ class Storage:
             self._check_size(url, counted.n)
             return out
 
-        return self.call("write", url, write, on_retry=lambda e: self._discard(url))
+        return self.call("write", url, write)  # a retry overwrites: nothing to remove first (another
+        # writer may have put the same content-named object there, and committed it)
 
     def _check_size(self, url: str, size: int) -> None:
         """Raise a transient error if the object at `url` is not `size` bytes (an upload whose last
@@ -256,14 +257,6 @@ class Storage:
         found = fs.info(path).get("size")
         if found != size:
             raise http.client.IncompleteRead(b"", size - int(found or 0))
-
-    def _discard(self, url: str) -> None:
-        """Remove what a failed write may have left at `url` (best effort: the retry rewrites it)."""
-        fs, path = self.filesystem(url)
-        try:
-            fs.rm_file(path)
-        except Exception as e:  # noqa: BLE001 - the retry overwrites it anyway
-            log.info("could not remove %s after a failed write: %s", public_url(url), e)
 
     def download(self, url: str, local: str) -> None:
         """Copy `url` to a local file."""

@@ -6,7 +6,9 @@ Everything runs against a local S3 server (moto) behind the fault-injecting prox
 
 1. overhead, with no faults: the cache job (a fresh output each run) and the training loader (one
    process reading the cache) with the retry layer on and off (``SPAR_STORAGE_RETRY=off``: plain
-   client calls), alternated `repeats` times; medians, compared side by side;
+   client calls), alternated `repeats` times; medians, compared side by side. A job's time on this
+   kind of machine moves by more than the layer can cost, so the layer's own cost is also timed
+   per request: `ops` small ranged reads and whole-object reads, on and off in alternating blocks;
 2. storms: the cache job at each fault rate of `rates` (all fault kinds): images/s against the
    same job with no faults, the faults injected, and the retries the job reports.
 """
@@ -36,6 +38,7 @@ class FaultBench:
     rates: list[float] = field(default_factory=lambda: [0.01, 0.1])  # fault rates of the storm runs
     repeats: int = 2  # on/off pairs of the overhead runs
     loader_passes: int = 5  # times the loader reads the cache per measurement
+    ops: int = 400  # requests per block of the per-request timing (12 blocks: 6 on, 6 off)
     num_cpus: int = 2
     seed: int = 0
     out: Optional[str] = None
@@ -62,6 +65,43 @@ def _cache_job(cfg: FaultBench, options: dict, source: str, output: str) -> tupl
     return summary, time.perf_counter() - t
 
 
+def _per_request(store, url: str, ops: int) -> dict:
+    """Seconds a request (a 4 KB ranged read, a whole small object read) with the layer on and off,
+    in blocks ordered on, off, off, on, ... (a drift of the machine's speed cancels); medians."""
+    times: dict[str, list[float]] = {"on": [], "off": []}
+    for block in range(12):
+        mode = "on" if block % 4 in (0, 3) else "off"
+        _retry_layer(mode == "on")
+        t = time.perf_counter()
+        for i in range(ops // 2):
+            store.read_range(url, 4096 * (i % 8), 4096 * (i % 8 + 1))
+            store.read_bytes(url)
+        times[mode].append((time.perf_counter() - t) / ops)
+    _retry_layer(True)
+    on, off = statistics.median(times["on"]), statistics.median(times["off"])
+    return {"request_s": {"on": on, "off": off}, "request_blocks_s": times, "per_request_overhead": on / off - 1,
+            "wrapper_s": _wrapper_cost(), "wrapper_share_of_a_request": _wrapper_cost() / off}
+
+
+def _wrapper_cost(n: int = 200_000) -> float:
+    """Seconds the retry layer adds to an operation that succeeds: `retry.call` around a no-op,
+    less the no-op called directly (best of 5)."""
+    from pipeline import retry
+
+    policy, noop = retry.RetryPolicy(), (lambda: None)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(n):
+            retry.call(policy, "read", "s3://b/k", noop)
+        wrapped = time.perf_counter() - t
+        t = time.perf_counter()
+        for _ in range(n):
+            noop()
+        best = min(best, (wrapped - (time.perf_counter() - t)) / n)
+    return best
+
+
 def bench_faults(cfg: FaultBench) -> dict:
     """The overhead runs, then the storm runs (see the module docstring)."""
     import boto3
@@ -82,6 +122,8 @@ def bench_faults(cfg: FaultBench) -> dict:
             store, root = Storage(options), f"s3://{bucket}"
             for i in range(cfg.images):
                 store.write_bytes(f"{root}/src/{i:04d}.png", png_bytes(synthetic_scene(cfg.height, cfg.width, seed=i)))
+            store.write_bytes(f"{root}/probe.bin", bytes(64 << 10))
+            requests = _per_request(store, f"{root}/probe.bin", cfg.ops)
             jobs: dict[str, list[float]] = {"on": [], "off": []}
             loads: dict[str, list[float]] = {"on": [], "off": []}
             cache = None
@@ -114,6 +156,7 @@ def bench_faults(cfg: FaultBench) -> dict:
         server.terminate()
         server.wait(timeout=30)
     return {"mode": "faults", "backbone": cfg.backbone, "images": cfg.images, "image": [cfg.height, cfg.width],
+            **requests,
             "cache_job_s": job_s, "cache_job_runs_s": jobs, "cache_job_overhead": job_s["on"] / job_s["off"] - 1,
             "loader_samples_per_s": loader, "loader_runs": loads,
             "loader_overhead": loader["off"] / loader["on"] - 1, "storms": storms}

@@ -194,3 +194,21 @@ def test_a_source_tar_unreadable_past_the_retries_counts_every_image_it_lost_as_
     assert len(good) == 2 * 2 and error["error"].startswith(TRANSIENT) and str(path) in error["error"]
     assert error["lost"] == (10 - 2) * 2  # estimated from the bytes left: 8 images x 2 views
     assert sources.read_tar_index(store, str(tmp_path / "cache"), str(path)) is None  # incomplete: no index
+
+
+def test_every_processs_retries_reach_the_writer_tasks_output(tmp_path):
+    """A row's retries (from its read and augment stages) and the writer's own add up in the column
+    the driver sums into the job's summary."""
+    import json
+
+    from pipeline.cache.tasks import write_batch
+
+    retry.take_counts()
+    retry.record("write", "throttled", 2)  # this (writer) process's own
+    batch = {"sample_key": np.array(["a_v0", "b_v0"]), "source": np.array(["s3://b/a.jpg", "s3://b/b.jpg"]),
+             "error": np.array(["transient: unreadable: StorageError: read s3://b/a.jpg still failing", "bad"]),
+             "lost": np.array([0, 0]), "view": np.array([0, 0]), "windows": np.array([0, 0]),
+             "retries": np.array([json.dumps({"read/connection": 3}), ""], dtype=object)}
+    out = write_batch(batch, output=str(tmp_path / "cache"), image_ext="npy", store=Storage(), run="r")
+    assert json.loads(out["retries"][0]) == {"read/connection": 3, "write/throttled": 2}
+    assert (out["errors"][0], out["transient"][0], out["samples"][0]) == (2, 1, 0)
