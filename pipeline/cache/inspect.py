@@ -154,8 +154,9 @@ def teacher_backbone(fp: dict, store: Storage, device: torch.device) -> spar.Bac
     """The cache's teacher with its weights (an open_clip tag, a file, or the recorded random init)."""
     location, init_seed = teacher_weights(fp)
     options = store.options_for(location or "")
-    return spar.load_backbone(fp["backbone"], pretrained=verified_weights(location, fp["weights"], options),
-                              init_seed=init_seed, storage_options=options, device=device)
+    local = store.call("weights", location or "", lambda: verified_weights(location, fp["weights"], options))
+    return spar.load_backbone(fp["backbone"], pretrained=local, init_seed=init_seed, storage_options=options,
+                              device=device)
 
 
 def _pca_rgb(maps: list[torch.Tensor], basis_of: torch.Tensor) -> list[np.ndarray]:

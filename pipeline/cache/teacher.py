@@ -37,9 +37,11 @@ class TeacherActor:
         if self.device.type == "cpu":
             # Ray pins OMP_NUM_THREADS to the actor's (fractional) CPU share; the teacher wants the cores.
             torch.set_num_threads(threads or os.cpu_count() or 1)
-        options = (store or Storage()).options_for(pretrained or "")
+        store = store or Storage()
+        options = store.options_for(pretrained or "")
         if weights:  # the fingerprint's weights identity: this node loads the recorded file, or refuses
-            pretrained = verified_weights(pretrained, weights, options)
+            # fetched once per node, under the storage's retry policy
+            pretrained = store.call("weights", pretrained or "", lambda: verified_weights(pretrained, weights, options))
         self.bb = spar.load_backbone(backbone, pretrained=pretrained, init_seed=init_seed,
                                      storage_options=options).drop_text_tower()
         self.bb.to(self.device)

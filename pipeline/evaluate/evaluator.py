@@ -171,8 +171,9 @@ class Evaluator:
         return device_name(self.device)
 
     def _load(self, weights: str | None) -> spar.Backbone:
-        return spar.load_backbone(self.cfg.backbone, pretrained=weights, device=self.device,
-                                  init_seed=self.cfg.init_seed, storage_options=self.store.options_for(weights or ""))
+        return self.store.call("weights", weights or "", lambda: spar.load_backbone(  # fetched under the retry policy
+            self.cfg.backbone, pretrained=weights, device=self.device, init_seed=self.cfg.init_seed,
+            storage_options=self.store.options_for(weights or "")))
 
     def warmup(self) -> None:
         """One untimed pass per mode on a window-sized image (kernel selection, allocator, lazy init)."""

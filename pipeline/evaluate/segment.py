@@ -206,8 +206,9 @@ def run(cfg: SegmentConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     weights = cfg.checkpoint or cfg.pretrained
-    bb = spar.load_backbone(cfg.backbone, pretrained=weights, device=device, init_seed=cfg.init_seed,
-                            storage_options=store.options_for(weights or ""))
+    bb = store.call("weights", weights or "", lambda: spar.load_backbone(  # fetched under the retry policy
+        cfg.backbone, pretrained=weights, device=device, init_seed=cfg.init_seed,
+        storage_options=store.options_for(weights or "")))
     clf = spar.build_classifier(bb, lines)
     settings = spar.FeatureSettings(mode=cfg.features, sliding_mode=cfg.sliding_mode, stride=cfg.stride,
                                     crop=cfg.crop, window_batch=cfg.window_batch, amp_dtype=AMP_DTYPES[cfg.amp_dtype])

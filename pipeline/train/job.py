@@ -135,10 +135,11 @@ def student_source(cfg: TrainConfig, fingerprint: dict, store: Storage) -> dict:
     options = store.options_for(location or "")
     try:
         if cfg.pretrained == FROM_CACHE:
-            verified_weights(location, weights, options)
+            store.call("weights", location or "", lambda: verified_weights(location, weights, options))
         else:
             recorded = weights["value"] if weights["kind"] == "file" else None
-            given = weights_identity(fingerprint["model_name"], location, options, expected=recorded)
+            given = store.call("weights", location or "", lambda: weights_identity(
+                fingerprint["model_name"], location, options, expected=recorded))
             if (given["kind"], given["value"]) != (weights["kind"], weights["value"]):
                 raise FingerprintMismatch(f"pretrained={public_url(cfg.pretrained)!r} is {given['kind']} "
                                           f"{given['value']}, but the cache's teacher used {weights['kind']} "

@@ -89,8 +89,8 @@ class Trainer:
         self.store = Storage(cfg.storage_options)
         options = self.store.options_for(self.source["pretrained"] or "")
         # this node's copy of the weights, checked against the cache's fingerprint (the export loads it too)
-        self.source = {**self.source, "pretrained": verified_weights(self.source["pretrained"], self.source["weights"],
-                                                                     options)}
+        self.source = {**self.source, "pretrained": self.store.call("weights", self.source["pretrained"] or "", lambda:
+                       verified_weights(self.source["pretrained"], self.source["weights"], options))}
         self.engine = build_engine(cfg, self.source, self.ds_config, options)
         self.layout = {"world_size": self.world, "loader_workers": cfg.data.loader_workers,
                        "batch_size": cfg.batch_size, "shuffle_buffer": cfg.data.shuffle_buffer,

@@ -13,17 +13,9 @@ from botocore.config import Config
 from botocore.exceptions import (ClientError, ConnectionClosedError, EndpointConnectionError,
                                  IncompleteReadError, ResponseStreamingError)
 
-from pipeline.bench.s3proxy import FAULT_KINDS, FaultyProxy, start_moto
+from pipeline.bench.s3proxy import FAULT_KINDS, FaultyProxy
 
 DROPPED = (ConnectionClosedError, EndpointConnectionError)  # what botocore makes of a reset connection
-
-
-@pytest.fixture(scope="module")
-def moto():
-    endpoint, proc = start_moto()
-    yield endpoint
-    proc.terminate()
-    proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -14,20 +14,12 @@ import pyarrow as pa
 import pytest
 
 from pipeline import retry
-from pipeline.bench.s3proxy import CountingProxy, FaultyProxy, start_moto
+from pipeline.bench.s3proxy import CountingProxy, FaultyProxy
 from pipeline.cache import shards, sources
 from pipeline.retry import StorageError
 from pipeline.storage import Storage
 
 FAST = {"deadline_s": 60, "initial_s": 0.01, "max_backoff_s": 0.2}
-
-
-@pytest.fixture(scope="module")
-def moto():
-    endpoint, proc = start_moto()
-    yield endpoint
-    proc.terminate()
-    proc.wait(timeout=30)
 
 
 @pytest.fixture
@@ -45,8 +37,11 @@ def proxy(moto):
 
 
 def store_via(endpoint: str, **policy) -> Storage:
+    """A storage of the S3 server at `endpoint` whose retries are this layer's: botocore's own are
+    off (they would carry most faults, with sleeps of up to seconds)."""
     return Storage({"endpoint_url": endpoint, "key": "testing", "secret": "testing",
-                    "client_kwargs": {"region_name": "us-east-1"}, "retry": {**FAST, **policy}})
+                    "client_kwargs": {"region_name": "us-east-1"}, "retry": {**FAST, **policy},
+                    "config_kwargs": {"retries": {"total_max_attempts": 1, "mode": "standard"}}})
 
 
 def image_tar(n: int, size: int = 20_000) -> tuple[bytes, dict[str, bytes]]:
@@ -74,6 +69,7 @@ def test_reads_and_writes_come_through_every_kind_of_fault(proxy, bucket):
     assert sorted(u for page in store.iter_files(f"s3://{bucket}/k", page=7) for u in page) == sorted(payloads)
     assert store.list_files(f"s3://{bucket}/k") == sorted(payloads)
     proxy.set_faults(0.0)
+    assert sum(retry.take_counts().values()) > 5  # this layer's retries carried them
     faults = proxy.faults()
     assert sum(faults.values()) > 10, faults
     assert set(faults) >= {"503", "500", "429", "reset"}, faults
@@ -95,8 +91,7 @@ def test_a_tar_stream_cut_mid_way_resumes_at_its_offset(proxy, bucket):
 
 def test_a_failed_upload_leaves_nothing_under_its_name(proxy, bucket):
     """A multipart upload that keeps failing is aborted: no object appears, not even a truncated one."""
-    store = Storage({**store_via(proxy.endpoint).options, "retry": {"deadline_s": 1, "initial_s": 0.01},
-                     "config_kwargs": {"retries": {"max_attempts": 1}}})  # botocore's own retries off
+    store = store_via(proxy.endpoint, deadline_s=1, initial_s=0.01)
     url = f"s3://{bucket}/shards/big.tar"
     data = bytes(range(256)) * (24 << 12)  # ~6 MB: more than one 5 MB part
     proxy.set_faults(1.0, kinds=["reset"], seed=3)
