@@ -33,7 +33,7 @@ import re
 import socket
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any, Callable, TypeVar
 
 log = logging.getLogger(__name__)
@@ -146,15 +146,10 @@ class RetryPolicy:
                              f"(known: {[f.name for f in fields(cls)]})")
         return cls(**{k: float(v) if k != "attempts" else int(v) for k, v in options.items()})
 
-    def as_options(self) -> dict[str, Any]:
-        return asdict(self)
-
     def backoff(self, attempt: int) -> float:
         """Seconds to wait before retry number `attempt` (1-based): full jitter over the exponential."""
         return random.uniform(0, min(self.max_backoff_s, self.initial_s * 2 ** (attempt - 1)))
 
-
-NO_RETRY = RetryPolicy(deadline_s=0.0, attempts=1)
 
 _lock = threading.Lock()
 _counts: collections.Counter = collections.Counter()  # (operation, kind) -> retries, this process

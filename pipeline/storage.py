@@ -181,12 +181,7 @@ class Storage:
         Local: write a temp file, then ``os.replace``. Object stores: one PUT is already atomic.
         """
         if is_local(url):
-            path = local_path(url)
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            tmp = f"{path}.part{uuid.uuid4().hex[:8]}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
+            _write_local(url, lambda f: f.write(data))
             return
         fs, path = self.filesystem(url)
         self.call("write", url, lambda: fs.pipe_file(path, data))
@@ -198,11 +193,11 @@ class Storage:
     def upload(self, local: str, url: str) -> None:
         """Copy a local file to `url` (a rename when `url` is local too)."""
         if is_local(url):
-            dst = local_path(url)
-            os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-            tmp = f"{dst}.part{uuid.uuid4().hex[:8]}"
-            shutil.copyfile(local, tmp)
-            os.replace(tmp, dst)
+            def copy(f) -> None:
+                with open(local, "rb") as src:
+                    shutil.copyfileobj(src, f, 16 << 20)
+
+            _write_local(url, copy)
             return
         fs, path = self.filesystem(url)
         size = os.path.getsize(local)
@@ -220,17 +215,7 @@ class Storage:
         under `url`), and a finished one is checked for its size before this returns. A transient
         failure writes it again, under the retry policy."""
         if is_local(url):
-            path = local_path(url)
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            tmp = f"{path}.part{uuid.uuid4().hex[:8]}"
-            try:
-                with open(tmp, "wb") as f:
-                    out = produce(f)
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-            return out
+            return _write_local(url, produce)
         fs, path = self.filesystem(url)
 
         def write() -> Any:
@@ -382,6 +367,23 @@ class Storage:
 
         fs, path = self.filesystem(url)
         return PyFileSystem(_retrying_handler(self, url, fs)), path
+
+
+def _write_local(url: str, produce) -> Any:
+    """``produce(f)`` into a temp file beside the local path of `url`, renamed over it when done
+    (readers see the old file or the new, never a part; a failure leaves neither the file nor the
+    temp); returns what `produce` returns."""
+    path = local_path(url)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.part{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as f:
+            out = produce(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return out
 
 
 class _ResumingReader(io.RawIOBase):

@@ -377,26 +377,9 @@ def _bucket(endpoint: str, name: str) -> None:
                  region_name="us-east-1").create_bucket(Bucket=name)
 
 
-def _counting_proxy(upstream: str):
-    """`s3proxy.CountingProxy` with a listen backlog of 1024 instead of http.server's 5: delta-rs reads
-    up to ~100 log entries at once, a connection each, and a full backlog drops their SYNs, resent 1,
-    3, 7, 15 s later (a checkpointing append took 32 s through the proxy, 2.5 s without it). To go
-    once `s3proxy.serve` sets the backlog itself."""
-    from pipeline.bench import s3proxy  # here, not above: see _rows
-
-    proxy = object.__new__(s3proxy.CountingProxy)
-    proxy.port = s3proxy._free_port()
-    proxy.endpoint = f"http://127.0.0.1:{proxy.port}"
-    code = ("from http.server import ThreadingHTTPServer; ThreadingHTTPServer.request_queue_size = 1024; "
-            f"from pipeline.bench.s3proxy import serve; serve({upstream!r}, {proxy.port})")
-    proxy.proc = subprocess.Popen([sys.executable, "-c", code])
-    s3proxy._wait(f"{proxy.endpoint}/__requests__", proxy.proc, "the counting proxy")
-    return proxy
-
-
 def bench_commits(cfg: CommitBench) -> dict:
     """Concurrent writers, then history sizes; on moto's S3 server behind the counting proxy where `cfg.s3`."""
-    from pipeline.bench.s3proxy import start_moto  # here, not above: see _rows
+    from pipeline.bench.s3proxy import CountingProxy, start_moto  # here, not above: see _rows
 
     results = {"mode": "commits", "samples_per_shard": cfg.samples_per_shard, "cpus": os.cpu_count(),
                "writers_on": "s3" if cfg.s3 else "local", "checkpoint_interval": CHECKPOINT_INTERVAL,
@@ -408,7 +391,7 @@ def bench_commits(cfg: CommitBench) -> dict:
             return results
         endpoint, server = start_moto()
         try:
-            with _counting_proxy(endpoint) as proxy:
+            with CountingProxy(endpoint) as proxy:  # its backlog of 1,024 takes delta-rs's bursts
                 t = time.perf_counter()
                 results["writers"] = _writers(cfg, work, endpoint, proxy)
                 results["writers_s"] = time.perf_counter() - t
