@@ -26,9 +26,19 @@ only its own part into keys. A position in an epoch is one number, the step: a r
 the same layout skips the batches of the steps done. A resume onto another layout marks the
 samples the old layout trained as done (`trained_positions`) and plans the rest of the epoch over
 the new one (a new *segment*, with its own shuffle).
+
+A *mixture* of caches (`SampleTable.concat`) is one table whose shards are those of every cache,
+each cache's rows contiguous. By default an epoch draws every sample of every cache once. With
+`draw` (samples per epoch of each cache, `draw_counts`) cache i is drawn n_i times: n_i // N_i
+whole passes over its N_i samples, plus a subset of n_i % N_i of them chosen at random (seed,
+epoch, cache): a smaller cache is repeated, a larger one subsampled. The drawn samples of a shard
+in one pass form one *shard run* (its samples in key order); step 1 shuffles the runs of every
+cache together. Every drawn sample, repeats included, has its own position in the epoch order, so
+every guarantee above holds per position.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +58,8 @@ class SampleTable:
     shard_start: np.ndarray  # int64, one more than there are shards
     size: np.ndarray  # int32 per row: its image size, an index into `sizes`
     sizes: np.ndarray  # (S, 2) int32: distinct (height, width)
+    shard_cache: np.ndarray | None = None  # int32 per shard: the cache it belongs to (a mixture); None: one cache
+    draw: np.ndarray | None = None  # int64 per cache: samples an epoch draws from it; None: every sample once
 
     @classmethod
     def from_table(cls, rows: pa.Table) -> "SampleTable":
@@ -77,8 +89,62 @@ class SampleTable:
                    names.take(np.argsort(rank)[used]), np.append(bounds[used], len(order)).astype(np.int64),
                    size, np.stack([sizes >> 32, sizes & 0xFFFFFFFF], axis=1).astype(np.int32))
 
+    @classmethod
+    def concat(cls, tables: list["SampleTable"]) -> "SampleTable":
+        """A mixture: the shards of every table, table after table (so each cache's rows are contiguous)."""
+        if len(tables) == 1:
+            return tables[0]
+        sizes, size = np.unique(np.concatenate([t.sizes for t in tables]), axis=0, return_inverse=True)
+        size = size.reshape(-1).astype(np.int32)
+        offsets = np.cumsum([0] + [len(t.sizes) for t in tables])
+        keys_type = tables[0].source_keys.type
+        key_base = np.cumsum([0] + [len(t.source_keys) for t in tables])
+        row_base = np.cumsum([0] + [len(t) for t in tables])
+        return cls(
+            pa.chunked_array([c.cast(keys_type) for t in tables for c in t.source_keys.chunks], keys_type),
+            np.concatenate([t.key_row + key_base[i] for i, t in enumerate(tables)]),
+            pa.concat_arrays([t.shard_names.cast(pa.string()) for t in tables]),
+            np.append(np.concatenate([t.shard_start[:-1] + row_base[i] for i, t in enumerate(tables)]), row_base[-1]),
+            np.concatenate([size[offsets[i] + t.size] for i, t in enumerate(tables)]).astype(np.int32),
+            sizes.astype(np.int32),
+            np.repeat(np.arange(len(tables), dtype=np.int32), [t.num_shards for t in tables]))
+
+    def with_draw(self, draw: list[int] | np.ndarray | None) -> "SampleTable":
+        """This table drawn `draw[i]` samples of cache i per epoch (None: every sample once)."""
+        from dataclasses import replace
+
+        if draw is not None:
+            draw = np.asarray(draw, dtype=np.int64)
+            if len(draw) != self.num_caches or (draw < 0).any():
+                raise ValueError(f"draw {draw.tolist()}: one count >= 0 per cache ({self.num_caches})")
+        return replace(self, draw=draw)
+
     def __len__(self) -> int:
         return len(self.key_row)
+
+    @property
+    def num_caches(self) -> int:
+        return 1 if self.shard_cache is None else int(self.shard_cache[-1]) + 1 if len(self.shard_cache) else 1
+
+    def cache_rows(self) -> np.ndarray:
+        """Row bounds of each cache: cache i holds rows bounds[i]:bounds[i + 1]."""
+        if self.shard_cache is None:
+            return np.array([0, len(self)], dtype=np.int64)
+        first = np.searchsorted(self.shard_cache, np.arange(self.num_caches + 1))
+        return self.shard_start[first]
+
+    def cache_sizes(self) -> np.ndarray:
+        """Samples in each cache."""
+        return np.diff(self.cache_rows())
+
+    @property
+    def epoch_length(self) -> int:
+        """Positions in an epoch's order: samples drawn, repeats included."""
+        return len(self) if self.draw is None else int(self.draw.sum())
+
+    def cache_of_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The cache (int8) of each of `rows`."""
+        return (np.searchsorted(self.cache_rows(), rows, side="right") - 1).astype(np.int8)
 
     def keys_of(self, rows: np.ndarray) -> pa.Array:
         """The keys of `rows`, in that order (taken chunk by chunk: a take from a chunked array
@@ -99,11 +165,68 @@ class SampleTable:
         return len(self.shard_start) - 1
 
 
+def draw_counts(sizes: list[int], weights: list[float] | None = None, total: int | None = None) -> list[int]:
+    """Samples an epoch draws from each cache: `total` (default: every sample of every cache,
+    ``sum(sizes)``) split in proportion to `weights` (largest remainders; ties to the first cache);
+    without weights, each cache's own size (``total`` must then be unset)."""
+    if weights is None:
+        if total is not None and total != sum(sizes):
+            raise ValueError(f"epoch_samples={total} needs mix= weights to split it among the caches")
+        return [int(n) for n in sizes]
+    if len(weights) != len(sizes) or any(w < 0 for w in weights) or not sum(weights) > 0:
+        raise ValueError(f"mix={list(weights)}: one weight >= 0 per cache ({len(sizes)}), not all 0")
+    total = sum(sizes) if total is None else total
+    exact = [total * w / sum(weights) for w in weights]
+    counts = [int(x) for x in exact]
+    for i in sorted(range(len(exact)), key=lambda i: (counts[i] - exact[i], i))[:total - sum(counts)]:
+        counts[i] += 1
+    empty = [i for i, (n, size) in enumerate(zip(counts, sizes)) if n and not size]
+    if empty:
+        raise ValueError(f"mix gives cache {empty[0]} {counts[empty[0]]} draws per epoch, but it has no samples "
+                         "to train on")
+    return counts
+
+
 def epoch_order(table: SampleTable, *, seed: int, epoch: int) -> np.ndarray:
-    """Every row once, in the epoch's order: shards shuffled (seed, epoch), samples in key order."""
-    perm = np.random.default_rng([seed, epoch]).permutation(table.num_shards)
-    lengths = np.diff(table.shard_start)[perm]
-    return _ranges(table.shard_start[perm], lengths)
+    """The row of every position of the epoch's order: shard runs shuffled (seed, epoch), samples in
+    key order within a run (`epoch_runs`)."""
+    return epoch_runs(table, seed=seed, epoch=epoch)[0]
+
+
+def epoch_runs(table: SampleTable, *, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the row of each position of the epoch's order, the start position of each shard run and the
+    order's length). Without a draw, a run is a whole shard: every row once."""
+    shard_len = np.diff(table.shard_start)
+    if table.draw is None or np.array_equal(table.draw, table.cache_sizes()):
+        pool, starts, lengths = None, table.shard_start[:-1], shard_len
+    else:
+        starts, lengths, picked = [], [], []
+        at = len(table)  # `pool` is every row, then each cache's partly drawn rows
+        bounds = table.cache_rows()
+        shard_bounds = np.searchsorted(table.shard_start, bounds)
+        for i, n in enumerate(table.draw.tolist()):
+            lo, hi = int(bounds[i]), int(bounds[i + 1])
+            whole, part = divmod(n, hi - lo) if hi > lo else (0, 0)
+            shards = slice(shard_bounds[i], shard_bounds[i + 1])
+            for _ in range(whole):
+                starts.append(table.shard_start[shards])
+                lengths.append(shard_len[shards])
+            if part:
+                rng = np.random.default_rng([seed, epoch, 1, i])
+                rows = lo + np.sort(rng.permutation(hi - lo)[:part])
+                shard = np.searchsorted(table.shard_start, rows, side="right") - 1
+                first = np.flatnonzero(np.append(True, shard[1:] != shard[:-1]))
+                starts.append(at + first)
+                lengths.append(np.diff(np.append(first, part)))
+                picked.append(rows)
+                at += part
+        pool = np.concatenate([np.arange(len(table), dtype=np.int64), *picked])
+        starts = np.concatenate(starts) if starts else np.zeros(0, np.int64)
+        lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    perm = np.random.default_rng([seed, epoch]).permutation(len(starts))
+    lengths = lengths[perm]
+    positions = _ranges(starts[perm], lengths)
+    return (positions if pool is None else pool[positions]), np.append(0, np.cumsum(lengths)).astype(np.int64)
 
 
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -129,6 +252,7 @@ class Batches:
     stream: np.ndarray  # the stream (rank * workers + loader process) of each batch
     step: np.ndarray  # the step of its rank at which each batch is trained
     order: np.ndarray  # the epoch order (`epoch_order`): row of each position
+    runs: np.ndarray  # start position of each shard run of the epoch order, and its length
     kept: np.ndarray  # the positions planned (those not done), in epoch order
     stream_bounds: np.ndarray  # stream s streams kept[stream_bounds[s]:stream_bounds[s + 1]]
 
@@ -142,8 +266,9 @@ def plan_batches(table: SampleTable, *, seed: int, epoch: int, world_size: int, 
     """Every rank's batches (see the module docstring); positions flagged in `done` (a bool per
     position of the epoch order) were trained in earlier segments of the epoch and are left out."""
     window = bucket_window if bucket_window is not None else 4 * batch_size
+    order, runs = epoch_runs(table, seed=seed, epoch=epoch)
     resumed = done is not None and bool(done.any())
-    kept = np.flatnonzero(~done) if resumed else np.arange(len(table), dtype=np.int64)
+    kept = np.flatnonzero(~done) if resumed else np.arange(len(order), dtype=np.int64)
     n = len(kept)
     if not resumed and n < world_size:
         raise ValueError(f"{n} samples cannot feed {world_size} workers")
@@ -162,7 +287,6 @@ def plan_batches(table: SampleTable, *, seed: int, epoch: int, world_size: int, 
         del block
 
     # in each window of a stream, the samples of one size in stream order (a stable sort by group)
-    order = epoch_order(table, seed=seed, epoch=epoch)
     size = table.size[order[shuffled]].astype(np.int64)
     group = (np.cumsum(np.append(0, -(-lengths // window)))[sid] + local // window) * len(table.sizes) + size
     del size, local
@@ -184,7 +308,7 @@ def plan_batches(table: SampleTable, *, seed: int, epoch: int, world_size: int, 
     del last, emitted, sid
     members = shuffled[by_group[_ranges(starts, counts)]]
     del by_group, shuffled
-    return Batches(members, np.append(0, np.cumsum(counts)), stream, _steps(stream, workers), order, kept,
+    return Batches(members, np.append(0, np.cumsum(counts)), stream, _steps(stream, workers), order, runs, kept,
                    stream_bounds)
 
 
@@ -204,11 +328,14 @@ def _steps(stream: np.ndarray, workers: int) -> np.ndarray:
 
 @dataclass
 class WorkerPlan:
-    """One loader process's batches: keys, batch after batch, and the shards it streams, in order."""
+    """One loader process's batches: keys, batch after batch, and the shard runs it streams, in order
+    (in a mixture, with the cache of each key and of each shard)."""
 
     keys: pa.Array
     bounds: np.ndarray  # batch j is keys[bounds[j]:bounds[j + 1]]
     shards: list[str]
+    caches: np.ndarray | None = None  # int8 per key: its cache (index in the run's list); None: cache 0
+    shard_caches: list[int] | None = None  # the cache of each of `shards`
 
     def __len__(self) -> int:
         return len(self.bounds) - 1
@@ -216,9 +343,21 @@ class WorkerPlan:
     def batch(self, j: int) -> list[str]:
         return self.keys[int(self.bounds[j]):int(self.bounds[j + 1])].to_pylist()
 
-    def keys_from(self, j: int) -> set[str]:
-        """The keys of batches j and later."""
-        return set(self.keys[int(self.bounds[j]):].to_pylist())
+    def batch_caches(self, j: int) -> list[int]:
+        """The cache of each key of batch j."""
+        if self.caches is None:
+            return [0] * int(self.bounds[j + 1] - self.bounds[j])
+        return self.caches[int(self.bounds[j]):int(self.bounds[j + 1])].tolist()
+
+    def keys_from(self, j: int) -> dict[tuple[int, str], int]:
+        """(cache, key) -> how many times batches j and later hold it (more than once: a repeated cache)."""
+        keys = self.keys[int(self.bounds[j]):].to_pylist()
+        caches = [0] * len(keys) if self.caches is None else self.caches[int(self.bounds[j]):].tolist()
+        return dict(Counter(zip(caches, keys)))
+
+    def runs(self) -> list[tuple[int, str]]:
+        """(cache, shard name) of each shard run this process streams, in order."""
+        return list(zip(self.shard_caches or [0] * len(self.shards), self.shards))
 
 
 def interleave(lengths: list[int]) -> list[tuple[int, int]]:
@@ -268,11 +407,15 @@ def plan_epoch(table: SampleTable, *, seed: int, epoch: int, rank: int, world_si
     for s in range(rank * workers, (rank + 1) * workers):
         lo, hi = np.searchsorted(b.stream, [s, s + 1])
         rows = order[b.members[b.bounds[lo]:b.bounds[hi]]]
-        streamed = order[b.kept[b.stream_bounds[s]:b.stream_bounds[s + 1]]]  # in stream order: shard runs
-        shard = np.searchsorted(table.shard_start, streamed, side="right") - 1
-        runs = shard[np.append(True, shard[1:] != shard[:-1])] if len(shard) else shard
+        streamed = b.kept[b.stream_bounds[s]:b.stream_bounds[s + 1]]  # positions in stream order: shard runs
+        run = np.searchsorted(b.runs, streamed, side="right") - 1
+        first = streamed[np.append(True, run[1:] != run[:-1])] if len(run) else streamed
+        shard = np.searchsorted(table.shard_start, order[first], side="right") - 1
+        mixed = table.shard_cache is not None
         plans.append(WorkerPlan(table.keys_of(rows), b.bounds[lo:hi + 1] - b.bounds[lo],
-                                table.shard_names.take(pa.array(runs)).to_pylist()))
+                                table.shard_names.take(pa.array(shard, pa.int64())).to_pylist(),
+                                table.cache_of_rows(rows) if mixed else None,
+                                table.shard_cache[shard].tolist() if mixed else None))
     return EpochPlan(plans, steps, step_samples)
 
 
@@ -283,7 +426,7 @@ def trained_positions(table: SampleTable, *, seed: int, epoch: int, layout: dict
     b = plan_batches(table, seed=seed, epoch=epoch, world_size=layout["world_size"],
                      workers=layout["loader_workers"], batch_size=layout["batch_size"],
                      shuffle_buffer=layout["shuffle_buffer"], done=done, segment=segment)
-    out = np.zeros(len(table), dtype=bool) if done is None else done.copy()
+    out = np.zeros(len(b.order), dtype=bool) if done is None else done.copy()
     trained = np.flatnonzero(b.step < steps)
     out[b.members[_ranges(b.bounds[trained], b.counts()[trained])]] = True
     return out

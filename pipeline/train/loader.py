@@ -8,6 +8,7 @@ skips the batches of the steps done, whose members are passed over unread.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Iterator
 
 import numpy as np
@@ -60,8 +61,10 @@ class PlannedBatches(IterableDataset):
     batches of planned process ``(i + rotate) % n``, each from its first batch not yet trained.
     """
 
-    def __init__(self, cache_url: str, store: Storage, plan: EpochPlan, start: int = 0, verify: bool = True):
-        self.cache_url, self.store, self.plan, self.verify = cache_url, store, plan, verify
+    def __init__(self, cache_urls: str | list[str], store: Storage, plan: EpochPlan, start: int = 0,
+                 verify: bool = True):
+        self.cache_urls = [cache_urls] if isinstance(cache_urls, str) else list(cache_urls)
+        self.store, self.plan, self.verify = store, plan, verify
         order, n = plan.order(), len(plan.workers)
         self.skip = [sum(1 for w, _ in order[:start] if w == i) for i in range(n)]
         self.rotate = order[start][0] if start < len(order) else 0
@@ -74,20 +77,39 @@ class PlannedBatches(IterableDataset):
             yield from self._worker((i + self.rotate) % n)
 
     def _worker(self, w: int) -> Iterator[dict]:
+        """Planned process `w`'s batches from its first not yet trained. A sample drawn twice in an
+        epoch (a repeated cache) is in two shard runs, and read once from each."""
         batches, first = self.plan.workers[w], self.skip[w]
-        wanted = batches.keys_from(first)
+        unread = batches.keys_from(first)  # (cache, key) -> copies still to read
         alloc = bytearray if get_worker_info() is None else shared_buffer  # loader processes: shared memory
-        stream = (raw for name in batches.shards for raw in
-                  iter_raw_shard(shard_url(self.cache_url, name), self.store, alloc, keep=wanted.__contains__))
-        pending: dict[str, dict] = {}
+
+        def read(cache: int, name: str) -> Iterator[tuple[tuple[int, str], dict]]:
+            url = shard_url(self.cache_urls[cache], name)
+            for raw in iter_raw_shard(url, self.store, alloc, keep=lambda k: unread.get((cache, k), 0) > 0):
+                id_ = (cache, raw["__key__"])
+                if unread.get(id_, 0) > 0:  # a shard read again for a few samples passes over the others
+                    unread[id_] -= 1
+                    yield id_, raw
+
+        stream = (item for cache, name in batches.runs() for item in read(cache, name))
+        pending: dict[tuple[int, str], list] = {}  # (cache, key) -> [sample, copies read and not yet used]
         for index in range(first, len(batches)):
-            keys = batches.batch(index)
-            for key in keys:
-                while key not in pending:
-                    raw = next(stream)
-                    pending[raw["__key__"]] = raw
-            samples = [decode_for_training(pending.pop(k), self.verify) for k in keys]
-            yield _collate(samples, w, index)
+            ids = list(zip(batches.batch_caches(index), batches.batch(index)))
+            for id_, copies in Counter(ids).items():  # a batch may hold a sample drawn twice
+                while pending.get(id_, (None, 0))[1] < copies:
+                    got, raw = next(stream)
+                    if got in pending:
+                        pending[got][1] += 1
+                    else:
+                        pending[got] = [raw, 1]
+            samples = []
+            for id_ in ids:
+                entry = pending[id_]
+                entry[1] -= 1
+                if not entry[1]:
+                    del pending[id_]
+                samples.append(decode_for_training(entry[0], self.verify))
+            yield _collate(samples, w, index, [c for c, _ in ids])
 
 
 def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -103,8 +125,8 @@ def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(tensors, out=out)
 
 
-def _collate(samples: list[dict], worker: int, index: int) -> dict:
-    out = {"keys": [s["key"] for s in samples], "image": _stack([s["image"] for s in samples]),
+def _collate(samples: list[dict], worker: int, index: int, caches: list[int] | None = None) -> dict:
+    out = {"keys": [s["key"] for s in samples], "caches": caches or [0] * len(samples), "image": _stack([s["image"] for s in samples]),
            "target": _stack([s["target"] for s in samples]), "worker": worker, "index": index,
            "retries": sum(retry.take_counts().values())}  # this loader process's storage retries since its last batch
     if "scale" in samples[0]:
@@ -112,12 +134,13 @@ def _collate(samples: list[dict], worker: int, index: int) -> dict:
     return out
 
 
-def make_loader(cache_url: str, store: Storage, plan: EpochPlan, start: int = 0, *, prefetch: int = 4,
+def make_loader(cache_urls: str | list[str], store: Storage, plan: EpochPlan, start: int = 0, *, prefetch: int = 4,
                 verify: bool = True) -> DataLoader:
     """A DataLoader that decodes planned batches from step `start` on in ``len(plan.workers)``
-    background processes (each reads the shards through `store`, the job's storage context)."""
+    background processes (each reads the shards of the caches at `cache_urls`, the plan's cache
+    indices, through `store`, the job's storage context)."""
     workers = len(plan.workers)
-    ds = PlannedBatches(cache_url, store, plan, start, verify)
+    ds = PlannedBatches(cache_urls, store, plan, start, verify)
     if workers == 0:
         raise ValueError("at least one loader worker is needed")
     return DataLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=prefetch,
