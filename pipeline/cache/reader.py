@@ -128,6 +128,24 @@ def fingerprint_diff(a: dict, b: dict) -> list[str]:
     return [f"{k}: {a.get(k)!r} != {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 
 
+# What a cache records of how its images were drawn and stored, not of what its teacher computes:
+# caches that differ only in these hold targets of one teacher (a run may train on them together)
+_NOT_TEACHER = ("format", "augmentation", "image_format")
+
+
+def teacher_identity(fp: dict) -> dict:
+    """The fields of a fingerprint that say what a target is: backbone, weights (their digest, not
+    where they were read from), patch, window, stride, normalization, compute dtype, encoding."""
+    ident = {k: v for k, v in fp.items() if k not in _VOLATILE + _NOT_TEACHER}
+    ident["weights"] = {k: v for k, v in (fp.get("weights") or {}).items() if k != "uri"}
+    return ident
+
+
+def teacher_diff(a: dict, b: dict) -> list[str]:
+    """The teacher fields (`teacher_identity`) that differ between two fingerprints, as readable lines."""
+    return fingerprint_diff(teacher_identity(a), teacher_identity(b))
+
+
 TAR_STREAM_BUFSIZE = 1 << 20  # tarfile's stream mode reads in 10 kB pieces by default: ~1 GB/s at most
 
 

@@ -57,7 +57,11 @@ class RunState:
     epoch_samples: int = 0  # ... in this epoch
     epoch_loss: float = 0.0  # sum of the batch losses of this epoch, all ranks (up to the last checkpoint)
     epoch_batches: int = 0  # real batches behind epoch_loss
-    cache_version: int | None = None  # the cache's manifest version this run reads (pinned at its start)
+    cache_version: int | list[int] | None = None  # the cache's manifest version this run reads (pinned at its
+    # start); a mixture: one per cache, in the run's order
+    mixture: dict | None = None  # a run on several caches or with mix=: its caches, mix and epoch_samples (pinned)
+    epoch_cache_samples: list[int] | None = None  # a mixture: samples of each cache trained this epoch, all ranks
+    val_by_cache: list[dict] | None = None  # a mixture held out per cache: each one's baseline and last MSE
     validation: dict | None = None  # what the run validates on: {"fraction"} or {"cache", "version"} (pinned)
     val_baseline: float | None = None  # held-out MSE of the untrained single pass (measured at step 0)
     val_mse: float | None = None  # held-out MSE of the student at the last validation
@@ -84,6 +88,21 @@ def check_seed(recorded: int | None, seed: int, where: str) -> None:
                               f"the data order, so the interrupted epoch would train some samples twice and others "
                               f"never. Pass seed={recorded} to resume this run, or a new name= to start a new run "
                               f"with seed={seed}")
+
+
+def check_mixture(recorded: dict | None, wanted: dict | None, where: str) -> None:
+    """Refuse to resume a run on other caches or another mixture than it started with: the epoch
+    plan draws from exactly those, so another list would train some samples twice and others never."""
+    if recorded != wanted:
+        raise CheckpointError(f"{where} started on {_describe(recorded)}, this run is on {_describe(wanted)}: the "
+                              "interrupted epoch's draws would change under its checkpoint. Keep cache=, mix= and "
+                              "epoch_samples= as they were, or use a new run name")
+
+
+def _describe(mixture: dict | None) -> str:
+    if mixture is None:
+        return "one cache"
+    return f"cache={mixture['caches']} with mix={mixture['mix']}, epoch_samples={mixture['epoch_samples']}"
 
 
 def pack_positions(done: np.ndarray) -> str:
@@ -304,10 +323,14 @@ def _safetensors_header(store, url: str) -> dict:
     return header
 
 
-def check_latest_checkpoint(store, run_dir: str, seed: int | None = None) -> None:
+_ANY = object()
+
+
+def check_latest_checkpoint(store, run_dir: str, seed: int | None = None, mixture=_ANY) -> None:
     """On the driver, before any worker starts: the checkpoint Ray Train would resume `run_dir` from
     (its snapshot's latest) is one of ours, made of JSON and safetensors only, and (given `seed`) was
-    trained with that seed (`check_seed`). Workers check again when they load it; this gives the
+    trained with that seed (`check_seed`) and (given `mixture`) on those caches (`check_mixture`).
+    Workers check again when they load it; this gives the
     clear error at once instead of after Ray Train's retries."""
     from pipeline import storage
 
@@ -336,6 +359,8 @@ def check_latest_checkpoint(store, run_dir: str, seed: int | None = None) -> Non
         raise CheckpointError(f"refusing checkpoint {storage.public_url(path)}: {STATE}: {e}") from None
     if seed is not None and isinstance(state.get("run_state"), dict):
         check_seed(state["run_state"].get("seed"), seed, f"the run {storage.public_url(run_dir)}")
+    if mixture is not _ANY and isinstance(state.get("run_state"), dict):
+        check_mixture(state["run_state"].get("mixture"), mixture, f"the run {storage.public_url(run_dir)}")
     for name in (WEIGHTS, OPTIMIZER):
         url = storage.join(path, name)
         if name == OPTIMIZER and not store.exists(url):

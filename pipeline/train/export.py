@@ -71,12 +71,24 @@ def write_student(store: Storage, run_dir: str, source: dict, trainable: str, tr
 
 
 def run_record(cfg, fingerprint: dict, state, final_loss: float, digests: list[str], nodes: list[str],
-               ds_config: dict, precision: str) -> dict:
+               ds_config: dict, precision: str, caches: list | None = None, table=None) -> dict:
     """The run's fields of ``student.json``: `ds_config` and `precision` are what the ranks resolved
-    and ran (`pipeline.train.engine.worker_precision`), not the driver's view."""
+    and ran (`pipeline.train.engine.worker_precision`), not the driver's view. A mixture lists its
+    `caches` (each one's URL, pinned version, fingerprint, training samples and draws per epoch)."""
+    mixture = {}
+    if caches and len(caches) > 1:
+        sizes = table.cache_sizes().tolist()
+        drawn = sizes if table.draw is None else table.draw.tolist()
+        mixture = {"caches": [{"url": storage.public_url(c.url), "version": c.version,
+                               "fingerprint": c.fingerprint["fingerprint"], "training_samples": n,
+                               "samples_per_epoch": d} for c, n, d in zip(caches, sizes, drawn)]}
+        if state.val_by_cache:
+            mixture["validation_by_cache"] = state.val_by_cache
     return {
-        "cache": storage.public_url(cfg.cache), "cache_fingerprint": fingerprint["fingerprint"],
-        "cache_version": state.cache_version,
+        "cache": storage.public_url(cfg.cache) if isinstance(cfg.cache, str) else
+        [storage.public_url(u) for u in cfg.cache],
+        "cache_fingerprint": fingerprint["fingerprint"],
+        "cache_version": state.cache_version, **mixture,
         "steps": state.step, "epochs_completed": state.epoch, "final_loss": final_loss,
         "precision": precision,  # bf16 | fp16 | fp32, as the ranks resolved it
         "rank_weight_digests": digests,  # sha256 of each rank's fp32 trainable weights: all equal

@@ -1,6 +1,7 @@
 """The student-training job: a Ray Train `TorchTrainer` whose workers run DeepSpeed on cache shards.
 
-Only `scaling.*` changes between a laptop and a cluster. Everything workers need travels in
+Only `scaling.*` changes between a laptop and a cluster. ``cache=`` is one cache or a list of them
+(a mixture: one teacher, drawn in the proportions of ``mix=``; see `pipeline.train.epochs`). Everything workers need travels in
 ``train_loop_config``; the run's directory is ``<output>/<name>`` (local or ``s3://…``), where Ray
 Train keeps its checkpoints and this job writes ``student.safetensors``, ``student.json``,
 ``metrics.csv``, TensorBoard events and ``loss_curve.png``. Re-running the same command resumes
@@ -14,7 +15,8 @@ from typing import Any, Optional
 
 import spar
 from pipeline import storage
-from pipeline.cache.reader import CacheError, FingerprintMismatch, open_cache, teacher_weights
+from pipeline.train.epochs import draw_counts
+from pipeline.cache.reader import CacheError, FingerprintMismatch, open_cache, teacher_diff, teacher_weights
 from pipeline.storage import public_url
 from pipeline.config import ConfigError, check, redacted_repr, resolve_paths, resolve_weights, to_yaml
 from pipeline.storage import Storage
@@ -50,7 +52,12 @@ class DataSettings:
 class TrainConfig:
     """`jobs/train_student.py`: regress the single-pass student on a teacher cache."""
 
-    cache: str = ""  # teacher cache URL (required)
+    # teacher cache URL (required), or a list of them: a mixture of caches of one teacher (image sizes may differ)
+    cache: Any = ""
+    # with several caches: the relative weight of each in an epoch's draws (a smaller cache is repeated, a
+    # larger one subsampled, per epoch from the seed); null = every sample of every cache once
+    mix: Optional[list[float]] = None
+    epoch_samples: Optional[int] = None  # with mix: samples an epoch draws, all caches together; null = all they hold
     output: str = "out/train"  # storage_path: local dir or fsspec URL
     name: str = "spar-student"  # run name: the same name resumes the same run
     backbone: str = FROM_CACHE  # must match the cache fingerprint if given
@@ -91,7 +98,14 @@ class TrainConfig:
     __repr__ = redacted_repr  # without storage_options' secrets, wherever a config is printed
 
     def __post_init__(self):
-        check(bool(self.cache), "cache=<url of a teacher cache> is required")
+        many = isinstance(self.cache, (list, tuple))
+        urls = list(self.cache) if many else [self.cache]
+        check(bool(urls) and all(isinstance(u, str) and u for u in urls),
+              "cache=<url of a teacher cache> (or a list of them: [url, url]) is required")
+        check(self.mix is None or (len(self.mix) == len(urls) and all(w >= 0 for w in self.mix) and sum(self.mix) > 0),
+              f"mix={self.mix}: one weight >= 0 per cache ({len(urls)} in cache=), not all 0")
+        check(self.epoch_samples is None or (self.mix is not None and self.epoch_samples >= 1),
+              "epoch_samples needs mix= (the weights that split it among the caches) and must be >= 1")
         check(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}")
         check(self.zero_stage in (0, 1, 2, 3), "zero_stage must be 0, 1, 2 or 3")
         check(self.loss in ("mse", "smooth_l1", "cosine"), "loss must be mse, smooth_l1 or cosine")
@@ -109,13 +123,27 @@ class TrainConfig:
         if self.backbone != FROM_CACHE:
             spar.get_spec(self.backbone)  # a registry name or timm:<model>
         check(self.rope_rescale is None or self.rope_rescale >= 1, "rope_rescale must be >= 1 (or null)")
-        resolve_paths(self, "cache", "output", "deepspeed_config", "val_cache")
+        resolve_paths(self, "output", "deepspeed_config", "val_cache")
+        self.cache = [storage.resolve(u) for u in urls] if many else storage.resolve(urls[0])
+        check(len(set(self.caches)) == len(self.caches), f"cache= names a cache twice: {self.caches}")
         if self.pretrained != FROM_CACHE:
             self.pretrained = resolve_weights(self.pretrained)
 
     @property
     def run_dir(self) -> str:
         return storage.join(self.output, self.name)
+
+    @property
+    def caches(self) -> list[str]:
+        """The training caches' URLs (one, or a mixture's)."""
+        return list(self.cache) if isinstance(self.cache, (list, tuple)) else [self.cache]
+
+    def mixture(self) -> dict | None:
+        """What a run on several caches (or with mix=) pins in its checkpoints; None for one cache."""
+        if len(self.caches) == 1 and self.mix is None:
+            return None
+        return {"caches": [public_url(u) for u in self.caches], "mix": None if self.mix is None else list(self.mix),
+                "epoch_samples": self.epoch_samples}
 
 
 def student_source(cfg: TrainConfig, fingerprint: dict, store: Storage) -> dict:
@@ -126,7 +154,7 @@ def student_source(cfg: TrainConfig, fingerprint: dict, store: Storage) -> dict:
 
     backbone = fingerprint["backbone"]
     if cfg.backbone not in (FROM_CACHE, backbone):
-        raise FingerprintMismatch(f"backbone={cfg.backbone!r}, but the cache {cfg.cache} was made by {backbone!r}; "
+        raise FingerprintMismatch(f"backbone={cfg.backbone!r}, but the cache {cfg.caches[0]} was made by {backbone!r}; "
                                   "the student must start from the teacher")
     weights = fingerprint["weights"]
     location, init_seed = teacher_weights(fingerprint)
@@ -145,7 +173,7 @@ def student_source(cfg: TrainConfig, fingerprint: dict, store: Storage) -> dict:
                                           f"{given['value']}, but the cache's teacher used {weights['kind']} "
                                           f"{weights['value']}")
     except WeightsMismatch as e:
-        raise FingerprintMismatch(f"the student must start from the teacher of the cache {cfg.cache}, but its "
+        raise FingerprintMismatch(f"the student must start from the teacher of the cache {cfg.caches[0]}, but its "
                                   f"weights file is not the one the cache recorded: {e}") from None
     return {"backbone": backbone, "pretrained": location, "init_seed": init_seed, "weights": weights}
 
@@ -155,32 +183,36 @@ def run(cfg: TrainConfig) -> dict:
     from pipeline.ray_utils import init_ray, require_on_every_node
 
     store = Storage(cfg.storage_options)
-    try:
-        cache = open_cache(cfg.cache, store)
-    except CacheError:
-        raise
-    except FileNotFoundError as e:
-        raise CacheError(f"cannot read the cache {cfg.cache}: {e}") from None
+    caches = [_open(url, store) for url in cfg.caches]
+    check_one_teacher(caches)
+    cache = caches[0]
     source = student_source(cfg, cache.fingerprint, store)
     if cfg.rope_rescale is not None and spar.get_spec(source["backbone"]).family != "dinov3txt":
         raise ConfigError(f"rope_rescale={cfg.rope_rescale}: the cache's backbone {source['backbone']} has no "
                           "DINOv3 RoPE (the key applies to dinov3txt only)")
-    validation, training = validation_split(cfg, store, cache)
-    if training < cfg.scaling.num_workers:
-        raise CacheError(f"{cfg.cache} has {training} samples to train on, fewer than the "
+    validation, training = validation_split(cfg, store, caches)
+    try:
+        drawn = sum(draw_counts(training, cfg.mix, cfg.epoch_samples))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if drawn < cfg.scaling.num_workers:
+        raise CacheError(f"{' + '.join(cfg.caches)} has {drawn} samples to train on per epoch, fewer than the "
                          f"{cfg.scaling.num_workers} workers")
     ds_json = _read_deepspeed_json(cfg.deepspeed_config, store)
     # Refuse a contradicting JSON before any worker starts. Each worker builds the config that runs,
     # with precision=auto resolved from its own device (this driver may have no GPU).
     deepspeed_config(cfg, cfg.scaling.num_workers, ds_json)
     # refuse a tampered checkpoint, or a resume with another seed, before any worker starts
-    check_latest_checkpoint(store, cfg.run_dir, seed=cfg.seed)
+    check_latest_checkpoint(store, cfg.run_dir, seed=cfg.seed, mixture=cfg.mixture())
     store.write_text(storage.join(cfg.run_dir, "config.yaml"), to_yaml(cfg))
     started = init_ray(cfg.ray_address, cfg.num_cpus)
     try:
-        require_on_every_node(storage.join(cfg.cache, "teacher.json"), "the cache")
+        for url in cfg.caches:
+            require_on_every_node(storage.join(url, "teacher.json"), "the cache")
         require_on_every_node(storage.join(cfg.run_dir, "config.yaml"), "the output")
-        result = _fit(cfg, store, source, cache.fingerprint, ds_json, cache.version, validation)
+        versions = [c.version for c in caches]
+        result = _fit(cfg, store, source, cache.fingerprint, ds_json,
+                      versions if len(versions) > 1 else versions[0], validation)
     finally:
         if started:
             import ray
@@ -193,30 +225,58 @@ def run(cfg: TrainConfig) -> dict:
     return metrics
 
 
-def validation_split(cfg: TrainConfig, store: Storage, cache) -> tuple[dict, int]:
-    """(what the run validates on, the number of samples it trains on). A validation cache must
-    hold the same teacher's targets; its version is pinned like the training cache's."""
+def _open(url: str, store: Storage):
+    try:
+        return open_cache(url, store)
+    except CacheError:
+        raise
+    except FileNotFoundError as e:
+        raise CacheError(f"cannot read the cache {url}: {e}") from None
+
+
+def check_one_teacher(caches: list) -> None:
+    """Refuse a mixture whose caches hold different teachers' targets (`teacher_diff`: backbone,
+    weights, window, stride, normalization, compute dtype, encoding), naming each differing cache and
+    field. How the images were drawn and stored (augmentation, image format) may differ."""
+    first, problems = caches[0], []
+    for i, other in enumerate(caches[1:], 1):
+        diff = teacher_diff(first.fingerprint, other.fingerprint)
+        if diff:
+            problems.append(f"cache[{i}] {public_url(other.url)}:\n    " + "\n    ".join(diff))
+    if problems:
+        raise FingerprintMismatch(f"the caches of a run must hold one teacher's targets; these differ from cache[0] "
+                                  f"{public_url(first.url)}:\n  " + "\n  ".join(problems))
+
+
+def validation_split(cfg: TrainConfig, store: Storage, caches: list) -> tuple[dict, list[int]]:
+    """(what the run validates on, the number of samples it trains on in each cache). A fraction is
+    held out of each cache; a validation cache must hold the same teacher's targets, and its version
+    is pinned like the training caches'."""
     from pipeline.train.validation import split_manifest
 
     if cfg.val_cache:
         held = open_cache(cfg.val_cache, store)
-        if held.fingerprint["fingerprint"] != cache.fingerprint["fingerprint"]:
-            raise FingerprintMismatch(f"val_cache={cfg.val_cache} was made by another teacher than cache={cfg.cache} "
-                                      f"({held.fingerprint['fingerprint'][:19]} vs {cache.fingerprint['fingerprint'][:19]}):"
-                                      " its targets are not what the student learns")
-        return {"cache": cfg.val_cache, "version": held.version, "samples": len(held)}, len(cache)
+        diff = teacher_diff(caches[0].fingerprint, held.fingerprint)
+        if diff:
+            raise FingerprintMismatch(f"val_cache={cfg.val_cache} was made by another teacher than cache="
+                                      f"{caches[0].url}; its targets are not what the student learns:\n  "
+                                      + "\n  ".join(diff))
+        return {"cache": cfg.val_cache, "version": held.version, "samples": len(held)}, [len(c) for c in caches]
     if cfg.val_fraction > 0:
-        try:
-            train, held = split_manifest(cache.samples, cfg.val_fraction, cfg.val_max_images)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        return {"fraction": cfg.val_fraction, "max_images": cfg.val_max_images, "samples": held.num_rows}, \
-            train.num_rows
-    return {}, len(cache)
+        trained, held = [], 0
+        for cache in caches:
+            try:
+                train, out = split_manifest(cache.samples, cfg.val_fraction, cfg.val_max_images)
+            except ValueError as e:
+                raise ConfigError(f"{cache.url}: {e}") from None
+            trained.append(train.num_rows)
+            held += out.num_rows
+        return {"fraction": cfg.val_fraction, "max_images": cfg.val_max_images, "samples": held}, trained
+    return {}, [len(c) for c in caches]
 
 
-def _fit(cfg: TrainConfig, store: Storage, source: dict, fingerprint: dict, ds_json: dict, cache_version: int,
-         validation: dict):
+def _fit(cfg: TrainConfig, store: Storage, source: dict, fingerprint: dict, ds_json: dict,
+         cache_version: int | list[int], validation: dict):
     """Ray Train's TorchTrainer over every rank's `train_loop` (`ds_json`: the user's DeepSpeed JSON,
     which the ranks merge into the config they build), fitted; returns its result."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig

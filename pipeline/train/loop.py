@@ -27,8 +27,8 @@ from pipeline.devices import keep_freed_memory
 from pipeline.logs import duration, rank_zero_info
 from pipeline.storage import Storage, public_url
 from pipeline.train import epochs, loader, validation
-from pipeline.train.checkpoint import (CheckpointError, RunState, check_seed, load_checkpoint, pack_positions,
-                                       save_checkpoint, unpack_positions)
+from pipeline.train.checkpoint import (CheckpointError, RunState, check_mixture, check_seed, load_checkpoint,
+                                       pack_positions, save_checkpoint, unpack_positions)
 from pipeline.train.collectives import all_gather_str, all_sum, barrier
 from pipeline.train.engine import build_engine, deepspeed_config, setup_env, worker_precision
 from pipeline.train.export import gather_trained, probe_features, run_record, write_student
@@ -47,6 +47,7 @@ class Window:
     samples: int = 0
     tokens: int = 0
     retries: int = 0  # storage retries of the loader processes (each read retried in place)
+    by_cache: dict = field(default_factory=dict)  # a mixture: samples of each cache (index -> count)
     t0: float = field(default_factory=time.perf_counter)
 
     def add(self, batch: dict, loss: float) -> None:
@@ -57,6 +58,8 @@ class Window:
         self.loss += loss
         self.n += 1
         self.retries += int(batch.get("retries", 0))
+        for c in batch.get("caches", ()):
+            self.by_cache[c] = self.by_cache.get(c, 0) + 1
 
     def row(self, step: int, epoch: int, lr: float, world: int, device: torch.device) -> dict:
         """The metrics row of this window, summed over ranks."""
@@ -97,20 +100,32 @@ class Trainer:
                        "grad_accum": cfg.grad_accum, "planner": epochs.PLANNER}
         self.info = {"source": {"backbone": self.source["backbone"], "weights": self.source["weights"]},
                      "deepspeed": self.ds_config}
-        self.state = load_checkpoint(self.engine, self.info) or RunState(layout=self.layout, seed=cfg.seed)
-        # the driver checked the seed already; this checkpoint may be newer than the one it read
+        self.state = load_checkpoint(self.engine, self.info) or RunState(layout=self.layout, seed=cfg.seed,
+                                                                         mixture=cfg.mixture())
+        # the driver checked the seed and caches already; this checkpoint may be newer than the one it read
         check_seed(self.state.seed, cfg.seed, f"the run {public_url(cfg.run_dir)}")
+        check_mixture(self.state.mixture, cfg.mixture(), f"the run {public_url(cfg.run_dir)}")
         self.state.seed = cfg.seed  # a checkpoint that predates the seed's record takes this run's
-        # The run reads one snapshot of the cache from start to end: the version its driver pinned, or
-        # the one its checkpoint recorded when this is a resume (the cache may have grown since).
+        # The run reads one snapshot of each cache from start to end: the versions its driver pinned, or
+        # those its checkpoint recorded when this is a resume (a cache may have grown since).
         if self.state.cache_version is None:
             self.state.cache_version = config["cache_version"]
         elif self.state.cache_version != config["cache_version"]:
-            rank_zero_info(log, "resuming on cache version %d, pinned by the run (the cache is at version %d now)",
+            rank_zero_info(log, "resuming on cache version(s) %s, pinned by the run (now at %s)",
                            self.state.cache_version, config["cache_version"])
-        self.cache = open_cache(cfg.cache, self.store, version=self.state.cache_version)
+        pinned = self.state.cache_version
+        pinned = pinned if isinstance(pinned, list) else [pinned]
+        self.caches = [open_cache(url, self.store, version=v) for url, v in zip(cfg.caches, pinned)]
+        self.cache = self.caches[0]
         self.held, training = self.open_validation(config["validation"])
-        self.samples = epochs.SampleTable.from_table(training)
+        tables = [epochs.SampleTable.from_table(rows) for rows in training]
+        self.samples = epochs.SampleTable.concat(tables)
+        if cfg.mix is not None:
+            self.samples = self.samples.with_draw(epochs.draw_counts([len(t) for t in tables], cfg.mix,
+                                                                     cfg.epoch_samples))
+        self.mixed = len(self.caches) > 1
+        if self.mixed and self.state.epoch_cache_samples is None:
+            self.state.epoch_cache_samples = [0] * len(self.caches)
         if self.state.layout != self.layout:
             self.start_segment()
         rank_zero_info(log, "rank %d/%d on %s, %d torch threads, %d trainable parameters", self.rank, self.world,
@@ -123,8 +138,9 @@ class Trainer:
         self.saved = asdict(self.state) if self.state.step else None
 
     def open_validation(self, chosen: dict):
-        """(this rank's held-out samples or None, the manifest rows to train on). A resume keeps the
-        split its run started with (another would change the training set under its checkpoint)."""
+        """(this rank's held-out samples of each cache, or of the validation cache, or none; the
+        manifest rows to train on, per cache). A resume keeps the split its run started with (another
+        would change the training set under its checkpoint)."""
         st = self.state
         # a run that started before held-out sets were capped keeps its uncapped split
         ignored = {"samples", "version"} | ({"max_images"} if st.validation and "max_images" not in st.validation else set())
@@ -135,23 +151,29 @@ class Trainer:
             raise CheckpointError(f"this run started with validation {st.validation or 'none'}, now {chosen or 'none'}: "
                                   "the training set would change under its checkpoint; keep val_fraction / val_cache "
                                   "as they were, or use a new run name")
-        rows = self.cache.samples
+        rows = [c.samples for c in self.caches]
         if "fraction" in st.validation:
-            rows, held = validation.split_manifest(rows, st.validation["fraction"], st.validation.get("max_images"))
-            return validation.HeldOut(self.cfg.cache, self.store, held, self.rank, self.world), rows
+            split = [validation.split_manifest(r, st.validation["fraction"], st.validation.get("max_images"))
+                     for r in rows]
+            return [validation.HeldOut(c.url, self.store, held, self.rank, self.world)
+                    for c, (_, held) in zip(self.caches, split)], [train for train, _ in split]
         if "cache" in st.validation:
             other = open_cache(st.validation["cache"], self.store, version=st.validation["version"])
-            return validation.HeldOut(other.url, self.store, other.samples, self.rank, self.world), rows
-        return None, rows
+            return [validation.HeldOut(other.url, self.store, other.samples, self.rank, self.world)], rows
+        return [], rows
 
     def validate(self) -> None:
         """Score the held-out samples (every rank its share, summed); the first call, before any step,
-        measures the untrained single pass."""
-        if self.held is None:
+        measures the untrained single pass. A mixture held out per cache is also scored per cache."""
+        if not self.held:
             return
         st = self.state
         padding = self.padding_batch()["image"]
-        total, n = all_sum(list(validation.score(self.engine, self.held, self.device, padding)), self.device)
+        sums = all_sum([x for held in self.held for x in validation.score(self.engine, held, self.device, padding)],
+                       self.device)
+        total, n = sum(sums[0::2]), sum(sums[1::2])
+        if len(self.held) > 1:
+            self.validate_per_cache(sums)
         mse = total / max(n, 1)
         if st.val_baseline is None:
             st.val_baseline = mse
@@ -162,11 +184,26 @@ class Trainer:
         rank_zero_info(log, "validation at step %d: MSE %.5g on %d held-out samples, %.3f x the untrained single "
                        "pass (%.5g)", st.step, mse, n, ratio, st.val_baseline)
 
+    def validate_per_cache(self, sums: list[float]) -> None:
+        """One val row per cache of a mixture (its held-out MSE and its own baseline)."""
+        st = self.state
+        if st.val_by_cache is None:
+            st.val_by_cache = [{"baseline_mse": None, "val_mse": None} for _ in self.held]
+        for i, record in enumerate(st.val_by_cache):
+            mse = sums[2 * i] / max(sums[2 * i + 1], 1)
+            if record["baseline_mse"] is None:
+                record["baseline_mse"] = mse
+            record["val_mse"] = mse
+            base = record["baseline_mse"]
+            self.metrics.log({"kind": "val", "step": st.step, "epoch": st.epoch, "cache": i, "val_mse": mse,
+                              "baseline_mse": base, "val_ratio": mse / base if base > 0 else float("nan"),
+                              "samples": int(sums[2 * i + 1])})
+
     def start_segment(self) -> None:
         """Resuming on another layout (ranks, loader processes, batch size, ...): the samples the old
         layout trained this epoch are marked done and the rest of the epoch is planned over the new one."""
         st, cfg = self.state, self.cfg
-        n = len(self.samples)
+        n = self.samples.epoch_length
         if st.layout.get("planner") != epochs.PLANNER and (st.epoch_step or st.done):
             log.warning("the checkpoint is %d steps into epoch %d, planned by an earlier version of the epoch planner "
                         "whose batches this version cannot reproduce: the epoch restarts from its first step (its "
@@ -198,12 +235,13 @@ class Trainer:
         cfg, st = self.cfg, self.state
         plan = epochs.plan_epoch(self.samples, seed=cfg.seed, epoch=st.epoch, rank=self.rank, world_size=self.world,
                                  workers=cfg.data.loader_workers, batch_size=cfg.batch_size,
-                                 shuffle_buffer=cfg.data.shuffle_buffer, done=unpack_positions(st.done, len(self.samples)),
+                                 shuffle_buffer=cfg.data.shuffle_buffer,
+                                 done=unpack_positions(st.done, self.samples.epoch_length),
                                  segment=st.segment, step_multiple=cfg.grad_accum)
         order = plan.order()
         remaining = plan.steps - st.epoch_step + (cfg.epochs - st.epoch - 1) * plan.steps  # later epochs: about as long
         self.total_steps = min(st.step + remaining, cfg.max_steps or 2**62)
-        batches = iter(loader.make_loader(cfg.cache, self.store, plan, st.epoch_step, prefetch=cfg.data.prefetch,
+        batches = iter(loader.make_loader(cfg.caches, self.store, plan, st.epoch_step, prefetch=cfg.data.prefetch,
                                           verify=cfg.data.verify_checksums))
         window = Window()
         while st.epoch_step < plan.steps and not self.done():
@@ -224,7 +262,7 @@ class Trainer:
             st.samples += plan.step_samples[s]
             st.epoch_samples += plan.step_samples[s]
             if batch is not None:
-                self.keys.add(st.epoch, st.step - 1, batch["keys"], loss)
+                self.keys.add(st.epoch, st.step - 1, batch["keys"], loss, batch["caches"])
                 window.add(batch, loss)
                 self.epoch_sums.add(batch, loss)
             if st.step % cfg.log_every == 0:
@@ -242,16 +280,23 @@ class Trainer:
             self.last_loss = st.epoch_loss / max(st.epoch_batches, 1)
             self.metrics.log({"kind": "epoch", "step": st.step, "epoch": st.epoch, "loss": self.last_loss,
                               "samples": st.epoch_samples})
+            for i, n in enumerate(st.epoch_cache_samples or []):  # a mixture: what each cache gave the epoch
+                self.metrics.log({"kind": "epoch", "step": st.step, "epoch": st.epoch, "cache": i, "samples": n})
             st.epoch, st.epoch_step, st.segment, st.done, st.layout = st.epoch + 1, 0, 0, "", self.layout
             st.epoch_loss, st.epoch_batches, st.epoch_samples = 0.0, 0, 0
+            if self.mixed:
+                st.epoch_cache_samples = [0] * len(self.caches)
             if not cfg.checkpoint_every:
                 self.checkpoint()
 
     def sum_epoch(self) -> None:
         """Add every rank's batch losses since the last sum to the state (a collective)."""
-        loss, n = all_sum([self.epoch_sums.loss, self.epoch_sums.n], self.device)
+        counts = [self.epoch_sums.by_cache.get(i, 0) for i in range(len(self.caches))] if self.mixed else []
+        loss, n, *counts = all_sum([self.epoch_sums.loss, self.epoch_sums.n, *counts], self.device)
         self.state.epoch_loss += loss
         self.state.epoch_batches += int(n)
+        if self.mixed:
+            self.state.epoch_cache_samples = [a + int(b) for a, b in zip(self.state.epoch_cache_samples, counts)]
         self.epoch_sums = Window()
 
     def padding_batch(self) -> dict:
@@ -301,11 +346,11 @@ class Trainer:
         in_job = probe_features(self.engine, probe, self.device)
         if self.rank == 0:
             record = run_record(self.cfg, self.fingerprint, self.state, self.last_loss, digests, nodes,
-                                self.ds_config, self.precision)
+                                self.ds_config, self.precision, self.caches, self.samples)
             write_student(self.store, self.cfg.run_dir, self.source, self.cfg.trainable, trained, record, probe, in_job)
             self.metrics.plot(self.cfg.loss)
-        if self.held is not None:
-            self.held.close()
+        for held in self.held:
+            held.close()
         barrier()
 
 

@@ -13,7 +13,7 @@ class Metrics:
     """Rank-0 metrics: CSV + TensorBoard in a local dir, mirrored to the run dir."""
 
     COLUMNS = ("kind", "step", "epoch", "loss", "samples_per_s", "tokens_per_s", "data_wait_share", "lr", "samples",
-               "val_mse", "baseline_mse", "val_ratio", "storage_retries")
+               "val_mse", "baseline_mse", "val_ratio", "storage_retries", "cache")  # cache: a mixture's per-cache rows
 
     def __init__(self, run_dir: str, store: Storage, enabled: bool):
         self.run_dir, self.store, self.enabled = run_dir, store, enabled
@@ -24,9 +24,23 @@ class Metrics:
             remote = storage.join(run_dir, "metrics.csv")
             if store.exists(remote):  # a resumed run appends
                 store.download(remote, self.csv)
+                self._upgrade()
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(os.path.join(self.local, "tensorboard"))
+
+    def _upgrade(self) -> None:
+        """A CSV written by an earlier version (fewer columns) rewritten with today's, its cells kept."""
+        import csv
+
+        with open(self.csv) as f:
+            rows = list(csv.DictReader(f))
+            f.seek(0)
+            if f.readline().rstrip("\n") == ",".join(self.COLUMNS):
+                return
+        with open(self.csv, "w") as f:
+            f.write(",".join(self.COLUMNS) + "\n")
+            f.writelines(",".join(r.get(c) or "" for c in self.COLUMNS) + "\n" for r in rows)
 
     def log(self, row: dict) -> None:
         """One CSV row with the fixed COLUMNS (blank where a row kind has no value)."""
@@ -38,9 +52,10 @@ class Metrics:
                 f.write(",".join(self.COLUMNS) + "\n")
             cells = (row.get(c, "") for c in self.COLUMNS)
             f.write(",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in cells) + "\n")
+        per_cache = f"/cache{row['cache']}" if "cache" in row else ""
         for k, v in row.items():
-            if k not in ("step", "epoch", "kind"):
-                self.writer.add_scalar(f"{row['kind']}/{k}", v, row["step"])
+            if k not in ("step", "epoch", "kind", "cache"):
+                self.writer.add_scalar(f"{row['kind']}/{k}{per_cache}", v, row["step"])
 
     def sync(self) -> None:
         """Copy CSV and event files to the run dir."""
@@ -54,7 +69,8 @@ class Metrics:
 
     def plot(self, loss_name: str = "mse") -> None:
         """loss_curve.png from the CSV: the training loss per logged step (or per epoch when no step
-        was logged), the held-out MSE per validation, and the untrained single pass as a line."""
+        was logged), the held-out MSE per validation (a mixture's: also per cache, dotted), and the
+        untrained single pass as a line."""
         if not self.enabled or not os.path.exists(self.csv):
             return
         import csv
@@ -67,8 +83,12 @@ class Metrics:
         with open(self.csv) as f:
             rows = list(csv.DictReader(f))
         steps = [r for r in rows if r["kind"] == "step"]
-        epochs = [r for r in rows if r["kind"] == "epoch"]
-        vals = [r for r in rows if r["kind"] == "val"]
+        epochs = [r for r in rows if r["kind"] == "epoch" and not r.get("cache")]
+        vals = [r for r in rows if r["kind"] == "val" and not r.get("cache")]
+        per_cache: dict[str, list] = {}
+        for r in rows:
+            if r["kind"] == "val" and r.get("cache"):
+                per_cache.setdefault(r["cache"], []).append(r)
         if not (steps or epochs or vals):
             return
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -86,6 +106,9 @@ class Metrics:
             values += [float(r["val_mse"]) for r in vals]
             ax.plot([int(r["step"]) for r in vals], [float(r["val_mse"]) for r in vals], lw=1.5, marker="s", ms=4,
                     label="held-out MSE, student")
+            for cache, own in per_cache.items():
+                ax.plot([int(r["step"]) for r in own], [float(r["val_mse"]) for r in own], lw=1, ls=":", marker=".",
+                        label=f"held-out MSE, cache[{cache}]")
             ax.axhline(float(vals[0]["baseline_mse"]), color="grey", ls="--", lw=1,
                        label="held-out MSE, untrained single pass")
             last = vals[-1]
@@ -110,19 +133,20 @@ class KeyLog:
     "every sample of an epoch exactly once" reads them all. Rows of steps after the last committed
     checkpoint of a crashed attempt can appear twice (those steps are trained again)."""
 
-    HEADER = "epoch,step,rank,key,loss\n"
+    HEADER = "epoch,step,rank,key,loss,cache\n"  # cache: the key's cache, an index into the run's cache= list
 
     def __init__(self, run_dir: str, store: Storage, rank: int, enabled: bool):
         self.run_dir, self.store, self.rank, self.enabled = run_dir, store, rank, enabled
         self.rows: list[str] = []
         self.first = None
 
-    def add(self, epoch: int, step: int, keys: list[str], loss: float) -> None:
-        """The keys of one real batch, trained at (0-based) `step`."""
+    def add(self, epoch: int, step: int, keys: list[str], loss: float, caches: list[int] | None = None) -> None:
+        """The keys of one real batch, trained at (0-based) `step`, and the cache of each."""
         if not self.enabled:
             return
         self.first = step if self.first is None else self.first
-        self.rows.extend(f"{epoch},{step},{self.rank},{k},{loss:.9g}\n" for k in keys)
+        caches = caches or [0] * len(keys)
+        self.rows.extend(f"{epoch},{step},{self.rank},{k},{loss:.9g},{c}\n" for k, c in zip(keys, caches))
         self.last = step
 
     def flush(self) -> None:
