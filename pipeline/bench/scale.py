@@ -1,5 +1,7 @@
 """`benchmark.py scale`: what a large cache costs its readers before any image is read: opening it,
-planning an epoch, splitting off validation, and the cache job's rerun bookkeeping (`_resume_state`).
+planning an epoch (of the cache alone, and of the same samples as a mixture of `mixtures` caches,
+drawn at unequal weights), splitting off validation, and the cache job's rerun bookkeeping
+(`_resume_state`).
 
 The cache is synthetic but real in every other way: `samples` rows of the manifest's schema, with keys,
 shard names, tar paths and checksums shaped as the cache job writes them, appended to a Delta table
@@ -60,6 +62,7 @@ class ScaleBench:
     loader_workers: int = 4
     shuffle_buffer: int = 8
     rows_per_commit: int = 200_000
+    mixtures: list[int] = field(default_factory=lambda: [2, 10])  # the samples as a mixture of this many caches
     out: str | None = None
 
     def __post_init__(self):
@@ -67,6 +70,7 @@ class ScaleBench:
         check(self.samples >= 1 and self.samples_per_shard >= 1 and self.rows_per_commit >= 1,
               "samples, samples_per_shard and rows_per_commit must be >= 1")
         check(len(self.sizes) >= 1 and all(len(s) == 2 for s in self.sizes), "sizes must be [[height, width], ...]")
+        check(all(2 <= k <= self.samples for k in self.mixtures), "mixtures: caches per mixture, each in [2, samples]")
 
 
 def _hex(count: int, chars: int, rng: np.random.Generator) -> list[str]:
@@ -161,8 +165,22 @@ def _step(step: str, url: str, options: dict, cfg: ScaleBench) -> dict:
         return {"plan_steps": epochs.plan_epoch(
             table, seed=0, epoch=0, rank=0, world_size=cfg.world_size, workers=cfg.loader_workers,
             batch_size=cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer).steps}
-    out, seconds, peak = _measured(plan)
-    return {"plan_s": seconds, "plan_peak_gb": peak, **out}
+    if step == "plan":
+        out, seconds, peak = _measured(plan)
+        return {"plan_s": seconds, "plan_peak_gb": peak, **out}
+    k = int(step[len("plan_mix"):])
+    bounds = np.linspace(0, cache.samples.num_rows, k + 1).astype(int)
+    parts = [cache.samples.slice(lo, hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:])]  # k caches' rows
+
+    def plan_mixture() -> dict:  # weights 1..k: the first caches subsampled, the last repeated
+        tables = [epochs.SampleTable.from_table(rows) for rows in parts]
+        draw = epochs.draw_counts([len(t) for t in tables], list(range(1, k + 1)))
+        table = epochs.SampleTable.concat(tables).with_draw(draw)
+        return {f"plan_mix{k}_steps": epochs.plan_epoch(
+            table, seed=0, epoch=0, rank=0, world_size=cfg.world_size, workers=cfg.loader_workers,
+            batch_size=cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer).steps}
+    out, seconds, peak = _measured(plan_mixture)
+    return {f"plan_mix{k}_s": seconds, f"plan_mix{k}_peak_gb": peak, **out}
 
 
 def _list_step(cfg: ScaleBench) -> dict:
@@ -226,9 +244,9 @@ def bench_scale(cfg: ScaleBench) -> dict:
     result = {"mode": "scale", "samples": cfg.samples, "world_size": cfg.world_size, "storage": cfg.storage}
     with _location(cfg) as (url, options):
         result["build_s"] = _build(Storage(options), url, cfg)
-        for step in STEPS:
+        for step in STEPS + [f"plan_mix{k}" for k in cfg.mixtures]:
             result.update(_run_step(step, url, options, cfg))
-    for step in ("open", "plan"):
+    for step in ("open", "plan", *(f"plan_mix{k}" for k in cfg.mixtures)):
         if f"{step}_peak_gb" in result:
             result[f"{step}_bytes_per_sample"] = result[f"{step}_peak_gb"] * 1e9 / cfg.samples
     return result
