@@ -35,7 +35,7 @@ def five(local_cache: SharedCache) -> str:
 
 
 def _keys(run_dir: str) -> list[dict]:
-    """Every row of the run's key log (epoch, step, rank, key, loss)."""
+    """Every row of the run's key log (epoch, step, rank, key, loss; one cache: its index is 0)."""
     rows = []
     for url in Storage().list_files(storage.join(run_dir, "keys")):
         rows += list(csv.DictReader(io.StringIO(Storage().read_text(url))))

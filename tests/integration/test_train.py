@@ -247,7 +247,8 @@ def test_a_rerun_continues_from_the_checkpoint_and_a_killed_worker_from_the_last
     rows = []
     for url in Storage().list_files(storage.join(run_dir, "keys")):
         rows += [line.split(",") for line in Storage().read_text(url).splitlines()[1:]]
-    trained_steps = [(int(step), int(rank)) for _, step, rank, _, _ in rows]
+    trained_steps = [(int(step), int(rank)) for _, step, rank, _, _, _ in rows]
     assert len(trained_steps) == len(set(trained_steps))  # each step once per rank: resumed from the last checkpoint
-    assert {int(step) for _, step, _, _, _ in rows} == set(range(6 * 5))
-    assert {key for _, _, _, key, _ in rows} == set(cache.keys()) - held_out(cache.keys(), 0.02)  # the same split
+    assert {int(step) for _, step, _, _, _, _ in rows} == set(range(6 * 5))
+    assert {key for _, _, _, key, _, _ in rows} == set(cache.keys()) - held_out(cache.keys(), 0.02)  # the same split
+    assert {cache for *_, cache in rows} == {"0"}  # one cache: its index in cache=
