@@ -128,7 +128,8 @@ class Metrics:
 
 class KeyLog:
     """With ``record_keys``: which samples each rank trained on, step by step, as CSV files under
-    ``<run>/keys/`` (epoch, step, rank, key, the batch's loss). Each rank writes the rows since its
+    ``<run>/keys/`` (epoch, step, rank, key, the batch's loss, the key's cache: its index in the run's
+    ``cache=`` list). Each rank writes the rows since its
     last write just before each checkpoint, so the files cover every committed step; an audit of
     "every sample of an epoch exactly once" reads them all. Rows of steps after the last committed
     checkpoint of a crashed attempt can appear twice (those steps are trained again)."""
