@@ -59,6 +59,7 @@ class SampleTable:
     size: np.ndarray  # int32 per row: its image size, an index into `sizes`
     sizes: np.ndarray  # (S, 2) int32: distinct (height, width)
     shard_cache: np.ndarray | None = None  # int32 per shard: the cache it belongs to (a mixture); None: one cache
+    num_caches: int = 1
     draw: np.ndarray | None = None  # int64 per cache: samples an epoch draws from it; None: every sample once
 
     @classmethod
@@ -107,7 +108,7 @@ class SampleTable:
             np.append(np.concatenate([t.shard_start[:-1] + row_base[i] for i, t in enumerate(tables)]), row_base[-1]),
             np.concatenate([size[offsets[i] + t.size] for i, t in enumerate(tables)]).astype(np.int32),
             sizes.astype(np.int32),
-            np.repeat(np.arange(len(tables), dtype=np.int32), [t.num_shards for t in tables]))
+            np.repeat(np.arange(len(tables), dtype=np.int32), [t.num_shards for t in tables]), len(tables))
 
     def with_draw(self, draw: list[int] | np.ndarray | None) -> "SampleTable":
         """This table drawn `draw[i]` samples of cache i per epoch (None: every sample once)."""
@@ -121,10 +122,6 @@ class SampleTable:
 
     def __len__(self) -> int:
         return len(self.key_row)
-
-    @property
-    def num_caches(self) -> int:
-        return 1 if self.shard_cache is None else int(self.shard_cache[-1]) + 1 if len(self.shard_cache) else 1
 
     def cache_rows(self) -> np.ndarray:
         """Row bounds of each cache: cache i holds rows bounds[i]:bounds[i + 1]."""
