@@ -12,7 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Ray Train's controller polls its workers every 2 s by default, so every checkpoint a test waits on
 # (the loop waits until a reported checkpoint is committed) and the end of every run take up to 2 s
 # more; the resume tests checkpoint every step. Ray Train passes this on from the driver's environment.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # Ray Train starts an actor per run that watches for nodes being drained (spot preemption): a local test
 # cluster is never drained, and the actor's process start is ~1 CPU-second of every training run here.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
