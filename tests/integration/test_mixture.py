@@ -11,12 +11,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import pickle
 import shutil
-import signal
-import threading
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -29,7 +25,7 @@ from pipeline import open_cache
 from pipeline.storage import Storage
 from pipeline.train.epochs import SampleTable, draw_counts, epoch_order
 from pipeline.train.validation import split_manifest
-from tests.integration.test_train import _committed_checkpoints, _train_workers
+from tests.integration.test_train import _committed_checkpoints, kill_a_worker_after_a_checkpoint
 
 pytestmark = pytest.mark.slow  # end to end: left out of the quick loop, `pytest -m "not slow"`
 
@@ -77,36 +73,13 @@ def mixture(local_cache, s3_cache, tmp_path_factory) -> dict:
     args.append("checkpoint_every=2")
 
     snapshot = str(out / "cut" / "checkpoint_manager_snapshot.json")
-    failed: dict = {}
-    job = threading.Thread(target=lambda: failed.update(error=_fails(train_student.main, [*args, "name=cut",
-                                                                                          "max_failures=0"])))
-    started = time.time()
-    job.start()
-    try:
-        deadline = time.monotonic() + 300
-        while not _committed_checkpoints(snapshot):
-            assert job.is_alive(), "the run ended before it committed a checkpoint"
-            assert time.monotonic() < deadline, "no committed checkpoint within 300 s"
-            time.sleep(0.1)
-        workers = _train_workers(since=started)
-        assert len(workers) == 2, workers
-        os.kill(workers[-1].pid, signal.SIGKILL)
-    finally:
-        job.join(timeout=600)
-    assert failed["error"] is not None, "the run finished before the kill"
+    killed = kill_a_worker_after_a_checkpoint([*args, "name=cut", "max_failures=0"], snapshot)
+    assert "error" in killed, "the run finished before the kill"
     steps = [c["metrics"]["step"] for c in _committed_checkpoints(snapshot)]
-    assert max(steps) < _epoch_steps(out / "whole"), steps  # killed mid-epoch 0
+    assert max(steps) < _epoch_steps(out / "whole"), steps  # killed mid-epoch 0: the rerun resumes there
     train_student.main([*args, "name=cut"])  # the same command again: resumes from the last checkpoint
 
     return {"out": out, "urls": urls, "args": args}
-
-
-def _fails(main, argv):
-    try:
-        main(argv)
-    except BaseException as e:  # SystemExit: the job's own exit
-        return e
-    return None
 
 
 def _epoch_steps(run: Path) -> int:

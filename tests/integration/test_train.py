@@ -204,17 +204,50 @@ def _train_workers(since: float) -> list:
     return [p for p, parent in found.values() if parent not in found]
 
 
+def kill_a_worker_after_a_checkpoint(argv: list[str], snapshot: str, after_step: int = -1) -> dict:
+    """Run the training job `argv` in a thread; once it has committed a checkpoint past `after_step`,
+    SIGKILL one of its 2 Ray Train workers; wait for the job to end. Returns ``metrics`` (the job's
+    result) or ``error`` (what it raised)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["metrics"] = train_student.main(argv)
+        except BaseException as e:  # SystemExit: the job's own exit
+            outcome["error"] = e
+
+    def steps():
+        return [c.get("metrics", {}).get("step", 0) for c in _committed_checkpoints(snapshot)]
+
+    job = threading.Thread(target=run)
+    started = time.time()
+    job.start()
+    try:
+        deadline = time.monotonic() + 300
+        while max(steps(), default=-1) <= after_step:
+            assert job.is_alive(), "the run ended before it committed a checkpoint"
+            assert time.monotonic() < deadline, "no committed checkpoint within 300 s"
+            time.sleep(0.1)
+        workers = _train_workers(since=started)
+        assert len(workers) == 2, workers
+        os.kill(workers[-1].pid, signal.SIGKILL)
+    finally:
+        job.join(timeout=600)
+    assert not job.is_alive()
+    return outcome
+
+
 def test_a_rerun_continues_from_the_checkpoint_and_a_killed_worker_from_the_last_one(trained):
     """The same command with more epochs continues the finished run from its last checkpoint on S3.
     One of its Ray Train workers is SIGKILLed after a checkpoint the rerun committed: the group
     restarts from that checkpoint and finishes. Every step is trained once per rank (a restart from
     an older checkpoint would train some twice), metrics.csv gains the new steps once each, and the
     held-out split stays the one the run started with."""
-    import os
-    import signal
-    import threading
-    import time
-
     from pipeline.train.validation import held_out
 
     run_dir = trained["run_dir"]
@@ -222,22 +255,8 @@ def test_a_rerun_continues_from_the_checkpoint_and_a_killed_worker_from_the_last
     snapshot = storage.join(run_dir, "checkpoint_manager_snapshot.json")
     args = [f"cache={trained['root']}/cache", f"output={trained['out']}", "name=tiny", "epochs=6", "checkpoint_every=5",
             "max_failures=2", "record_keys=true", *TRAIN]
-    result: dict = {}
-    job = threading.Thread(target=lambda: result.update(metrics=train_student.main(args)))
-    started = time.time()
-    job.start()
-    try:
-        deadline = time.monotonic() + 300
-        while max((c.get("metrics", {}).get("step", 0) for c in _committed_checkpoints(snapshot)), default=0) <= before:
-            assert job.is_alive(), "the rerun ended before it committed a checkpoint"
-            assert time.monotonic() < deadline, "no committed checkpoint of the rerun within 300 s"
-            time.sleep(0.2)
-        workers = _train_workers(since=started)
-        assert len(workers) == 2, workers
-        os.kill(workers[-1].pid, signal.SIGKILL)
-    finally:
-        job.join(timeout=600)
-    assert not job.is_alive() and result["metrics"]["step"] == before + 2 * 5  # two more epochs, not six
+    result = kill_a_worker_after_a_checkpoint(args, snapshot, after_step=before)
+    assert result["metrics"]["step"] == before + 2 * 5  # two more epochs, not six
     info = json.loads(Storage().read_text(storage.join(run_dir, "student.json")))
     assert info["steps"] == 6 * 5 and len(set(info["rank_weight_digests"])) == 1
 
