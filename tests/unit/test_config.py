@@ -179,3 +179,31 @@ def test_a_storage_context_applies_its_options_to_object_stores_only():
     assert "s3cr3t" not in repr(flat) and "K3" not in repr(per)
     nested = Storage({"key": "K", "client_kwargs": {"region_name": "eu-west-1"}})  # flat, with a dict inside
     assert nested.options_for("s3://b/x") == {"key": "K", "client_kwargs": {"region_name": "eu-west-1"}}
+
+
+def test_the_readmes_mixture_command_parses_and_relative_caches_resolve(tmp_path, monkeypatch):
+    """The README's mixture example, as a shell splits it; a list of relative caches from a fresh
+    directory; and the combinations the job refuses, naming the key."""
+    import shlex
+    from pathlib import Path
+
+    from pipeline.train.job import TrainConfig
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("**Mixtures of caches.**", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    words = shlex.split(block.replace("\\\n", " "))
+    assert words[:2] == ["python", "jobs/train_student.py"]
+    cfg = parse_config(TrainConfig, words[2:])
+    assert cfg.cache == ["s3://bucket/caches/sa1b-s24", "s3://bucket/caches/aerial-s24"]
+    assert cfg.mix == [0.8, 0.2] and cfg.epoch_samples == 1_000_000
+    assert cfg.mixture() == {"caches": cfg.cache, "mix": [0.8, 0.2], "epoch_samples": 1_000_000}
+
+    monkeypatch.chdir(tmp_path)
+    cfg = parse_config(TrainConfig, ["cache=[out/a,out/b]"])
+    assert cfg.cache == [str(tmp_path / "out/a"), str(tmp_path / "out/b")] and cfg.mix is None
+    assert parse_config(TrainConfig, ["cache=out/a"]).mixture() is None  # one cache: nothing to pin
+    for argv, msg in ((["cache=[out/a,out/b]", "mix=[1]"], "one weight >= 0 per cache"),
+                      (["cache=out/a", "epoch_samples=5"], "epoch_samples needs mix="),
+                      (["cache=[out/a,out/a]"], "names a cache twice")):
+        with pytest.raises(ConfigError, match=msg):
+            parse_config(TrainConfig, argv)
