@@ -54,17 +54,3 @@ def pytest_collection_finish(session):
         if module is not None and hasattr(module, "start_early") and module not in started:
             started.add(module)
             module.start_early()
-
-
-def pytest_collection_modifyitems(session, config, items):
-    """The benchmarks' unit tests (`tests/unit/test_bench_*.py`) last among the unit tests. They time
-    real work in several processes each (writers, measuring children, GEMM ceilings); beside the
-    multinode scenario that `start_early` runs during the first unit tests (a Ray cluster of its own),
-    they took 3-6x their time alone. Their order does not matter to them; the rest keeps its order."""
-    def group(item) -> int:
-        path = str(item.path)
-        if "/tests/unit/" not in path:
-            return 2
-        return 1 if item.path.name.startswith("test_bench_") else 0
-
-    items[:] = sorted(items, key=group)  # stable: each group keeps its order
