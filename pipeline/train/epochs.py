@@ -162,6 +162,12 @@ class SampleTable:
         return len(self.shard_start) - 1
 
 
+def check_weights(weights: list[float], caches: int) -> None:
+    """Refuse mix weights that are not one number >= 0 per cache, not all 0 (ValueError)."""
+    if len(weights) != caches or any(w < 0 for w in weights) or not sum(weights) > 0:
+        raise ValueError(f"mix={list(weights)}: one weight >= 0 per cache ({caches} in cache=), not all 0")
+
+
 def draw_counts(sizes: list[int], weights: list[float] | None = None, total: int | None = None) -> list[int]:
     """Samples an epoch draws from each cache: `total` (default: every sample of every cache,
     ``sum(sizes)``) split in proportion to `weights` (largest remainders; ties to the first cache);
@@ -170,8 +176,7 @@ def draw_counts(sizes: list[int], weights: list[float] | None = None, total: int
         if total is not None and total != sum(sizes):
             raise ValueError(f"epoch_samples={total} needs mix= weights to split it among the caches")
         return [int(n) for n in sizes]
-    if len(weights) != len(sizes) or any(w < 0 for w in weights) or not sum(weights) > 0:
-        raise ValueError(f"mix={list(weights)}: one weight >= 0 per cache ({len(sizes)}), not all 0")
+    check_weights(weights, len(sizes))
     total = sum(sizes) if total is None else total
     exact = [total * w / sum(weights) for w in weights]
     counts = [int(x) for x in exact]
@@ -400,6 +405,7 @@ def plan_epoch(table: SampleTable, *, seed: int, epoch: int, rank: int, world_si
     steps = -(-steps // step_multiple) * step_multiple
     step_samples = np.bincount(b.step, weights=counts, minlength=steps).astype(np.int64).tolist()
     order = b.order
+    mixed = table.shard_cache is not None
     plans = []
     for s in range(rank * workers, (rank + 1) * workers):
         lo, hi = np.searchsorted(b.stream, [s, s + 1])
@@ -408,7 +414,6 @@ def plan_epoch(table: SampleTable, *, seed: int, epoch: int, rank: int, world_si
         run = np.searchsorted(b.runs, streamed, side="right") - 1
         first = streamed[np.append(True, run[1:] != run[:-1])] if len(run) else streamed
         shard = np.searchsorted(table.shard_start, order[first], side="right") - 1
-        mixed = table.shard_cache is not None
         plans.append(WorkerPlan(table.keys_of(rows), b.bounds[lo:hi + 1] - b.bounds[lo],
                                 table.shard_names.take(pa.array(shard, pa.int64())).to_pylist(),
                                 table.cache_of_rows(rows) if mixed else None,

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import spar
 from pipeline import storage
-from pipeline.train.epochs import draw_counts
+from pipeline.train.epochs import check_weights, draw_counts
 from pipeline.cache.reader import CacheError, FingerprintMismatch, open_cache, teacher_diff, teacher_weights
 from pipeline.storage import public_url
 from pipeline.config import ConfigError, check, redacted_repr, resolve_paths, resolve_weights, to_yaml
@@ -102,8 +102,11 @@ class TrainConfig:
         urls = list(self.cache) if many else [self.cache]
         check(bool(urls) and all(isinstance(u, str) and u for u in urls),
               "cache=<url of a teacher cache> (or a list of them: [url, url]) is required")
-        check(self.mix is None or (len(self.mix) == len(urls) and all(w >= 0 for w in self.mix) and sum(self.mix) > 0),
-              f"mix={self.mix}: one weight >= 0 per cache ({len(urls)} in cache=), not all 0")
+        if self.mix is not None:
+            try:
+                check_weights(self.mix, len(urls))
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         check(self.epoch_samples is None or (self.mix is not None and self.epoch_samples >= 1),
               "epoch_samples needs mix= (the weights that split it among the caches) and must be >= 1")
         check(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}")
