@@ -137,3 +137,24 @@ def test_the_loader_reads_a_repeated_cache_from_each_of_its_shard_runs(tmp_path)
     # a resume at a later step continues the same sequence
     rest = list(make_loader([a, b], Storage(), plans[0], 5, prefetch=2))
     assert [(r["keys"], r["caches"]) for r in rest] == [(x["keys"], x["caches"]) for x in batches[5:]]
+
+
+def test_a_resumed_runs_metrics_csv_of_an_earlier_version_gains_the_cache_column(tmp_path):
+    """A run resumed from a version whose metrics.csv had no `cache` column: the file is rewritten once
+    with today's header, its rows kept, and new per-cache rows line up."""
+    import csv
+
+    from pipeline.train.metrics import Metrics
+
+    run = tmp_path / "run"
+    run.mkdir()
+    old = Metrics.COLUMNS[:-1]
+    (run / "metrics.csv").write_text(",".join(old) + "\n" + "epoch,5,0,0.5" + "," * (len(old) - 4) + "\n")
+    m = Metrics(str(run), Storage(), enabled=True)
+    m.log({"kind": "epoch", "step": 10, "epoch": 1, "cache": 1, "samples": 4})
+    m.sync()
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == list(Metrics.COLUMNS)
+    assert (rows[0]["step"], rows[0]["loss"], rows[0]["cache"]) == ("5", "0.5", "")
+    assert (rows[1]["cache"], rows[1]["samples"]) == ("1", "4")
