@@ -33,8 +33,11 @@ import re
 import socket
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass, fields
 from typing import Any, Callable, TypeVar
+
+from spar.weights import public_url
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -44,6 +47,8 @@ _TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "Throttli
                     "TooManyRequests", "RequestTimeout", "RequestLimitExceeded", "BandwidthLimitExceeded",
                     "OperationAborted", "RequestTimeTooSkewed", "ExpiredToken", "IncompleteBody",
                     "500", "502", "503", "504", "429"}
+_THROTTLED_CODES = {"SlowDown", "Throttling", "ThrottlingException", "TooManyRequests", "429",
+                    "RequestLimitExceeded", "BandwidthLimitExceeded"}
 # Error texts of clients that report everything as one error class (delta-rs / object_store,
 # pyarrow) or wrap the real cause away: a transient cause, named in the text.
 _TRANSIENT_TEXT = re.compile(
@@ -81,17 +86,23 @@ def _chain(exc: BaseException) -> list[BaseException]:
     return out
 
 
+def code_kind(code: str) -> str | None:
+    """The transient kind of an S3 error code or HTTP status (``throttled``, ``server``), or None."""
+    if code in _THROTTLED_CODES:
+        return "throttled"
+    return "server" if code in _TRANSIENT_CODES else None
+
+
 def classify(exc: BaseException) -> str | None:
     """The transient kind of a storage error (``throttled``, ``server``, ``connection``, ``timeout``,
     ``truncated``), or None for a permanent one (not found, denied, bad request, bad data, a bug)."""
+    if isinstance(exc, StorageError):
+        return None  # it already gave up under the policy: an enclosing call does not start over
     chain = _chain(exc)
     for e in chain:  # an explicit answer from the store decides first
         code = _client_error_code(e)
         if code is not None:
-            if code in ("SlowDown", "Throttling", "ThrottlingException", "TooManyRequests", "429",
-                        "RequestLimitExceeded", "BandwidthLimitExceeded"):
-                return "throttled"
-            return "server" if code in _TRANSIENT_CODES else None
+            return code_kind(code)
     for e in chain:
         if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
                           FileExistsError)):
@@ -226,28 +237,36 @@ def call(policy: RetryPolicy, operation: str, url: str, fn: Callable[[], T],
                     raise
                 raise final from e
             record(operation, kind)
-            log.warning("storage %s of %s: %s error (%s: %s); retry %d in %.1f s", operation, url, kind,
-                        type(e).__name__, _short(e), attempt, wait)
+            log.warning("storage %s of %s: %s error (%s: %s); retry %d in %.1f s", operation, public_url(url), kind,
+                        type(e).__name__, _short(e, url), attempt, wait)
             if on_retry is not None:
                 on_retry(e)
             time.sleep(wait)
 
 
-def _short(e: BaseException, limit: int = 300) -> str:
+def _short(e: BaseException, url: str, limit: int = 300) -> str:
+    """The error's text on one line, cut at `limit`, without `url`'s credentials (a signed URL's
+    query string, a password in its user info), which an HTTP error quotes."""
     text = " ".join(str(e).split())
+    parsed = urllib.parse.urlparse(url)
+    user = parsed.netloc.rpartition("@")[0]
+    for secret in (parsed.query, user if ":" in user else ""):
+        if secret:
+            text = text.replace(secret, "<redacted>")
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def _final(e: BaseException, kind: str | None, operation: str, url: str, attempts: int, elapsed: float) -> BaseException:
     if isinstance(e, StorageError):
         return e
+    shown = public_url(url)  # a signed URL's query string is its credential: never in a message
     if kind is None:  # permanent: the same error, with the URL named if it was not
-        if not isinstance(e, OSError) or url in str(e):
+        if not isinstance(e, OSError) or url in str(e) or shown in str(e):
             return e
         if type(e) in (FileNotFoundError, PermissionError, FileExistsError, IsADirectoryError, NotADirectoryError):
-            return type(e)(f"{operation} {url}: {_short(e)}")
-        return StorageError(f"{operation} {url} failed: {type(e).__name__}: {_short(e)}", url=url,
+            return type(e)(f"{operation} {shown}: {_short(e, url)}")
+        return StorageError(f"{operation} {shown} failed: {type(e).__name__}: {_short(e, url)}", url=shown,
                             operation=operation, transient=False)
-    return StorageError(f"{operation} {url} {GAVE_UP} {attempts} attempts in {elapsed:.0f} s "
-                        f"(transient {kind} errors; the last: {type(e).__name__}: {_short(e)})",
-                        url=url, operation=operation, transient=True)
+    return StorageError(f"{operation} {shown} {GAVE_UP} {attempts} attempts in {elapsed:.0f} s "
+                        f"(transient {kind} errors; the last: {type(e).__name__}: {_short(e, url)})",
+                        url=shown, operation=operation, transient=True)

@@ -35,6 +35,7 @@ import fsspec
 
 from pipeline import retry
 from pipeline.retry import RetryPolicy
+from spar import weights as _weights
 from spar.weights import public_url  # noqa: F401  (one definition, shared with the model library)
 
 log = logging.getLogger(__name__)
@@ -109,12 +110,20 @@ class Storage:
             return dict(self.options.get(proto) or self.options.get(_ALIASES.get(proto, proto)) or {})
         return {k: v for k, v in self.options.items() if k != "retry"} if proto in OBJECT_STORES else {}
 
+    def weights_options(self, url: str) -> dict[str, Any]:
+        """The options to hand the model library for a weights file at `url`: the URL's filesystem
+        options and this storage's retry policy (`open_weights` applies both)."""
+        return {**self.options_for(url), **({"retry": self.options["retry"]} if "retry" in self.options else {})}
+
     def filesystem(self, url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         """The fsspec filesystem and in-filesystem path of `url`."""
         proto = protocol(url)
         if proto == "file":
             return fsspec.filesystem("file"), os.path.abspath(local_path(url))
-        return fsspec.core.url_to_fs(str(url), **{**_DEFAULTS.get(proto, {}), **self.options_for(url)})
+        fs, path = fsspec.core.url_to_fs(str(url), **{**_DEFAULTS.get(proto, {}), **self.options_for(url)})
+        if proto in ("s3", "s3a") and retry.enabled():
+            _count_client_faults(fs)
+        return fs, path
 
     def open(self, url: str, mode: str = "rb", **kwargs) -> IO:
         """Open a file for reading or writing (local writes create parent dirs). `kwargs` go to the
@@ -367,6 +376,45 @@ class Storage:
 
         fs, path = self.filesystem(url)
         return PyFileSystem(_retrying_handler(self, url, fs)), path
+
+
+def _count_client_faults(fs) -> None:
+    """Count, with this layer's retries, the requests of `fs`'s S3 client that failed transiently
+    (as ``s3 <Operation>/<kind>``): botocore and s3fs retry those themselves, and would otherwise
+    carry a fault storm unseen. Hooked once per client (fsspec keeps one filesystem per options and
+    process): connects it now, as its first request would."""
+    if getattr(fs, "_s3", None) is None:
+        fs.connect()
+    client = fs._s3
+    if getattr(fs, "_spar_counted", None) is not client:
+        client.meta.events.register("needs-retry.s3", _client_fault)
+        fs._spar_counted = client
+
+
+def _client_fault(response=None, caught_exception=None, operation=None, **_) -> None:
+    """botocore's ``needs-retry`` event, after every attempt of a request: count a transient failure
+    (decides nothing: botocore's own handler decides whether to retry)."""
+    if caught_exception is not None:
+        kind = retry.classify(caught_exception)
+    elif response is not None and response[0].status_code >= 400:
+        error = (response[1] or {}).get("Error") or {}
+        kind = retry.code_kind(str(error.get("Code") or response[0].status_code))
+    else:
+        return
+    if kind is not None:
+        retry.record(f"s3 {getattr(operation, 'name', 'request')}", kind)
+
+
+def open_weights(url: str, storage_options: dict | None) -> IO[bytes]:
+    """How the model library opens a remote weights file in the project's processes: under the
+    retry policy, a download cut mid-way resuming at its byte offset. `storage_options` are the
+    URL's own filesystem options (`Storage.weights_options`), with the job's ``retry`` policy."""
+    options = dict(storage_options or {})
+    policy = options.pop("retry", None)
+    return Storage({protocol(url): options, **({"retry": policy} if policy else {})}).open(url, "rb")
+
+
+_weights.use_remote_reader(open_weights)
 
 
 def _write_local(url: str, produce) -> Any:

@@ -204,6 +204,7 @@ def test_sa1b_tars_with_limit_take_the_first_images_in_tar_order(ray_cluster, st
             return
         faults = proxy.faults()
         assert sum(faults.values()) >= 5, faults  # the storm happened
+        assert first["storage_retries"] + more["storage_retries"] > 0  # and the summaries show it
         assert more["keys_committed_twice"] == 0 and open_cache(out).verify() == []
         # Every tar was read to its end once, so the cache indexes their members: extending it plans
         # limit= from the indexes, reads no byte of the two tars whose images are all committed nor of the

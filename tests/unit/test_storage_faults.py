@@ -10,7 +10,6 @@ import uuid
 
 import boto3
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from pipeline import retry
@@ -75,6 +74,28 @@ def test_reads_and_writes_come_through_every_kind_of_fault(proxy, bucket):
     assert set(faults) >= {"503", "500", "429", "reset"}, faults
 
 
+def test_the_s3_clients_own_retries_are_counted_by_operation_and_kind(proxy, bucket):
+    """botocore retries 5xx and 429 answers itself (its default policy, as users run it): each failed
+    request is still counted, as ``s3 <Operation>/<kind>``, so a storm the clients absorb is visible
+    in a job's summary and metrics."""
+    store = Storage({"endpoint_url": proxy.endpoint, "key": "testing", "secret": "testing",
+                     "client_kwargs": {"region_name": "us-east-1"}, "retry": FAST})
+    store.exists(f"s3://{bucket}/warm")  # the client is made and hooked before the storm
+    retry.take_counts()
+    proxy.reset()
+    proxy.set_faults(0.3, kinds=["503", "500", "429"], seed=2)
+    for i in range(12):
+        store.write_bytes(f"s3://{bucket}/c/{i}", bytes([i]) * 1000)
+        assert store.read_bytes(f"s3://{bucket}/c/{i}") == bytes([i]) * 1000
+    proxy.set_faults(0.0)
+    counts, faults = retry.take_counts(), proxy.faults()
+    assert sum(faults.values()) >= 5, faults
+    assert all(k.startswith("s3 ") for k in counts), counts  # the clients carried every one
+    assert sum(counts.values()) == sum(faults.values()), (counts, faults)  # each failed request, once
+    assert {k.split("/")[0] for k in counts} <= {"s3 PutObject", "s3 GetObject", "s3 HeadObject"}, counts
+    assert sum(n for k, n in counts.items() if k.endswith("/throttled")) >= faults.get("429", 0)
+
+
 def test_a_tar_stream_cut_mid_way_resumes_at_its_offset(proxy, bucket):
     """Every GET answers half its body and then resets: the stream is still read whole, member by member."""
     tar, members = image_tar(10)
@@ -87,6 +108,33 @@ def test_a_tar_stream_cut_mid_way_resumes_at_its_offset(proxy, bucket):
         proxy.set_faults(0.0)
         assert got == members
     assert proxy.faults().get("half_body", 0) >= 2
+
+
+def test_a_weights_download_cut_mid_way_resumes_and_is_checked(proxy, bucket, tmp_path, monkeypatch):
+    """The model library fetches remote weights through this layer in every process of the project
+    (resumed reads, the job's retry policy): GETs answering half their body still give the whole
+    file, checked against its digest, and no partial copy is left."""
+    import hashlib
+    from pathlib import Path
+
+    from pipeline import storage
+    from spar import weights
+
+    assert weights._remote_reader is storage.open_weights
+    monkeypatch.setenv("SPAR_CACHE_DIR", str(tmp_path / "weights"))
+    data = np.random.default_rng(0).bytes(3 << 20)
+    url = f"s3://{bucket}/weights/model.safetensors"
+    store = store_via(proxy.endpoint)
+    store.write_bytes(url, data)
+    assert store.weights_options(url)["retry"] == {**FAST}
+    recorded = {"kind": "file", "value": "sha256:" + hashlib.sha256(data).hexdigest()}
+    proxy.reset()
+    proxy.set_faults(0.5, kinds=["half_body"], seed=1)  # this seed cuts the first GETs
+    local = weights.verified_weights(url, recorded, store.weights_options(url))
+    proxy.set_faults(0.0)
+    assert Path(local).read_bytes() == data
+    assert proxy.faults().get("half_body", 0) >= 2
+    assert [p.name for p in Path(local).parent.iterdir()] == ["model.safetensors"]  # no partial copy left
 
 
 def test_a_failed_upload_leaves_nothing_under_its_name(proxy, bucket):
