@@ -19,7 +19,7 @@ import os
 import socket
 import urllib.parse
 from pathlib import Path
-from typing import Collection
+from typing import IO, Callable, Collection
 
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,24 @@ class WeightsMismatch(ValueError):
     """A weights file whose sha256 is not the one recorded for it: the file was replaced since."""
 
 
+def _open_with_fsspec(url: str, storage_options: dict | None) -> IO[bytes]:
+    import fsspec  # only needed for remote weights; keeps the library import light
+
+    return fsspec.open(url, "rb", **(storage_options or {})).open()
+
+
+_remote_reader: Callable[[str, dict | None], IO[bytes]] = _open_with_fsspec
+
+
+def use_remote_reader(open_remote: Callable[[str, dict | None], IO[bytes]]) -> None:
+    """Open remote weight files with ``open_remote(url, storage_options)`` (a binary file object)
+    from now on, instead of a plain ``fsspec.open``: how a data pipeline brings its own retries (the
+    project's storage layer installs one that retries transient faults and resumes a download cut
+    mid-way at its byte offset)."""
+    global _remote_reader
+    _remote_reader = open_remote
+
+
 def _fetch_url(url: str, storage_options: dict | None = None, accept: Collection[str] = ()) -> str:
     """Copy a remote weights file to the local cache and return its local path. The copy is keyed
     by the whole URL, and fetched with it: a pre-signed URL's query string is its credential
@@ -90,8 +108,6 @@ def _fetch_url(url: str, storage_options: dict | None = None, accept: Collection
 
 def _fetch_checked(url: str, storage_options: dict | None, accept: Collection[str]) -> tuple[str, str | None]:
     """`_fetch_url`, and the digest of the file when it was computed (with `accept`), else None."""
-    import fsspec  # only needed for remote weights; keeps the library import light
-
     if url.startswith("file://"):
         return _check_local(urllib.parse.urlparse(url).path, url, accept)
     name = Path(urllib.parse.urlparse(url).path).name or "weights.bin"
@@ -110,7 +126,7 @@ def _fetch_checked(url: str, storage_options: dict | None, accept: Collection[st
     log.info("fetching weights %s -> %s", public_url(url), local)
     digest = hashlib.sha256()
     try:
-        with fsspec.open(url, "rb", **(storage_options or {})) as src, open(tmp, "wb") as dst:
+        with _remote_reader(url, storage_options) as src, open(tmp, "wb") as dst:
             while chunk := src.read(16 << 20):
                 dst.write(chunk)
                 digest.update(chunk)

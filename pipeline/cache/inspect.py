@@ -153,7 +153,7 @@ def pick_samples(cache: Cache, n: int, seed: int) -> list[dict]:
 def teacher_backbone(fp: dict, store: Storage, device: torch.device) -> spar.Backbone:
     """The cache's teacher with its weights (an open_clip tag, a file, or the recorded random init)."""
     location, init_seed = teacher_weights(fp)
-    options = store.options_for(location or "")
+    options = store.weights_options(location or "")
     local = store.call("weights", location or "", lambda: verified_weights(location, fp["weights"], options))
     return spar.load_backbone(fp["backbone"], pretrained=local, init_seed=init_seed, storage_options=options,
                               device=device)
@@ -251,7 +251,7 @@ def run(cfg: InspectConfig) -> dict:
     student = None
     if cfg.student:
         student = spar.load_backbone(cache.fingerprint["backbone"], pretrained=cfg.student, device=device,
-                                     storage_options=store.options_for(cfg.student)).eval()
+                                     storage_options=store.weights_options(cfg.student)).eval()
     png, rows = contact_sheet(decoded[: cfg.samples], teacher, student, device)
     store.write_bytes(storage.join(cfg.output, "contact_sheet.png"), png)
     summary["contact_sheet"] = {"path": storage.public_url(storage.join(cfg.output, "contact_sheet.png")),

@@ -146,7 +146,7 @@ def build_fingerprint(cfg: CacheConfig, store: Storage, compute_dtype: str | Non
     expected = _recorded_weights(recorded, cfg.pretrained)
     try:
         weights = store.call("weights", cfg.pretrained or "", lambda: weights_identity(
-            spec.model_name, cfg.pretrained, store.options_for(cfg.pretrained or ""), expected))
+            spec.model_name, cfg.pretrained, store.weights_options(cfg.pretrained or ""), expected))
     except WeightsMismatch as e:
         raise FingerprintMismatch(f"{cfg.output} holds a cache made with other weights at the same location; "
                                   f"refusing to mix two teachers: {e}. Restore the original file, or make a new "

@@ -38,7 +38,7 @@ class TeacherActor:
             # Ray pins OMP_NUM_THREADS to the actor's (fractional) CPU share; the teacher wants the cores.
             torch.set_num_threads(threads or os.cpu_count() or 1)
         store = store or Storage()
-        options = store.options_for(pretrained or "")
+        options = store.weights_options(pretrained or "")
         if weights:  # the fingerprint's weights identity: this node loads the recorded file, or refuses
             # fetched once per node, under the storage's retry policy
             pretrained = store.call("weights", pretrained or "", lambda: verified_weights(pretrained, weights, options))

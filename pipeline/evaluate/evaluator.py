@@ -173,7 +173,7 @@ class Evaluator:
     def _load(self, weights: str | None) -> spar.Backbone:
         return self.store.call("weights", weights or "", lambda: spar.load_backbone(  # fetched under the retry policy
             self.cfg.backbone, pretrained=weights, device=self.device, init_seed=self.cfg.init_seed,
-            storage_options=self.store.options_for(weights or "")))
+            storage_options=self.store.weights_options(weights or "")))
 
     def warmup(self) -> None:
         """One untimed pass per mode on a window-sized image (kernel selection, allocator, lazy init)."""

@@ -208,7 +208,7 @@ def run(cfg: SegmentConfig) -> dict:
     weights = cfg.checkpoint or cfg.pretrained
     bb = store.call("weights", weights or "", lambda: spar.load_backbone(  # fetched under the retry policy
         cfg.backbone, pretrained=weights, device=device, init_seed=cfg.init_seed,
-        storage_options=store.options_for(weights or "")))
+        storage_options=store.weights_options(weights or "")))
     clf = spar.build_classifier(bb, lines)
     settings = spar.FeatureSettings(mode=cfg.features, sliding_mode=cfg.sliding_mode, stride=cfg.stride,
                                     crop=cfg.crop, window_batch=cfg.window_batch, amp_dtype=AMP_DTYPES[cfg.amp_dtype])

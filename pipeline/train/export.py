@@ -50,7 +50,7 @@ def write_student(store: Storage, run_dir: str, source: dict, trainable: str, tr
     """Write ``student.safetensors`` (trained weights over a fresh teacher), the probe features and
     ``student.json`` (`record` plus the model and probe fields); returns the record."""
     fresh = spar.load_backbone(source["backbone"], pretrained=source["pretrained"], init_seed=source["init_seed"],
-                               storage_options=store.options_for(source["pretrained"] or ""))
+                               storage_options=store.weights_options(source["pretrained"] or ""))
     with torch.no_grad():
         for name, value in trained.items():
             fresh.get_parameter(name).copy_(value)

@@ -163,7 +163,7 @@ def student_source(cfg: TrainConfig, fingerprint: dict, store: Storage) -> dict:
     location, init_seed = teacher_weights(fingerprint)
     if cfg.pretrained != FROM_CACHE:
         location = cfg.pretrained
-    options = store.options_for(location or "")
+    options = store.weights_options(location or "")
     try:
         if cfg.pretrained == FROM_CACHE:
             store.call("weights", location or "", lambda: verified_weights(location, weights, options))

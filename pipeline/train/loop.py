@@ -90,7 +90,7 @@ class Trainer:
         self.precision = worker_precision(cfg.precision, self.device)
         self.ds_config = deepspeed_config(cfg, self.world, config["deepspeed_json"], self.precision)
         self.store = Storage(cfg.storage_options)
-        options = self.store.options_for(self.source["pretrained"] or "")
+        options = self.store.weights_options(self.source["pretrained"] or "")
         # this node's copy of the weights, checked against the cache's fingerprint (the export loads it too)
         self.source = {**self.source, "pretrained": self.store.call("weights", self.source["pretrained"] or "", lambda:
                        verified_weights(self.source["pretrained"], self.source["weights"], options))}
