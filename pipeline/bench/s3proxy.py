@@ -11,7 +11,8 @@ half its body, then a reset: a GET cut mid-stream; bodiless answers are reset in
 ``unanswered`` (a PUT, POST or DELETE forwarded, so the store applies it, then a reset instead of
 the answer; a GET or HEAD drawn for it is forwarded unharmed and not counted). ``GET /__faults__``
 answers the faults injected per kind; ``POST /__faults__?rate=0.1&kinds=503,reset&seed=3`` sets
-the rate (and kinds, seed) from then on.
+the rate (and kinds, seed) from then on; ``&methods=PUT&path=/shards/&limit=2`` aims it at some
+requests only (a method, a path substring) and stops it after that many faults.
 
 The proxy's ``GET /__requests__`` answers the number of requests forwarded so far, ``GET /__traffic__``
 the requests and response body bytes per path (JSON), and ``POST /__reset__`` zeroes both.
@@ -78,6 +79,11 @@ def _fault_settings(query: dict[str, list[str]], storm: dict) -> dict:
         changed["kinds"] = _kinds(query["kinds"][0])
     if query.get("seed"):
         changed["rng"] = random.Random(int(query["seed"][0]))
+    changed["methods"] = tuple(query["methods"][0].upper().split(",")) if query.get("methods") else None
+    changed["path"] = query.get("path", [""])[0]
+    changed["limit"] = int(query.get("limit", ["0"])[0])
+    if changed["limit"] < 0:
+        raise ValueError(f"fault limit {changed['limit']} is negative")
     return changed
 
 
@@ -88,10 +94,15 @@ def serve(upstream: str, port: int, admit: str | None = None, faults: float = 0.
     (`FAULT_KINDS`, or only `kinds`), drawn from ``random.Random(seed)``."""
     target = urllib.parse.urlparse(upstream)
     lock, count, traffic = threading.Lock(), [0], {}  # traffic: path -> [requests, response body bytes]
-    storm = {"rate": _rate(faults), "kinds": _kinds(kinds or FAULT_KINDS), "rng": random.Random(seed), "seen": {}}
+    storm = {"rate": _rate(faults), "kinds": _kinds(kinds or FAULT_KINDS), "rng": random.Random(seed), "seen": {},
+             "methods": None, "path": "", "limit": 0, "since": 0}
 
-    def draw(method: str) -> str | None:
+    def draw(method: str, path: str) -> str | None:
         with lock:
+            if storm["methods"] and method not in storm["methods"] or storm["path"] not in path:
+                return None  # a targeted storm: other requests pass untouched, drawing nothing
+            if storm["limit"] and sum(storm["seen"].values()) - storm["since"] >= storm["limit"]:
+                return None
             if not storm["rate"] or storm["rng"].random() >= storm["rate"]:
                 return None
             kind = storm["rng"].choice(storm["kinds"])
@@ -146,10 +157,12 @@ def serve(upstream: str, port: int, admit: str | None = None, faults: float = 0.
                     count[0] = 0
                     traffic.clear()
                     storm["seen"].clear()
+                    storm["since"] = 0
                     answer = "0"
                 elif url.path == "/__faults__" and self.command == "POST":
                     try:
                         storm.update(_fault_settings(urllib.parse.parse_qs(url.query), storm))
+                        storm["since"] = sum(storm["seen"].values())  # `limit` counts from here
                         answer = "ok"
                     except ValueError as e:
                         status, answer = 400, str(e)
@@ -169,7 +182,7 @@ def serve(upstream: str, port: int, admit: str | None = None, faults: float = 0.
             body = self.rfile.read(length) if length else None
             if admit is not None and signed_by(self.headers, self.path) != admit:
                 return self._reply(403, _DENIED, [("Content-Type", "application/xml")])
-            fault = draw(self.command)
+            fault = draw(self.command, urllib.parse.urlparse(self.path).path)
             if fault in _ERRORS:
                 code, message = _ERRORS[fault]
                 body = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
@@ -296,11 +309,16 @@ class FaultyProxy(CountingProxy):
             return json.loads(r.read())
 
     def set_faults(self, rate: float, kinds: list[str] | tuple[str, ...] | None = None,
-                   seed: int | None = None) -> None:
-        """Fail `rate` of the requests from now on (of `kinds`, drawn from a generator seeded `seed`)."""
-        query = {"rate": rate}
+                   seed: int | None = None, methods: list[str] | tuple[str, ...] | None = None,
+                   path: str = "", limit: int = 0) -> None:
+        """Fail `rate` of the requests from now on (of `kinds`, drawn from a generator seeded `seed`);
+        only requests of `methods` (e.g. ``["PUT"]``) whose path contains `path`, if given, and no
+        more than `limit` faults from this call on (0: no limit)."""
+        query = {"rate": rate, "path": path, "limit": limit}
         if kinds:
             query["kinds"] = ",".join(kinds)
+        if methods:
+            query["methods"] = ",".join(methods)
         if seed is not None:
             query["seed"] = seed
         request = urllib.request.Request(f"{self.endpoint}/__faults__?{urllib.parse.urlencode(query)}", method="POST")

@@ -132,3 +132,25 @@ def test_bad_fault_settings_are_refused(moto, proxy):
         proxy.set_faults(1.5)
     with pytest.raises(ValueError):
         FaultyProxy(moto, 0.1, kinds=("404",))
+
+
+def test_a_targeted_storm_fails_only_its_requests_and_stops_at_its_limit(s3, proxy, bucket):
+    """``methods``, ``path`` and ``limit`` aim faults at some requests (a job's shard uploads, say):
+    others pass untouched, and after `limit` faults everything passes."""
+    proxy.set_faults(1.0, ["500"], methods=["PUT"], path="/shards/", limit=2)
+    s3.put_object(Bucket=bucket, Key="other/a", Body=b"a")  # another path: untouched
+    s3.head_object(Bucket=bucket, Key="other/a")  # another method: untouched
+    outcomes = []
+    for i in range(4):
+        try:
+            s3.put_object(Bucket=bucket, Key=f"shards/{i}.tar", Body=b"t")
+            outcomes.append("ok")
+        except ClientError as e:
+            outcomes.append(e.response["Error"]["Code"])
+    assert outcomes == ["InternalError", "InternalError", "ok", "ok"]
+    assert proxy.faults() == {"500": 2}
+    proxy.set_faults(1.0, ["500"], methods=["PUT"], path="/shards/", limit=1)  # the limit counts from here
+    with pytest.raises(ClientError):
+        s3.put_object(Bucket=bucket, Key="shards/again.tar", Body=b"t")
+    s3.put_object(Bucket=bucket, Key="shards/again.tar", Body=b"t")
+    assert proxy.faults() == {"500": 3}
