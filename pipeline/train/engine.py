@@ -129,6 +129,19 @@ def _deep_update(base: dict, extra: dict) -> None:
             base[k] = v
 
 
+def _no_cpu_shm_collectives() -> None:
+    """On a CPU, DeepSpeed's communication backend JIT-compiles a shared-memory all-reduce op when it
+    starts (C++ through ninja: ~40 s of both cores here, a compiler on every node, and again each
+    time the Python environment moves) that only its inference collectives use; training reduces
+    through torch.distributed (gloo). Marking the op unavailable, before the backend starts, keeps
+    it from being built."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def build_engine(cfg, source: dict, ds_config: dict, storage_options: dict | None = None):
     """The student (= teacher weights, fetched with `storage_options` if remote), trainable per
     spec, wrapped by `deepspeed.initialize` with `ds_config` (`deepspeed_config` with this rank's
@@ -145,6 +158,7 @@ def build_engine(cfg, source: dict, ds_config: dict, storage_options: dict | Non
         student.set_grad_checkpointing(True)
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
+    _no_cpu_shm_collectives()
     engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, model_parameters=params,
                                       config=ds_config, dist_init_required=False)
     if engine.dp_world_size == 1 and engine.zero_optimization_stage() == 0:
