@@ -42,15 +42,25 @@ def vitb16():
 
 
 
+_EARLY: dict = {"modules": [], "started": False}  # modules with a `start_early` scenario, and whether it runs
+
+
 def pytest_collection_finish(session):
-    """A test module may define ``start_early()``: called once collection has selected any of its tests,
-    it starts a scenario that runs in processes of its own (its own Ray cluster) beside the tests before
-    it; its test then waits for the result."""
+    """A test module may define ``start_early()``: a scenario that runs in processes of its own (its
+    own Ray cluster) beside the tests before it; its test then waits for the result. It starts with
+    the session's first integration test: the unit tests before them keep both cores busy (their
+    torch threads and benchmarks slow down many times over beside a cluster), while the integration
+    tests leave about a fifth of the machine idle, waiting on processes and clusters to start."""
     if session.config.option.collectonly:
         return
-    started = set()
     for item in session.items:
         module = getattr(item, "module", None)
-        if module is not None and hasattr(module, "start_early") and module not in started:
-            started.add(module)
+        if module is not None and hasattr(module, "start_early") and module not in _EARLY["modules"]:
+            _EARLY["modules"].append(module)
+
+
+def pytest_runtest_setup(item):
+    if not _EARLY["started"] and _EARLY["modules"] and "integration" in item.path.parts:
+        _EARLY["started"] = True
+        for module in _EARLY["modules"]:
             module.start_early()

@@ -60,9 +60,9 @@ def cache(cluster: Cluster, nodes: list, source: str, output: str) -> dict:
         [*TINY, f"source={source}", f"output={output}", "shard_size=2", "teacher.batch_images=1",
          "shards_per_commit=1"])))  # each shard commits as it lands: the first commit is mid-job
     job.start()
-    deadline, actor_nodes = time.monotonic() + 240, set()
+    deadline, actor_nodes = time.monotonic() + 600, set()  # at nice 10 beside other tests: minutes, not seconds
     while job.is_alive() and not (actor_nodes and shards.committed_shards(Storage(), output)):
-        assert time.monotonic() < deadline, "no commit within 240 s"
+        assert time.monotonic() < deadline, "no commit within 600 s"
         actor_nodes |= set(teacher_actor_nodes())
         time.sleep(0.2)
     victim = next(n for n in nodes if n.node_id in actor_nodes)  # a node running a teacher actor
