@@ -6,7 +6,9 @@ Everything runs against a local S3 server (moto) behind the fault-injecting prox
 
 1. overhead, with no faults: the cache job (a fresh output each run) and the training loader (one
    process reading the cache) with the retry layer on and off (``SPAR_STORAGE_RETRY=off``: plain
-   client calls), alternated `repeats` times; medians, compared side by side. A job's time on this
+   client calls), alternated (`repeats` job pairs, `loader_pairs` loader pairs, each pair's order
+   swapped from the last); medians, and the median of the loader's per-pair ratios. The job's S3
+   requests (counted by the proxy) times the layer's cost per call bound what it adds to a job. A job's time on this
    kind of machine moves by more than the layer can cost, so the layer's own cost is also timed
    per request: `ops` small ranged reads and whole-object reads, on and off in alternating blocks;
 2. storms: the cache job at each fault rate of `rates` (all fault kinds): images/s against the
@@ -36,7 +38,8 @@ class FaultBench:
     min_side: int = 224
     shard_size: int = 4  # samples a shard: more shards, more requests a sample
     rates: list[float] = field(default_factory=lambda: [0.01, 0.1])  # fault rates of the storm runs
-    repeats: int = 2  # on/off pairs of the overhead runs
+    repeats: int = 2  # on/off pairs of the cache-job overhead runs
+    loader_pairs: int = 12  # on/off pairs of loader runs (alternating which goes first)
     loader_passes: int = 5  # times the loader reads the cache per measurement
     ops: int = 400  # requests per block of the per-request timing (12 blocks: 6 on, 6 off)
     num_cpus: int = 2
@@ -44,8 +47,8 @@ class FaultBench:
     out: Optional[str] = None
 
     def __post_init__(self):
-        check(self.images >= 2 and self.repeats >= 1 and self.loader_passes >= 1,
-              "images must be >= 2, repeats and loader_passes >= 1")
+        check(self.images >= 2 and self.repeats >= 1 and self.loader_passes >= 1 and self.loader_pairs >= 1,
+              "images must be >= 2, repeats, loader_pairs and loader_passes >= 1")
         check(all(0 <= r < 1 for r in self.rates), "rates must be in [0, 1)")
 
 
@@ -126,21 +129,26 @@ def bench_faults(cfg: FaultBench) -> dict:
             requests = _per_request(store, f"{root}/probe.bin", cfg.ops)
             jobs: dict[str, list[float]] = {"on": [], "off": []}
             loads: dict[str, list[float]] = {"on": [], "off": []}
-            cache = None
+            job_requests = []
+            cache = f"{root}/overhead-0-on"
             try:
                 for r in range(cfg.repeats):
                     for mode in (("on", "off") if r % 2 == 0 else ("off", "on")):
                         _retry_layer(mode == "on")
-                        out = f"{root}/overhead-{r}-{mode}"
-                        summary, seconds = _cache_job(cfg, options, f"{root}/src", out)
+                        proxy.reset()
+                        summary, seconds = _cache_job(cfg, options, f"{root}/src", f"{root}/overhead-{r}-{mode}")
                         check(summary["computed"] == cfg.images, f"the {mode} run cached {summary['computed']} images")
                         jobs[mode].append(seconds)
-                        cache = cache or out
+                        job_requests.append(proxy.requests())
+                for r in range(cfg.loader_pairs):  # short runs, paired: a drift of the machine cancels
+                    for mode in (("on", "off") if r % 2 == 0 else ("off", "on")):
+                        _retry_layer(mode == "on")
                         loads[mode].append(loader_rate(cache, passes=cfg.loader_passes, store=store))
             finally:
                 _retry_layer(True)
             job_s = {m: statistics.median(v) for m, v in jobs.items()}
             loader = {m: statistics.median(v) for m, v in loads.items()}
+            pair_ratios = [off / on - 1 for on, off in zip(loads["on"], loads["off"])]
             storms = []
             for rate in cfg.rates:
                 proxy.reset()
@@ -158,5 +166,10 @@ def bench_faults(cfg: FaultBench) -> dict:
     return {"mode": "faults", "backbone": cfg.backbone, "images": cfg.images, "image": [cfg.height, cfg.width],
             **requests,
             "cache_job_s": job_s, "cache_job_runs_s": jobs, "cache_job_overhead": job_s["on"] / job_s["off"] - 1,
+            # the layer's own cost in a job: every S3 request of it wrapped once, at the wrapper's cost
+            "cache_job_requests": statistics.median(job_requests),
+            "cache_job_layer_cost_share": statistics.median(job_requests) * requests["wrapper_s"] / job_s["on"],
             "loader_samples_per_s": loader, "loader_runs": loads,
-            "loader_overhead": loader["off"] / loader["on"] - 1, "storms": storms}
+            "loader_overhead": loader["off"] / loader["on"] - 1,
+            "loader_overhead_paired": statistics.median(pair_ratios), "loader_pair_ratios": pair_ratios,
+            "storms": storms}
