@@ -87,7 +87,7 @@ class CacheConfig:
     min_source_side: int = 32  # sources with a shorter side are recorded as too small
     max_aspect: float = 10.0  # sources more elongated than this are recorded (memory bound)
     max_failed_fraction: float = 0.05  # exit non-zero if more of this run's inputs fail
-    orphan_retention_s: float = 3600.0  # tars no commit names are deleted once older: > every writing job's commit_every_s
+    orphan_retention_s: float = 3600.0  # tars no commit names are deleted once older, and older than every live job's start
     manifest_checkpoint_every: int = 1000  # shards between the driver's compactions + checkpoints of the manifest
     shards_per_commit: int = 64  # the driver commits written shards once this many wait ...
     commit_every_s: float = 10.0  # ... or the oldest has waited this long (a crash recomputes what waits)
@@ -382,38 +382,42 @@ def run(cfg: CacheConfig) -> dict:
         pool = teacher_pool(cfg)
         fp = claim_output(cfg, store, teacher_precision(cfg, gpu=pool.num_gpus > 0, gpu_types=accelerator_types()))
         shards.create_tables(store, cfg.output)
-        shards.clean_orphans(store, cfg.output, cfg.orphan_retention_s)
         run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
-        store.write_text(storage.join(cfg.output, "config.yaml"), to_yaml(cfg))
-        store.write_text(storage.join(cfg.output, "runs", run_id, "config.yaml"), to_yaml(cfg))
-        done = shards.committed_keys(store, cfg.output)  # 16 bytes a key
-        items, listed = work_items(cfg, store, done)
-        log.info("fingerprint %s; %d samples already committed (manifest version %d); %d work items",
-                 fp["fingerprint"][:19], len(done), done.version, len(items))
-        require_on_every_node(storage.join(cfg.output, "teacher.json"), "the cache output")
-        if items:
-            dataset = build_dataset(cfg, store, items, fp, run_id, pool)
-            expected = len(items) if items.tars is None else (-1 if listed < 0 else listed * cfg.views - len(done))
-            progress = Progress(log, "cache progress, samples", expected, cfg.progress_every_s)
-            commits = GroupCommit(cfg, store)
-            try:
-                for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-                    for k in ("samples", "errors", "transient", "bytes", "windows"):
-                        totals[k] += int(np.sum(batch[k]))
-                    for taken in batch["retries"]:
-                        retry.merge(retries, json.loads(taken))
-                    for rows in batch["rows"]:
-                        commits.add(rows)
-                    progress.update(totals["samples"] + totals["errors"], _rates(totals, progress))
-                    before, totals["shards"] = totals["shards"], totals["shards"] + int(np.sum(batch["samples"] > 0))
-                    if before // cfg.manifest_checkpoint_every != totals["shards"] // cfg.manifest_checkpoint_every:
-                        commits.flush()
-                        shards.finish(store, cfg.output)  # keeps opening the manifest cheap during long jobs
-                commits.flush()
-            finally:
-                commits.close()
-            totals["commits"] = commits.commits
-            progress.update(totals["samples"] + totals["errors"], _rates(totals, progress), force=True)
+        # the lease keeps every clean-up (this job's, another job's) off the tars this run has not committed yet
+        with shards.WriterLease(store, cfg.output, run_id):
+            shards.clean_orphans(store, cfg.output, cfg.orphan_retention_s)
+            store.write_text(storage.join(cfg.output, "config.yaml"), to_yaml(cfg))
+            store.write_text(storage.join(cfg.output, "runs", run_id, "config.yaml"), to_yaml(cfg))
+            done = shards.committed_keys(store, cfg.output)  # 16 bytes a key
+            items, listed = work_items(cfg, store, done)
+            log.info("fingerprint %s; %d samples already committed (manifest version %d); %d work items",
+                     fp["fingerprint"][:19], len(done), done.version, len(items))
+            require_on_every_node(storage.join(cfg.output, "teacher.json"), "the cache output")
+            if items:
+                dataset = build_dataset(cfg, store, items, fp, run_id, pool)
+                expected = (len(items) if items.tars is None
+                            else -1 if listed < 0 else listed * cfg.views - len(done))
+                progress = Progress(log, "cache progress, samples", expected, cfg.progress_every_s)
+                commits = GroupCommit(cfg, store)
+                try:
+                    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                        for k in ("samples", "errors", "transient", "bytes", "windows"):
+                            totals[k] += int(np.sum(batch[k]))
+                        for taken in batch["retries"]:
+                            retry.merge(retries, json.loads(taken))
+                        for rows in batch["rows"]:
+                            commits.add(rows)
+                        progress.update(totals["samples"] + totals["errors"], _rates(totals, progress))
+                        before = totals["shards"]
+                        totals["shards"] += int(np.sum(batch["samples"] > 0))
+                        if before // cfg.manifest_checkpoint_every != totals["shards"] // cfg.manifest_checkpoint_every:
+                            commits.flush()
+                            shards.finish(store, cfg.output)  # keeps opening the manifest cheap during long jobs
+                    commits.flush()
+                finally:
+                    commits.close()
+                totals["commits"] = commits.commits
+                progress.update(totals["samples"] + totals["errors"], _rates(totals, progress), force=True)
         shards.finish(store, cfg.output)
     finally:
         if started:

@@ -7,6 +7,7 @@
     <output>/errors/               Delta table, one row per skipped input (key, source, reason, run)
     <output>/runs/<id>/            config.yaml and summary.json of every run
     <output>/sources/<key>.json    the image members of each source tar read to its end (name, offset, size)
+    <output>/writers/<run>.json    the lease of each running cache job (`WriterLease`), removed at its end
 
 Committing shards: each tar is written first, under a name derived from its content (`write_shard`),
 then the rows of one or several written shards are appended to the manifest in one Delta
@@ -14,9 +15,10 @@ transaction (`commit`; the cache job's driver commits its writers' shards in gro
 atomic create-if-absent of the next log entry: a hard link locally, a conditional PUT on object
 stores) makes the append atomic and safe with any number of concurrent writers, jobs or Ray tasks,
 with no lock service. A tar that no committed row names is an orphan (a writer that died between
-its tar and its commit): it is deleted only once older than a retention period, so no clean-up can
-remove a tar that a live writer is about to commit, and because names are content hashes, writing
-a tar again (a retried task, a racing job) rewrites the same bytes.
+its tar and its commit): it is deleted only once older than a retention period and older than the
+start of every live writer's lease, so no clean-up can remove a tar that a live writer may still
+commit, however long its tar waits for its commit. Because names are content hashes, writing a tar
+again (a retried task, a racing job) rewrites the same bytes.
 
 Readers see a table version: every row committed up to it. A key committed twice (two writers
 racing on the same input) is read once and reported.
@@ -28,6 +30,7 @@ import io
 import json
 import logging
 import os
+import platform
 import threading
 import time
 import uuid
@@ -43,7 +46,9 @@ from pipeline.storage import Storage, public_url
 
 log = logging.getLogger(__name__)
 
-MANIFEST, ERRORS = "manifest", "errors"
+MANIFEST, ERRORS, WRITERS = "manifest", "errors", "writers"
+LEASE_EVERY_S, LEASE_TTL_S = 60.0, 900.0  # a writer's heartbeat; a lease not renewed for this long is a dead writer's
+LEASE_MARGIN_S = 2.0  # object stores date objects to the second: a tar from a lease's first second is the lease's
 SAMPLE_SCHEMA = pa.schema([
     ("key", pa.string()), ("source", pa.string()), ("view", pa.int32()), ("shard", pa.string()),
     ("tar", pa.string()),  # path of the shard's tar below the cache root
@@ -513,25 +518,100 @@ def finish(store: Storage, output: str, small_files: int = 4, target_size: int =
             log.warning("could not compact / checkpoint %s: %s", table_url(output, table), e)
 
 
+class WriterLease:
+    """A running cache job's claim on the tars it has written and not committed yet: the file
+    ``<output>/writers/<run>.json``, dated by the store when first written (the lease's start: every
+    tar the job writes is newer) and written again every `every_s` seconds by a background thread
+    while the job runs (its heartbeat). `clean_orphans` keeps every tar newer than the start of a
+    live lease, one renewed within its `ttl_s`; a job that ends removes its lease, and a killed
+    one's lease expires `ttl_s` after its last heartbeat (a clean-up then removes it too).
+
+    Use as a context manager around everything the job writes and commits."""
+
+    def __init__(self, store: Storage, output: str, run: str, every_s: float = LEASE_EVERY_S,
+                 ttl_s: float = LEASE_TTL_S):
+        if not 0 < every_s < ttl_s:
+            raise ValueError(f"a lease's heartbeat ({every_s} s) must come well within its ttl ({ttl_s} s)")
+        self.store, self.url, self.every_s = store, storage.join(output, WRITERS, f"{run}.json"), every_s
+        self.body = {"run": run, "ttl_s": ttl_s, "pid": os.getpid(), "host": platform.node()}
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name="writer-lease", daemon=True)
+
+    def __enter__(self) -> "WriterLease":
+        self.store.write_text(self.url, json.dumps(self.body))
+        self.body["started"] = self.store.modified(self.url)  # the store's clock, as the tars' dates
+        self.store.write_text(self.url, json.dumps(self.body))
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopped.set()
+        self.thread.join()
+        try:
+            self.store.remove(self.url)
+        except Exception as e:  # noqa: BLE001  (it expires; the run's own error, if any, is the one to raise)
+            log.warning("could not remove the writer lease %s (it expires in %.0f s): %s",
+                        public_url(self.url), self.body["ttl_s"], e)
+
+    def _beat(self) -> None:
+        while not self.stopped.wait(self.every_s):
+            try:
+                self.store.write_text(self.url, json.dumps(self.body))
+            except Exception as e:  # noqa: BLE001  (the next beat tries again; the ttl spans several)
+                log.warning("writer lease %s not renewed: %s", public_url(self.url), e)
+
+
+def live_writers(store: Storage, output: str, now: float | None = None) -> list[dict]:
+    """The leases of the writers running on `output` (`WriterLease`), each with its ``started`` and
+    ``renewed`` times; expired leases (a killed job's) are removed."""
+    now, live = time.time() if now is None else now, []
+    for url in store.list_files(storage.join(output, WRITERS), suffixes=(".json",)):
+        try:
+            renewed, text = store.modified(url), store.read_text(url)
+        except FileNotFoundError:  # its job ended meanwhile
+            continue
+        try:
+            lease = json.loads(text)
+        except ValueError:  # not a lease this code wrote: taken as one begun when last written
+            log.warning("%s is not a writer lease; taken as one renewed at its date", public_url(url))
+            lease = {"run": url.rsplit("/", 1)[1], "ttl_s": LEASE_TTL_S}
+        if now - renewed < float(lease["ttl_s"]):
+            live.append(dict(lease, started=float(lease.get("started", renewed)), renewed=renewed))
+        else:
+            log.info("removing the expired lease of writer %s (renewed %.0f s ago)", lease["run"], now - renewed)
+            store.remove(url)
+    return live
+
+
 def clean_orphans(store: Storage, output: str, retention_s: float) -> list[str]:
-    """Delete the shard tars that no committed row names and that are older than `retention_s`
-    (longer than any writer's time from its tar to its commit); returns their URLs.
+    """Delete the shard tars that no committed row names, that are older than `retention_s` and
+    that no live writer may still commit (written before the start of every live writer's lease:
+    `live_writers`); returns their URLs.
 
     Every committed row counts, the duplicates of a key included: a shard whose keys all came second
     in a race is still what a snapshot from before the first commit reads."""
+    now = time.time()
+    # Leases first: a writer that starts after this listing writes only tars newer than `now`.
+    writers = live_writers(store, output, now)
+    before = min([now - retention_s, now - LEASE_MARGIN_S] + [w["started"] - LEASE_MARGIN_S for w in writers])
     dt = open_table(store, output, MANIFEST)
     named = set(store.call("manifest", table_url(output), lambda: dt.to_pyarrow_table(columns=["tar"]))
                 .column("tar").to_pylist()) if dt is not None else set()
-    now, removed = time.time(), []
+    removed = []
     for url in store.list_files(storage.join(output, "shards")):
         rel = f"shards/{url.rsplit('/', 1)[1]}"
         if rel in named:
             continue
-        if now - store.modified(url) > retention_s:
+        try:
+            old = store.modified(url) < before
+        except FileNotFoundError:  # removed meanwhile (another clean-up)
+            continue
+        if old:
             store.remove(url)
             removed.append(url)
     if removed:
-        log.info("removed %d orphan tars older than %.0f s", len(removed), retention_s)
+        log.info("removed %d orphan tars older than %.0f s and than every live writer (%d)",
+                 len(removed), retention_s, len(writers))
     return removed
 
 

@@ -169,6 +169,54 @@ def test_orphan_tars_are_removed_only_after_the_retention(tmp_path):
     assert open_cache(out).verify() == []  # a committed tar is never an orphan, however old
 
 
+def test_a_live_writers_lease_keeps_the_tars_it_may_still_commit_and_an_expired_one_does_not(tmp_path):
+    """A clean-up with no retention at all removes a dead writer's orphan, never a tar written since
+    the start of a live writer's lease; the lease is renewed while its job runs and removed at its
+    end, and a killed job's lease expires with its ttl, its orphans then removed too."""
+    import json
+    import os
+    import time
+
+    out, store = _new_cache(tmp_path), Storage()
+
+    def age(url, seconds):
+        os.utime(storage.local_path(url), (time.time() - seconds,) * 2)
+
+    dead = shards.shard_url(out, "dead")  # from a writer that died before any lease here
+    shards._write_tar(store, dead, [_sample("d", seed=1)[0]])
+    age(dead, 7200)
+    with shards.WriterLease(store, out, "job-a", every_s=0.05, ttl_s=3600) as lease:
+        lease.body["started"] -= 100  # a job started 100 s ago (the heartbeat writes this body) ...
+        waiting = shards.shard_url(out, "waiting")  # ... and wrote this tar 10 s ago, its commit not made yet
+        shards._write_tar(store, waiting, [_sample("w", seed=2)[0]])
+        age(waiting, 10)
+        renewed = store.modified(lease.url)
+        deadline = time.monotonic() + 30
+        while shards.live_writers(store, out)[0]["renewed"] <= renewed:  # its heartbeat
+            assert time.monotonic() < deadline, "the lease was never renewed"
+            time.sleep(0.05)
+        (writer,) = shards.live_writers(store, out)
+        assert writer["run"] == "job-a" and writer["started"] == lease.body["started"]
+        assert shards.clean_orphans(store, out, retention_s=0) == [dead]
+        assert shards.clean_orphans(store, out, retention_s=0) == []
+    assert shards.live_writers(store, out) == [] and not store.exists(lease.url)  # removed at its end
+    age(waiting, 10)
+    assert shards.clean_orphans(store, out, retention_s=0) == [waiting]  # its writer is gone
+
+    # a killed job: its lease stays, unrenewed, until its ttl has passed
+    killed = shards.WriterLease(store, out, "job-b", every_s=3000, ttl_s=3600).__enter__()
+    killed.body["started"] -= 100
+    store.write_text(killed.url, json.dumps(killed.body))
+    left = shards.shard_url(out, "left")
+    shards._write_tar(store, left, [_sample("l", seed=3)[0]])
+    age(left, 10)
+    assert shards.clean_orphans(store, out, retention_s=0) == []
+    age(killed.url, 3601)
+    assert shards.clean_orphans(store, out, retention_s=0) == [left]
+    assert not store.exists(killed.url)  # the expired lease is removed with its orphans
+    killed.stopped.set()
+
+
 def test_a_shard_whose_keys_all_came_second_is_not_an_orphan(tmp_path):
     """Racing writers: shard B commits only keys that shard A committed first. Readers read A, yet
     B's rows are committed: its tar is no orphan, and every committed row keeps its tar."""
