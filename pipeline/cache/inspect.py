@@ -2,7 +2,8 @@
 pictures, and an audit that recomputes stored targets.
 
     summary          counts and bytes from the manifest; member sizes, the encoding's error bound,
-                     size and window histograms, errors by reason, the fingerprint in words
+                     size and window histograms, errors by reason, the fingerprint in words, and
+                     the cache jobs writing to it now (their leases)
     contact sheet    per shown sample: the image, the teacher target as a 3-component PCA mapped to
                      RGB, the pre-trained single pass in the *same* basis (and a student's, if given),
                      each labelled with its key and MSE to the teacher
@@ -19,6 +20,7 @@ import collections
 import io
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -28,6 +30,7 @@ import torch
 import spar
 from spar.weights import verified_weights
 from pipeline import storage
+from pipeline.cache import shards
 from pipeline.cache.encode import decode_members
 from pipeline.cache.reader import Cache, iter_raw_shard, open_cache, shard_url, teacher_weights
 from pipeline.config import check, redacted_repr, resolve_paths, resolve_weights
@@ -246,6 +249,11 @@ def run(cfg: InspectConfig) -> dict:
     raws = pick_samples(cache, max(cfg.samples, cfg.recompute), cfg.seed)
     decoded = [decode_members(r) for r in raws]
     summary = summarize(cache, raws)
+    now = time.time()
+    summary["writing_now"] = [  # cache jobs running on it (their leases), read only
+        {"run": w["run"], "host": w.get("host"), "pid": w.get("pid"), "running_s": round(now - w["started"]),
+         "renewed_s_ago": round(now - w["renewed"])}
+        for w in shards.live_writers(store, cache.url, now, remove_expired=False)]
     device = pick_device(cfg.device)
     teacher = teacher_backbone(cache.fingerprint, store, device).eval()
     student = None
@@ -256,7 +264,9 @@ def run(cfg: InspectConfig) -> dict:
     store.write_bytes(storage.join(cfg.output, "contact_sheet.png"), png)
     summary["contact_sheet"] = {"path": storage.public_url(storage.join(cfg.output, "contact_sheet.png")),
                                 "rows": rows}
-    text = summary_text(summary)
+    text = summary_text(summary) + "\n  cache jobs writing to it now: " + (", ".join(
+        f"{w['run']} (on {w['host']}, for {w['running_s']} s, renewed {w['renewed_s_ago']} s ago)"
+        for w in summary["writing_now"]) or "none")
     if cfg.recompute:
         results = audit(decoded[: cfg.recompute], teacher, cache.fingerprint, cfg.window_batch)
         summary["audit"] = results

@@ -265,8 +265,8 @@ def work_items(cfg: CacheConfig, store: Storage, done: shards.Committed) -> tupl
 class GroupCommit:
     """The driver's commits of written shards: one append per `shards_per_commit` shards or per
     `commit_every_s` seconds since the oldest waiting one arrived (checked every second, also while no
-    shard arrives: a tar waits that long for its commit at most, and clean-ups delete uncommitted tars
-    older than their retention), and of whatever waits when the run ends or fails (`close`)."""
+    shard arrives, so a crash loses at most that much work; the job's `shards.WriterLease` keeps
+    clean-ups off the tars that wait), and of whatever waits when the run ends or fails (`close`)."""
 
     def __init__(self, cfg: CacheConfig, store: Storage):
         self.cfg, self.store, self.waiting, self.since, self.commits = cfg, store, [], 0.0, 0

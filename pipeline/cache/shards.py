@@ -561,9 +561,9 @@ class WriterLease:
                 log.warning("writer lease %s not renewed: %s", public_url(self.url), e)
 
 
-def live_writers(store: Storage, output: str, now: float | None = None) -> list[dict]:
+def live_writers(store: Storage, output: str, now: float | None = None, remove_expired: bool = True) -> list[dict]:
     """The leases of the writers running on `output` (`WriterLease`), each with its ``started`` and
-    ``renewed`` times; expired leases (a killed job's) are removed."""
+    ``renewed`` times; expired leases (a killed job's) are removed unless `remove_expired` is false."""
     now, live = time.time() if now is None else now, []
     for url in store.list_files(storage.join(output, WRITERS), suffixes=(".json",)):
         try:
@@ -577,7 +577,7 @@ def live_writers(store: Storage, output: str, now: float | None = None) -> list[
             lease = {"run": url.rsplit("/", 1)[1], "ttl_s": LEASE_TTL_S}
         if now - renewed < float(lease["ttl_s"]):
             live.append(dict(lease, started=float(lease.get("started", renewed)), renewed=renewed))
-        else:
+        elif remove_expired:
             log.info("removing the expired lease of writer %s (renewed %.0f s ago)", lease["run"], now - renewed)
             store.remove(url)
     return live

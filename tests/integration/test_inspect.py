@@ -26,7 +26,10 @@ def test_the_inspector_summarises_and_draws_a_cache(shared_cache: SharedCache, t
     spar.export_open_clip(spar.load_backbone("maskclip-test", pretrained=None, init_seed=3),
                           tmp_path / "student.safetensors")
     monkeypatch.chdir(tmp_path)  # a relative output, as users give it
-    summary = inspect_cache.main([f"cache={cache_url}", "samples=3", "student=student.safetensors", "output=insp"])
+    with shards.WriterLease(Storage(), cache_url, "job-x"):  # a cache job writing to it meanwhile
+        summary = inspect_cache.main([f"cache={cache_url}", "samples=3", "student=student.safetensors",
+                                      "output=insp"])
+    assert [w["run"] for w in summary["writing_now"]] == ["job-x"]
 
     cache = open_cache(cache_url)
     n = len(cache)
@@ -38,6 +41,7 @@ def test_the_inspector_summarises_and_draws_a_cache(shared_cache: SharedCache, t
     assert summary["member_bytes_measured_on"] == 3 and summary["fingerprint"]["backbone"] == "maskclip-test"
     assert json.loads((tmp_path / "insp" / "summary.json").read_text())["samples"] == n
     assert f"{n} samples in" in (tmp_path / "insp" / "summary.txt").read_text()
+    assert "cache jobs writing to it now: job-x (on " in (tmp_path / "insp" / "summary.txt").read_text()
 
     sheet = np.asarray(Image.open(tmp_path / "insp" / "contact_sheet.png").convert("RGB")).astype(float)
     assert sheet.shape == (LABEL + 3 * (PANEL + LABEL), 4 * PANEL, 3)  # 3 rows: image, teacher, single, student
