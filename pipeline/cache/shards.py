@@ -572,11 +572,13 @@ def live_writers(store: Storage, output: str, now: float | None = None, remove_e
             continue
         try:
             lease = json.loads(text)
-        except ValueError:  # not a lease this code wrote: taken as one begun when last written
-            log.warning("%s is not a writer lease; taken as one renewed at its date", public_url(url))
-            lease = {"run": url.rsplit("/", 1)[1], "ttl_s": LEASE_TTL_S}
-        if now - renewed < float(lease["ttl_s"]):
-            live.append(dict(lease, started=float(lease.get("started", renewed)), renewed=renewed))
+            lease = dict(lease, run=str(lease["run"]), ttl_s=float(lease["ttl_s"]),
+                         started=float(lease.get("started", renewed)))
+        except (ValueError, TypeError, KeyError):  # not a lease this code wrote: taken as one begun at its date
+            log.warning("%s is not a writer lease; taken as one started and renewed at its date", public_url(url))
+            lease = {"run": url.rsplit("/", 1)[1], "ttl_s": LEASE_TTL_S, "started": renewed}
+        if now - renewed < lease["ttl_s"]:
+            live.append(dict(lease, renewed=renewed))
         elif remove_expired:
             log.info("removing the expired lease of writer %s (renewed %.0f s ago)", lease["run"], now - renewed)
             store.remove(url)

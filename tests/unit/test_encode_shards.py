@@ -215,6 +215,11 @@ def test_a_live_writers_lease_keeps_the_tars_it_may_still_commit_and_an_expired_
     assert shards.clean_orphans(store, out, retention_s=0) == [left]
     assert not store.exists(killed.url)  # the expired lease is removed with its orphans
     killed.stopped.set()
+    # a file there that is no lease: taken as a writer started at its date, nothing fails
+    store.write_text(storage.join(out, shards.WRITERS, "junk.json"), "not a lease")
+    (junk,) = shards.live_writers(store, out)
+    assert junk["run"] == "junk.json" and junk["started"] == junk["renewed"]
+    assert shards.clean_orphans(store, out, retention_s=0) == []
 
 
 def test_a_shard_whose_keys_all_came_second_is_not_an_orphan(tmp_path):
